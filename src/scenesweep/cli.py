@@ -1,0 +1,106 @@
+"""The ``scenesweep`` command: a thin click wrapper over the pipeline stages.
+
+Options are generated from ``config.PARAMETERS``, so the CLI, the MLproject entry points and
+the study files share one set of names. Bad input prints one line, ``error: ...``, and exits 2.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from .config import PARAMETERS, UserError, run_parameters
+
+
+def parameter_options(names: tuple[str, ...]) -> Callable:
+    """click options for the named run parameters (values validated later by make_config)."""
+
+    def decorate(command: Callable) -> Callable:
+        for param in reversed([p for p in PARAMETERS if p.name in names]):
+            command = click.option(f"--{param.name}", param.name, default=None, metavar="VALUE",
+                                   help=f"{param.help} [default: {param.default}]")(command)
+        return command
+
+    return decorate
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the user gave (the rest take the configuration's defaults)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def user_errors(command: Callable) -> Callable:
+    """Bad input: one clear line on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except MlflowException as error:
+            click.echo(f"error: MLflow: {error.message}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Tracked, searchable transfer-learning studies of VGG on image folders (MLflow + Optuna)."""
+
+
+def _single_run_command(entry_point: str, help_text: str) -> None:
+    from .config import ENTRY_HEADS
+
+    names = run_parameters(ENTRY_HEADS[entry_point])
+
+    @main.command(entry_point, help=help_text)
+    @parameter_options(names)
+    @click.option("--register", default="", metavar="NAME",
+                  help="also register the servable model under this registered-model name")
+    @click.option("--progress/--no-progress", default=True, help="show progress bars")
+    @user_errors
+    def command(register: str, progress: bool, **values: Any) -> None:
+        from .tracking import track_single_run
+
+        if entry_point == "extract" and register:
+            raise UserError("--register: extract trains no model; use svm or finetune")
+        run_id, result = track_single_run(entry_point, given(values), progress=progress, register=register)
+        if result is None:
+            click.echo(f"run {run_id}: features extracted")
+        else:
+            metrics = result.metrics
+            click.echo(f"run {run_id}: train/acc={metrics['train/acc']:.4f} val/acc={metrics['val/acc']:.4f} "
+                       f"test/acc={metrics['test/acc']:.4f}")
+
+
+_single_run_command("extract", "Extract features of every image (cached) and log timings. "
+                               "Logs: layer_table.md, config.yaml, dataset/manifest.json.")
+_single_run_command("svm", "Linear SVM on cached features (study Q8/Q10). Logs metrics, "
+                           "plots/confusion_matrix.png, the head model, config.yaml, dataset/manifest.json.")
+_single_run_command("finetune", "Train the new classifier head on cached features (study Q11/Q12.2). "
+                                "Logs per-epoch metrics, plots/curves.png, plots/confusion_matrix.png, the head model.")
+
+
+@main.command("describe")
+@parameter_options(("arch", "pooling", "fc_width", "image_size"))
+@user_errors
+def describe(**values: Any) -> None:
+    """Print the study's Q1 table: every layer with channels, weights, biases and output size."""
+    from .backbone import architecture, format_layer_table, layer_table
+    from .config import make_config
+
+    config = make_config(None, {"image_size": 224, **given(values)})
+    rows = layer_table(architecture(config.arch, config.pooling, config.fc_width), config.image_size)
+    click.echo(f"{config.arch}, pooling {config.pooling}, fc width {config.fc_width}, {config.image_size} px input\n")
+    click.echo(format_layer_table(rows))
+
+
+if __name__ == "__main__":
+    main()
