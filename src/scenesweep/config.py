@@ -33,6 +33,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 FC_WIDTH_MIN, FC_WIDTH_MAX, FC_WIDTH_PRETRAINED = 1024, 16384, 4096
 
+# Defaults that differ by head: the study trains its new head on pool5 (Q11/Q12.2) and the
+# SVM on relu7 (Q8/Q10).
+HEAD_DEFAULTS = {"mlp": {"layer": "pool5"}, "svm": {"layer": "relu7"}}
+
 # What each entry point runs: the head it trains ("extract" trains none).
 ENTRY_HEADS = {"extract": None, "svm": "svm", "finetune": "mlp"}
 
@@ -244,7 +248,7 @@ def make_config(head: str | None, values: dict[str, Any] | None = None) -> RunCo
     if head is not None and head not in HEADS:
         raise ConfigError(f"head={head!r}: expected one of {', '.join(HEADS)}")
     allowed = run_parameters(head)
-    values = dict(values or {})
+    values = {**HEAD_DEFAULTS.get(head or "", {}), **(values or {})}
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for head {head or 'none'}; "

@@ -218,7 +218,8 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # Whole-model bf16 beats autocast on CPU (autocast re-casts the weights every call);
     # channels_last lets oneDNN pick its fastest convolutions.
-    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    # Only the convolutional part changes dtype: fc6/fc7 stay fp32 for layer_from_conv.
+    model.features.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     order = np.arange(len(dataset.paths)) if indices is None else np.asarray(indices)
     outputs, seconds, counts = [], [], []
     bar = tqdm(total=len(order), desc=f"extract {arch}/{image_size}px", unit="img", disable=not progress)
@@ -244,7 +245,8 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
 def layer_from_conv(model: torch.nn.Module, conv_out: np.ndarray, layer: str, device: torch.device,
                     chunk: int = 256) -> np.ndarray:
     """(N, 512, h, w) conv output -> (N, D) features of ``layer``, in fp32."""
-    model = model.to(device=device, dtype=torch.float32)
+    model.avgpool.to(device)
+    model.classifier.to(device=device, dtype=torch.float32)
     parts = []
     with torch.inference_mode():
         for start in range(0, len(conv_out), chunk):

@@ -262,7 +262,11 @@ def log_run_context(run_id: str, config: RunConfig, prepared, entry_point: str) 
 
 def log_result(run_id: str, result: RunResult, title: str) -> None:
     """Final metrics, timings, plots: everything a run logs after fitting."""
-    log_batch(run_id, metrics={**result.metrics, **timing_metrics(result.timings)})
+    # Per-epoch metrics are already logged with step = epoch; the last epoch is the run's value.
+    per_epoch = set(result.history[-1]) if result.history else set()
+    final = {k: v for k, v in result.metrics.items() if k not in per_epoch}
+    log_batch(run_id, metrics={**final, **timing_metrics(result.timings)},
+              step=len(result.history))
     classes = result.prepared.dataset.classes
     if result.confusion is not None:
         log_figure(confusion_figure(result.confusion, classes, f"{title}: test confusion"),
@@ -327,7 +331,7 @@ def track_single_run(entry_point: str, values: dict[str, Any], progress: bool = 
                 return run_id, None
             result = fit_head(prepared, config, on_epoch=epoch_logger(run_id), evaluate_test=True)
             log_result(run_id, result, run_name(entry_point, config))
-            log_head_model(result)
+            mlflow.set_tag("model.head_uri", log_head_model(result))
             if register:
                 from .registry import register_result
 

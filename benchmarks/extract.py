@@ -1,0 +1,488 @@
+"""Benchmark VGG16 feature extraction against this machine's own ceiling, and check bf16 accuracy.
+
+One run measures, on the same machine and in the same process:
+
+1. The ceiling: GFLOP/s of one 3x3 conv layer (512 -> 512 channels, 28x28, batch 8,
+   channels_last) and of a plain square matmul, each in fp32 and bf16.
+2. VGG16 extraction (conv + from_conv to relu7, random weights, synthetic input) in four
+   settings: fp32; fp32 channels_last; bf16 autocast + channels_last; whole model in bf16 +
+   channels_last (what ``scenesweep.features.extract_conv`` does when precision is bf16).
+   Images per second, achieved GFLOP/s and the fraction of the conv ceiling of the same
+   precision.
+3. Accuracy: scenesweep's real pipeline (digits, 32 px, relu7, LinearSVC) with precision=fp32
+   and precision=bf16; val and test accuracy of both and the cosine similarity of the features.
+
+The conv-layer ceiling and the four VGG settings run round-robin (in each round, a few calls of
+the conv layer in each precision, then one batch of each setting), so that a slow period caused
+by another process on the machine is shared by all of them and the ratios stay meaningful.
+
+Usage:
+    .venv/bin/python benchmarks/extract.py [--image-size 224] [--batch-size 8] [--batches N] [--quick]
+
+Weights are random (torchvision's seeded initialisation): the timings do not depend on them,
+but the accuracies are those of an untrained network.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import nn
+
+# Run from a checkout without installing: put src/ on the path when scenesweep is not importable.
+try:
+    import scenesweep  # noqa: F401
+except ImportError:  # pragma: no cover - depends on how the script is started
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from scenesweep import backbone, features, training
+from scenesweep.config import make_config
+from scenesweep.data import write_digits
+
+WARMUP = features.WARMUP_BATCHES  # leading batches / iterations left out of every timing
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and FLOP counting
+# --------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock time covers the kernels (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_repeats(fn: Callable[[], object], device: torch.device, repeats: int,
+                 warmup: int = WARMUP) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
+
+    Warm-up calls let oneDNN / cuDNN pick and cache their kernels and the allocator settle.
+    """
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            sync(device)
+            seconds.append(time.perf_counter() - began)
+    return seconds
+
+
+def count_flops(image_size: int, arch: str = "vgg16", layer: str = "relu7") -> tuple[float, float]:
+    """FLOPs per image of conv + from_conv up to ``layer``: (conv part, fc part).
+
+    Counted from the shapes each Conv2d / Linear actually sees, on the meta device (no memory,
+    no compute), so the count is right at any input size. One multiply-add = 2 FLOPs; biases,
+    ReLUs and pooling are left out (under 0.1 % of VGG16), as in the usual 15.5 GMAC figure.
+
+    Args:
+        image_size: input side S; the input is (1, 3, S, S).
+        arch: VGG depth, built by ``backbone.architecture`` (max pooling, fc width 4096).
+        layer: last feature layer computed, as in ``backbone.from_conv``.
+    """
+    meta = backbone.architecture(arch)
+    totals = {"conv": 0.0, "fc": 0.0}
+
+    def on_conv(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        # output: (1, C_out, H, W); each output element is C_in/groups * kh * kw MACs
+        kh, kw = module.kernel_size
+        totals["conv"] += 2.0 * output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def on_linear(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
+        # output: (1, out_features); each element is in_features MACs
+        totals["fc"] += 2.0 * output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(on_conv) for m in meta.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(on_linear) for m in meta.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.inference_mode():
+            x = torch.empty(1, 3, image_size, image_size, device="meta")
+            backbone.from_conv(meta, backbone.conv(meta, x), layer)  # (1, 4096) for relu7
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return totals["conv"], totals["fc"]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The ceiling: one conv layer and one matmul
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Ceiling:
+    """Throughput of one kernel in one precision."""
+
+    name: str
+    precision: str
+    gflop: float  # per call
+    seconds: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def gflops(self) -> float:
+        return self.gflop / self.median_s
+
+
+@dataclass
+class ConvCeiling(Ceiling):
+    """The conv-layer ceiling of one precision, timed inside the VGG rounds (see measure_rounds).
+
+    The layer is 512 -> 512 channels, 3x3, padding 1, on (8, 512, 28, 28) channels_last: the
+    shape of VGG16's conv4_2/conv4_3 at 224, so it is about the best the network's own layers
+    can hope for on this machine and library build.
+    """
+
+    module: nn.Module | None = None
+    input: torch.Tensor | None = None
+
+    def call(self) -> torch.Tensor:
+        return self.module(self.input)  # (8, 512, 28, 28)
+
+
+def conv_ceilings(device: torch.device) -> list[ConvCeiling]:
+    """The fp32 and bf16 conv layers, same weights and input, both channels_last."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(512, 512, kernel_size=3, padding=1).to(device).eval()
+    x = torch.randn(8, 512, 28, 28, device=device)  # (N, C, H, W)
+    gflop = 2.0 * 8 * 512 * 28 * 28 * 512 * 3 * 3 / 1e9  # 2 * N*C_out*H*W * C_in*kh*kw = 29.6
+    return [ConvCeiling("conv3x3 512->512 28x28 b8", precision, gflop, [],
+                        copy.deepcopy(layer).to(dtype=dtype, memory_format=torch.channels_last),
+                        x.to(dtype=dtype, memory_format=torch.channels_last))
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
+
+
+def matmul_ceilings(device: torch.device, size: int, repeats: int) -> list[Ceiling]:
+    """GFLOP/s of an (n, n) @ (n, n) matmul in fp32 and bf16 (for reference; not in the ratios)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    results = []
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a_, b_ = a.to(dtype), b.to(dtype)
+        seconds = time_repeats(lambda: torch.mm(a_, b_), device, repeats)
+        results.append(Ceiling(f"matmul {size}x{size}", precision, 2.0 * size ** 3 / 1e9, seconds))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# 2. VGG16 extraction in four settings
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    """One way of running conv + from_conv to relu7.
+
+    Attributes:
+        name: shown in the table.
+        precision: "fp32" or "bf16": which ceiling it is compared with.
+        model: the network, already in its dtype and memory format.
+        dtype, memory_format: what each input batch is converted to (inside the timed region,
+            as ``extract_conv`` does per batch).
+        context: a fresh context per batch (autocast, or nothing); entered per batch because
+            that is how a caller uses it, and autocast's weight-cast cache lives only that long.
+    """
+
+    name: str
+    precision: str
+    model: nn.Module
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    context: Callable[[], ContextManager]
+    seconds: list[float] = field(default_factory=list)
+    first_output: torch.Tensor | None = None
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) fp32 NCHW -> (B, 4096) fp32 relu7 features."""
+        x = batch.to(dtype=self.dtype, memory_format=self.memory_format)
+        with self.context():
+            conv_out = backbone.conv(self.model, x)  # (B, 512, S/32, S/32)
+            return backbone.from_conv(self.model, conv_out, "relu7").float()  # (B, 4096)
+
+
+def make_settings(model: nn.Module, device: torch.device) -> list[Setting]:
+    """The four settings; the two channels_last fp32 ones share one model (autocast casts on the fly)."""
+    cl = torch.channels_last
+    fp32 = copy.deepcopy(model).to(device=device, dtype=torch.float32)
+    fp32_cl = copy.deepcopy(model).to(device=device, dtype=torch.float32, memory_format=cl)
+    # Same conversion as features.extract_conv for precision "bf16".
+    bf16_cl = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16, memory_format=cl)
+    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+    return [
+        Setting("fp32", "fp32", fp32, torch.float32, torch.contiguous_format, contextlib.nullcontext),
+        Setting("fp32 channels_last", "fp32", fp32_cl, torch.float32, cl, contextlib.nullcontext),
+        Setting("bf16 autocast + channels_last", "bf16", fp32_cl, torch.float32, cl, autocast),
+        Setting("bf16 whole model + channels_last", "bf16", bf16_cl, torch.bfloat16, cl, contextlib.nullcontext),
+    ]
+
+
+def measure_rounds(ceilings: list[ConvCeiling], settings: list[Setting], device: torch.device,
+                   image_size: int, batch_size: int, batches: int, conv_calls: int) -> None:
+    """Time ``WARMUP + batches`` rounds; fills every ``seconds`` list, warm-up rounds left out.
+
+    Each round makes ``conv_calls`` calls of each conv ceiling layer, then one batch of each
+    VGG setting, so slow periods caused by other processes are shared by all of them instead of
+    biasing whichever happened to run at the time.
+    """
+    generator = torch.Generator().manual_seed(0)
+    # Synthetic batches, already normalised-looking: (B, 3, S, S) fp32 NCHW on the device.
+    inputs = [torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+              for _ in range(2)]
+    with torch.inference_mode():
+        for round_index in range(WARMUP + batches):
+            for ceiling in ceilings:
+                for _ in range(conv_calls):
+                    sync(device)
+                    began = time.perf_counter()
+                    ceiling.call()
+                    sync(device)
+                    if round_index >= WARMUP:
+                        ceiling.seconds.append(time.perf_counter() - began)
+            batch = inputs[round_index % len(inputs)]
+            for setting in settings:
+                sync(device)
+                began = time.perf_counter()
+                out = setting.run(batch)
+                sync(device)
+                setting.seconds.append(time.perf_counter() - began)
+                if round_index == 0:
+                    setting.first_output = out.cpu()  # (B, 4096) to compare with fp32
+
+
+def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Cosine similarity of two arrays taken as flat vectors, in float64."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Accuracy through the real pipeline
+# --------------------------------------------------------------------------------------------
+
+def digits_subset(cache_dir: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each digit, as a flat class-folder dataset (for --quick)."""
+    full = write_digits(cache_dir / "datasets" / "digits")
+    subset = cache_dir / "digits-subset"
+    for folder in sorted(p for p in full.iterdir() if p.is_dir()):
+        (subset / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy2(image, subset / folder.name / image.name)
+    return subset
+
+
+def accuracy_check(device: torch.device, subset_per_class: int | None = None) -> dict[str, dict]:
+    """fp32 vs bf16 through scenesweep's pipeline: digits, 32 px, relu7, LinearSVC (C=1).
+
+    Uses a temporary cache_dir, so nothing is read from or left in the project's cache.
+
+    Args:
+        device: where the pipeline runs.
+        subset_per_class: None for all 1797 digits (100 per class to train+val, the rest test);
+            else only this many images per class, half of them to train+val (quicker, noisier).
+
+    Returns:
+        {"fp32": {...}, "bf16": {...}}, each with val/test accuracy, the resolved precision,
+        extraction images/s (from the pipeline's own batch timings) and the (N, 4096) features.
+    """
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as cache_dir:
+        data, train_per_class = "digits", 100
+        if subset_per_class is not None:
+            data = str(digits_subset(Path(cache_dir), subset_per_class))
+            train_per_class = subset_per_class // 2
+        for precision in ("fp32", "bf16"):
+            config = make_config("svm", {"data": data, "train_per_class": train_per_class,
+                                         "image_size": 32, "layer": "relu7",
+                                         "weights": "random", "precision": precision,
+                                         "device": device.type, "cache_dir": cache_dir})
+            began = time.perf_counter()
+            prepared = training.prepare(config, progress=False)
+            extract_s = time.perf_counter() - began
+            result = training.fit_head(prepared, evaluate_test=True)
+            results[precision] = {
+                "val": result.metrics["val/acc"], "test": result.metrics["test/acc"],
+                "precision": prepared.features.precision, "features": prepared.features.values,
+                "images_per_s": prepared.features.extract_timing.get("images_per_s", float("nan")),
+                "prepare_s": extract_s, "n": len(prepared.dataset.paths),
+                "C": config.C, "batch_size": config.batch_size, "train_per_class": train_per_class,
+            }
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def describe_machine(device: torch.device) -> str:
+    """One line: device, threads, library versions, native bf16 support."""
+    if device.type == "cuda":
+        where = f"CUDA {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"CPU {cpu_name()}, {os.cpu_count()} logical cores"
+    return (f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"CPU native bf16: {features.cpu_has_native_bf16()}; "
+            f"precision 'auto' resolves to {features.resolve_precision('auto', device)} here")
+
+
+def cpu_name() -> str:
+    """Model name (and family/model numbers, since VMs often hide the name) from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if not fields:
+        return platform.processor() or platform.machine()
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def load_average() -> str:
+    """1-minute load average against the core count: above ~1 per core, others share the CPU."""
+    try:
+        return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    except OSError:
+        return "n/a"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table with right-aligned columns (the first left-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="VGG input side in pixels (default 224, 112 with --quick)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per VGG batch")
+    parser.add_argument("--batches", type=int, default=None,
+                        help=f"timed batches per setting, after {WARMUP} warm-up batches "
+                             "(default 8, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test in about a minute: 112 px, 3 batches, a 2048 matmul and "
+                             "60 digits per class for the accuracy check")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="cuda when present with 'auto'")
+    args = parser.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 112 if args.quick else 224
+    if args.batches is None:
+        args.batches = 3 if args.quick else 8
+    if args.image_size < 32 or args.batch_size < 1 or args.batches < 1:
+        parser.error("expected --image-size >= 32, --batch-size >= 1 and --batches >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = features.resolve_device(args.device)
+    started = time.perf_counter()
+    print(f"scenesweep extraction benchmark{' (--quick)' if args.quick else ''}")
+    print(describe_machine(device))
+    print(f"Load average at start: {load_average()}")
+    print("VGG16 weights are RANDOM (torchvision's seeded init): timings are representative, "
+          "accuracies are those of an untrained network.")
+    print(f"Timings: median of repeats, first {WARMUP} iterations/rounds left out. Other processes on "
+          "the machine add noise; the conv ceiling and the VGG settings are interleaved to share it.\n")
+
+    # 1. Matmul reference (not interleaved: it is not in the ratios) -----------------------
+    matmuls = matmul_ceilings(device, size=2048 if args.quick else 4096, repeats=3 if args.quick else 5)
+
+    # 2. Conv ceiling + VGG16 settings, round-robin ----------------------------------------
+    conv_flop, fc_flop = count_flops(args.image_size)
+    per_image_gflop = (conv_flop + fc_flop) / 1e9
+    model = backbone.build_backbone("vgg16", "random")  # fp32, eval mode, on the CPU
+    settings = make_settings(model, device)
+    del model
+    ceilings = conv_ceilings(device)
+    measure_rounds(ceilings, settings, device, args.image_size, args.batch_size, args.batches,
+                   conv_calls=2 if args.quick else 3)
+    conv_ceiling = {c.precision: c.gflops for c in ceilings}
+
+    print("1. Ceiling: one kernel (the conv layer timed in the same rounds as VGG16 below)")
+    print(table(["kernel", "precision", "GFLOP/call", "calls", "median ms", "GFLOP/s"],
+                [[c.name, c.precision, f"{c.gflop:.1f}", str(len(c.seconds)), f"{c.median_s * 1e3:.1f}",
+                  f"{c.gflops:.0f}"] for c in ceilings + matmuls]))
+    print()
+
+    reference = settings[0].first_output
+    rows, speed, fraction = [], {}, {}
+    for s in settings:
+        stats = features.batch_timing_stats(s.seconds, [args.batch_size] * len(s.seconds))
+        images_per_s = args.batch_size / stats["batch_median_s"]
+        gflops = images_per_s * per_image_gflop
+        speed[s.name] = images_per_s
+        fraction[s.name] = gflops / conv_ceiling[s.precision]
+        rows.append([s.name, f"{stats['batch_median_s'] * 1e3:.0f}", f"{stats['batch_p95_s'] * 1e3:.0f}",
+                     f"{images_per_s:.1f}", f"{gflops:.0f}", f"{fraction[s.name]:.2f}",
+                     f"{cosine(s.first_output, reference):.6f}"])
+    print(f"2. VGG16 conv + fc6/fc7 to relu7, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.batches} timed batches per setting (round-robin), synthetic input")
+    print(f"   {per_image_gflop:.2f} GFLOP per image (convs {conv_flop / 1e9:.2f}, fc6+fc7 {fc_flop / 1e9:.2f}, "
+          f"{100 * fc_flop / (conv_flop + fc_flop):.1f} % fc)")
+    print(table(["setting", "median ms/batch", "p95 ms", "images/s", "GFLOP/s",
+                 "/ conv ceiling", "cos vs fp32"], rows))
+    print("   '/ conv ceiling': against the conv layer of the same precision; "
+          "'cos vs fp32': relu7 of the first batch.\n")
+    del settings, ceilings
+
+    # 3. Accuracy --------------------------------------------------------------------------
+    acc = accuracy_check(device, subset_per_class=60 if args.quick else None)
+    f32, b16 = acc["fp32"], acc["bf16"]
+    x32, x16 = f32["features"], b16["features"]  # (N, 4096) relu7 each
+    row_cos = np.sum(x32 * x16, axis=1) / (np.linalg.norm(x32, axis=1) * np.linalg.norm(x16, axis=1) + 1e-30)
+    rel = float(np.linalg.norm(x32 - x16) / np.linalg.norm(x32))
+    data = "all of digits" if not args.quick else "a digits subset (60 per class, --quick)"
+    print(f"3. Accuracy, scenesweep pipeline (prepare + fit_head): {data}, {f32['n']} images, "
+          f"{f32['train_per_class']} per class to train+val, 32 px, relu7, LinearSVC C={f32['C']:g} "
+          f"on L2-normalised features, batch {f32['batch_size']}, RANDOM VGG16 weights")
+    print(table(["precision", "val acc", "test acc", "extract images/s (incl. decoding)"],
+                [[f"{name} (ran as {r['precision']})", f"{r['val']:.4f}", f"{r['test']:.4f}",
+                  f"{r['images_per_s']:.1f}"] for name, r in (("fp32", f32), ("bf16", b16))]))
+    print(f"   relu7 features fp32 vs bf16 ({x32.shape[0]} x {x32.shape[1]}): cosine "
+          f"{cosine(x32, x16):.6f} (whole matrix), min per image {row_cos.min():.6f}, "
+          f"relative L2 difference {rel:.2e}\n")
+
+    # Summary ------------------------------------------------------------------------------
+    base, cl = speed["fp32"], speed["fp32 channels_last"]
+    whole, auto = speed["bf16 whole model + channels_last"], speed["bf16 autocast + channels_last"]
+    print(f"Load average at end: {load_average()}; {time.perf_counter() - started:.0f} s in all")
+    print(f"Summary ({args.image_size} px, batch {args.batch_size}): "
+          f"bf16 whole-model / fp32 = {whole / base:.2f}x, "
+          f"bf16 whole-model / fp32 channels_last = {whole / cl:.2f}x, "
+          f"bf16 autocast / fp32 channels_last = {auto / cl:.2f}x, "
+          f"fp32 channels_last / fp32 = {cl / base:.2f}x; "
+          f"fraction of conv ceiling = {fraction['fp32 channels_last']:.2f} (fp32 channels_last), "
+          f"{fraction['bf16 whole model + channels_last']:.2f} (bf16 whole model); "
+          f"conv ceiling bf16 / fp32 = {conv_ceiling['bf16'] / conv_ceiling['fp32']:.2f}x; "
+          f"test acc bf16 - fp32 = {b16['test'] - f32['test']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Shared fixtures: temporary MLflow/Optuna stores and small image folders made by the tests.
+
+Every test runs against a real SQLite tracking store in a temporary folder (never the user's
+``mlruns/``), and nothing calls the network.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("coast", "forest", "street")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path_factory, monkeypatch):
+    """No test touches the user's store, cache, or the network; each test gets its own store."""
+    store = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("SCENESWEEP_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    while mlflow.active_run():
+        mlflow.end_run()
+    yield store
+
+
+@pytest.fixture
+def store(_isolated_environment) -> Path:
+    """The folder of this test's SQLite tracking store."""
+    return _isolated_environment
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """A feature cache shared by the tests that only need features (digits at 32 px)."""
+    return tmp_path_factory.mktemp("shared_cache")
+
+
+def make_image(path: Path, label: int, index: int, mode: str = "L", size: tuple[int, int] = (48, 40)) -> None:
+    """A small image whose pattern depends on its class (stripes of a class-specific period)."""
+    rng = np.random.default_rng(1000 * label + index)
+    width, height = size
+    x = np.arange(width)[None, :]
+    y = np.arange(height)[:, None]
+    period = 4 + 6 * label
+    pattern = 127 + 100 * np.sin(2 * np.pi * (x + (y if label == 2 else 0)) / period)
+    pixels = np.clip(pattern + rng.normal(0, 20, (height, width)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L")
+    if mode == "RGB":
+        image = image.convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+@pytest.fixture
+def flat_scenes(tmp_path) -> Path:
+    """A flat 15-Scene-like folder: root/<class>/*, 3 classes x 14 images, JPEG and PNG,
+    grayscale and colour, several sizes."""
+    root = tmp_path / "scenes"
+    for label, name in enumerate(CLASSES):
+        for index in range(14):
+            suffix = ".jpg" if index % 2 else ".png"
+            mode = "RGB" if index % 3 == 0 else "L"
+            make_image(root / name / f"{name}_{index:02d}{suffix}", label, index, mode,
+                       size=(40 + 4 * (index % 3), 36 + 2 * (index % 4)))
+    return root
+
+
+@pytest.fixture
+def split_scenes(tmp_path) -> Path:
+    """A root/train/<class>/* + root/test/<class>/* folder: 3 classes, 10 train and 4 test each."""
+    root = tmp_path / "split_scenes"
+    for label, name in enumerate(CLASSES):
+        for index in range(14):
+            part = "train" if index < 10 else "test"
+            make_image(root / part / name / f"{index:02d}.png", label, index)
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m scenesweep ARGS`` as a user would, in the test's environment."""
+    return subprocess.run([sys.executable, "-m", "scenesweep", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900) -> subprocess.CompletedProcess:
+    """``mlflow run . -e ENTRY --env-manager local -P k=v ...`` from the repository."""
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_bin, "run", ".", "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=timeout)

@@ -1,0 +1,60 @@
+"""Bad input: one clear line naming the path or parameter, exit status 2, no traceback."""
+import pytest
+from PIL import Image
+
+from conftest import make_image, run_cli
+
+
+def assert_clear_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in message[0], (fragment, message[0])
+
+
+def svm(data, *extra):
+    return run_cli("svm", "--data", str(data), "--train_per_class", "10", "--no-progress", *extra)
+
+
+def test_missing_folder(tmp_path):
+    assert_clear_error(svm(tmp_path / "nowhere"), str(tmp_path / "nowhere"), "not found")
+
+
+def test_no_classes(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clear_error(svm(tmp_path / "empty"), "no class folders")
+
+
+def test_an_empty_class(flat_scenes):
+    (flat_scenes / "kitchen").mkdir()
+    assert_clear_error(svm(flat_scenes), str(flat_scenes / "kitchen"), "holds no images")
+
+
+def test_classes_differ_between_train_and_test(split_scenes):
+    (split_scenes / "test" / "coast").rename(split_scenes / "test" / "beach")
+    assert_clear_error(svm(split_scenes), "classes differ", "beach", "coast")
+
+
+def test_fewer_images_than_train_per_class(flat_scenes):
+    assert_clear_error(run_cli("svm", "--data", str(flat_scenes), "--train_per_class", "20"),
+                       str(flat_scenes / "coast"), "train_per_class=20")
+
+
+def test_corrupt_image(flat_scenes):
+    broken = flat_scenes / "forest" / "forest_04.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert_clear_error(svm(flat_scenes), str(broken), "not a readable image")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--pooling", "median", "pooling='median': expected one of max, avg, lp1, lp2"),
+    ("--layer", "fc9", "layer='fc9'"),
+    ("--fc_width", "512", "fc_width='512': expected a value >= 1024"),
+    ("--C", "0", "C='0': expected a value > 0"),
+    ("--val_fraction", "1.5", "val_fraction='1.5'"),
+    ("--weights", "/no/such/file.pt", "/no/such/file.pt"),
+])
+def test_bad_parameters(option, value, fragment):
+    assert_clear_error(run_cli("svm", option, value), fragment)

@@ -1,0 +1,71 @@
+"""Datasets in both 15-Scene layouts, the bundled digits, splits and manifests."""
+import numpy as np
+import pytest
+
+from scenesweep.data import load_dataset, read_image, split_dataset
+
+from conftest import CLASSES
+
+
+def test_flat_layout_splits_train_per_class_and_rest_for_test(flat_scenes):
+    dataset = load_dataset(flat_scenes, train_per_class=10, seed=0)
+    assert dataset.layout == "flat"
+    assert dataset.classes == CLASSES
+    for label in range(3):
+        assert np.sum(dataset.is_train & (dataset.labels == label)) == 10
+        assert np.sum(~dataset.is_train & (dataset.labels == label)) == 4
+
+
+def test_flat_split_is_seeded(flat_scenes):
+    a = load_dataset(flat_scenes, train_per_class=10, seed=0)
+    b = load_dataset(flat_scenes, train_per_class=10, seed=0)
+    c = load_dataset(flat_scenes, train_per_class=10, seed=1)
+    assert a.paths == b.paths
+    assert set(np.array(a.paths)[a.is_train]) != set(np.array(c.paths)[c.is_train])
+
+
+def test_train_test_layout_keeps_its_split(split_scenes):
+    dataset = load_dataset(split_scenes)
+    assert dataset.layout == "train/test"
+    assert all(p.startswith("train/") for p in np.array(dataset.paths)[dataset.is_train])
+    assert all(p.startswith("test/") for p in np.array(dataset.paths)[~dataset.is_train])
+
+
+def test_validation_is_carved_from_training_images_stratified_and_never_overlaps(flat_scenes):
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    split = split_dataset(dataset, val_fraction=0.2, seed=3)
+    train, val, test = map(set, (split.train, split.val, split.test))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train | val | test) == len(dataset.paths)
+    assert all(dataset.is_train[i] for i in val) and not any(dataset.is_train[i] for i in test)
+    assert np.bincount(dataset.labels[split.val]).tolist() == [2, 2, 2]
+    assert split_dataset(dataset, 0.2, seed=3).fingerprint == split.fingerprint
+    assert split_dataset(dataset, 0.2, seed=4).fingerprint != split.fingerprint
+
+
+def test_manifest_fingerprints_content(flat_scenes):
+    before = load_dataset(flat_scenes, train_per_class=10)
+    assert {"path", "size", "sha256"} <= set(before.manifest[0])
+    assert not before.manifest[0]["path"].startswith("/")
+    target = flat_scenes / "forest" / "forest_03.jpg"
+    target.write_bytes(target.read_bytes() + b"\0")  # same image, different bytes
+    after = load_dataset(flat_scenes, train_per_class=10)
+    assert after.fingerprint != before.fingerprint
+
+
+def test_grayscale_and_colour_images_read_as_rgb(flat_scenes):
+    for path in (flat_scenes / "coast" / "coast_00.png", flat_scenes / "coast" / "coast_01.jpg"):
+        image = read_image(path)
+        assert image.mode == "RGB"
+    gray = np.asarray(read_image(flat_scenes / "coast" / "coast_01.jpg"))
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+
+
+def test_digits_are_written_once_as_an_image_folder(tmp_path):
+    dataset = load_dataset("digits", train_per_class=100, cache_dir=tmp_path)
+    assert len(dataset.paths) == 1797 and len(dataset.classes) == 10
+    assert int(dataset.is_train.sum()) == 1000
+    stamp = (tmp_path / "datasets" / "digits" / ".complete").stat().st_mtime_ns
+    again = load_dataset("digits", cache_dir=tmp_path)
+    assert again.fingerprint == dataset.fingerprint
+    assert (tmp_path / "datasets" / "digits" / ".complete").stat().st_mtime_ns == stamp

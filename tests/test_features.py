@@ -1,0 +1,97 @@
+"""The feature cache: computed once, keyed by content, atomic, self-repairing."""
+import json
+
+import numpy as np
+import pytest
+
+from scenesweep import features as feat
+from scenesweep.config import make_config
+from scenesweep.data import load_dataset
+from scenesweep.training import prepare
+
+
+def config(cache, **values):
+    return make_config("svm", {"cache_dir": str(cache), "train_per_class": 10, "image_size": 32, **values})
+
+
+def test_first_run_misses_then_hits_and_the_convolutions_are_reused(flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes), layer="relu7")
+    first = prepare(cfg, progress=False).features
+    assert (first.hit, first.conv_hit) == (False, False)
+    assert first.values.shape == (42, 4096)
+    assert first.extract_timing["images_per_s"] > 0
+    feat._CACHES.clear()  # a new process: nothing in memory
+    second = prepare(cfg, progress=False).features
+    assert second.hit and second.key == first.key
+    np.testing.assert_array_equal(second.values, first.values)
+    # Another layer and C: same conv entry, no new extraction.
+    other = prepare(cfg.replace(layer="fc6", C=0.01), progress=False).features
+    assert other.conv_key == first.conv_key and other.conv_hit and not other.hit
+
+
+def test_changing_the_split_or_C_reuses_features(flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes))
+    key = prepare(cfg, progress=False).features.key
+    again = prepare(cfg.replace(val_fraction=0.3, C=0.5), progress=False).features
+    assert again.hit and again.key == key
+
+
+@pytest.mark.parametrize("change", [
+    {"pooling": "avg"}, {"image_size": 48}, {"weights": "random", "seed": 1}, {"layer": "fc7"},
+    {"fc_width": 1024}, {"arch": "vgg11"}, {"precision": "bf16"},
+])
+def test_key_changes_with_each_component(change, flat_scenes, tmp_path):
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    base = config(tmp_path, data=str(flat_scenes), precision="fp32")
+    changed = base.replace(**change)
+    conv_key = feat._digest(feat.conv_key_parts(base, dataset, base.precision))
+    conv_changed = feat._digest(feat.conv_key_parts(changed, dataset, changed.precision))
+    key = feat._digest(feat.layer_key_parts(base, conv_key))
+    key_changed = feat._digest(feat.layer_key_parts(changed, conv_changed))
+    assert key_changed != key
+    conv_only = {"pooling", "image_size", "seed", "arch", "precision"}
+    if set(change) & conv_only:
+        assert conv_changed != conv_key
+    else:
+        assert conv_changed == conv_key  # layer / fc width: the convolutions are reused
+
+
+def test_key_changes_with_the_data(flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes))
+    before = prepare(cfg, progress=False).features
+    image = flat_scenes / "street" / "street_05.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    after = prepare(cfg, progress=False).features
+    assert after.conv_key != before.conv_key and not after.conv_hit
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "drop_array"])
+def test_a_damaged_entry_is_detected_and_recomputed(damage, flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes))
+    first = prepare(cfg, progress=False).features
+    feat._CACHES.clear()
+    array_path, meta_path = feat.FeatureCache(tmp_path / "features").paths(first.key)
+    data = array_path.read_bytes()
+    if damage == "truncate":
+        array_path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        array_path.write_bytes(data[:-8] + bytes(8 * [0x7F]))
+    else:
+        array_path.unlink()
+    again = prepare(cfg, progress=False).features
+    assert not again.hit
+    np.testing.assert_array_equal(again.values, first.values)
+    assert json.loads(meta_path.read_text())["sha256"]
+
+
+def test_entries_are_written_atomically(flat_scenes, tmp_path):
+    prepare(config(tmp_path, data=str(flat_scenes)), progress=False)
+    names = [p.name for p in (tmp_path / "features").iterdir()]
+    assert names and not [n for n in names if n.endswith(".tmp")]
+    assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["json", "npy"]
+
+
+def test_timing_stats_leave_out_warm_up_batches():
+    stats = feat.batch_timing_stats([10.0, 10.0, 1.0, 1.0, 3.0], [8, 8, 8, 8, 8], warmup=2)
+    assert stats["batch_median_s"] == 1.0 and stats["batches"] == 3
+    assert stats["images_per_s"] == pytest.approx(24 / 5.0)
