@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # The main job on the embedded default (digits, random VGG16 weights, 32 px images).
 demo: $(STAMP)
-	$(BIN)/mlflow run . -e svm --env-manager local
+	$(BIN)/mlflow run . -e sweep_svm --env-manager local
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

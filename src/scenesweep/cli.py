@@ -27,8 +27,21 @@ def parameter_options(names: tuple[str, ...]) -> Callable:
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the user gave (the rest take the configuration's defaults)."""
-    return {k: v for k, v in values.items() if v is not None}
+    """Only the options the user gave (the rest take the defaults). An empty string counts as
+    not given: MLproject entry points pass "" for "use the study file's or the default value"."""
+    return {k: v for k, v in values.items() if v is not None and v != ""}
+
+
+def optional_number(name: str, value: str | None, kind: type) -> Any:
+    if value in (None, ""):
+        return None
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        raise UserError(f"--{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if number <= 0:
+        raise UserError(f"--{name}={value!r}: expected a positive value")
+    return number
 
 
 def user_errors(command: Callable) -> Callable:
@@ -86,6 +99,46 @@ _single_run_command("svm", "Linear SVM on cached features (study Q8/Q10). Logs m
                            "plots/confusion_matrix.png, the head model, config.yaml, dataset/manifest.json.")
 _single_run_command("finetune", "Train the new classifier head on cached features (study Q11/Q12.2). "
                                 "Logs per-epoch metrics, plots/curves.png, plots/confusion_matrix.png, the head model.")
+
+
+@main.command("sweep")
+@click.argument("study_file", type=click.Path())
+@click.option("--n_trials", default=None, help="trials in total for the study (resumes count) [default: the file's]")
+@click.option("--timeout", default=None, help="stop starting trials after this many seconds [default: the file's]")
+@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite optuna.db beside the MLflow store]")
+@click.option("--study_name", default=None, help="Optuna study name [default: the file's]")
+@click.option("--n_jobs", default="1", help="trials in parallel threads in this process")
+@click.option("--heartbeat", default="30", help="seconds between trial heartbeats (a dead worker's trial fails after 2x)")
+@click.option("--register/--no-register", default=True, help="register the best trial's servable model")
+@click.option("--progress/--no-progress", default=True, help="show progress bars")
+@parameter_options(tuple(p.name for p in PARAMETERS))
+@user_errors
+def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: str | None, study_name: str | None,
+          n_jobs: str, heartbeat: str, register: bool, progress: bool, **overrides: Any) -> None:
+    """Run (or resume) the Optuna study of STUDY_FILE: one parent MLflow run, one nested run per trial.
+
+    Other options override the file's fixed settings. Logs on the parent: the best trial's params
+    and value, trials.csv, plots/optuna_*.png, test accuracy of the best trial (computed once),
+    and registers its servable model.
+    """
+    from .search import run_study
+    from .studies import load_study
+
+    spec = load_study(study_file, given(overrides))
+    summary = run_study(spec, storage=storage or None, study_name=study_name or None,
+                        n_trials=optional_number("n_trials", n_trials, int),
+                        timeout=optional_number("timeout", timeout, float),
+                        n_jobs=optional_number("n_jobs", n_jobs, int) or 1,
+                        heartbeat_s=optional_number("heartbeat", heartbeat, int) or 30,
+                        progress=progress, register=register)
+    states = ", ".join(f"{k.lower()}={v}" for k, v in summary["states"].items() if v)
+    click.echo(f"study {summary['study']}: {summary['trials']} trials ({states}); parent run {summary['parent_run_id']}")
+    if "best_trial" in summary:
+        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
+        click.echo(f"best trial #{summary['best_trial']}: {spec.metric}={summary['best_value']:.4f} ({params}); "
+                   f"test/acc={summary['test_acc']:.4f}")
+        if summary.get("model_version"):
+            click.echo(f"registered {spec.register} version {summary['model_version']} (alias @challenger)")
 
 
 @main.command("describe")

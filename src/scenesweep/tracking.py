@@ -45,11 +45,29 @@ def default_tracking_uri() -> str:
 def setup_tracking() -> str:
     """Point MLflow (and every child process) at the project's store; returns the URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    # Two workers starting at once on a new database would both run MLflow's schema
+    # migrations and one fails: the first creates it while the other waits.
+    with sqlite_creation_lock(uri):
+        MlflowClient().search_experiments(max_results=1)
     return uri
+
+
+@contextlib.contextmanager
+def sqlite_creation_lock(url: str) -> Iterator[None]:
+    """An exclusive file lock beside a SQLite database (no-op for other URLs) while its schema
+    is created or migrated, so that concurrent processes do not race on it."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(url[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / f".{database.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def artifact_root(uri: str | None = None) -> str | None:
@@ -156,10 +174,18 @@ def log_batch(run_id: str, metrics: dict[str, float] | None = None, params: dict
               tags: dict[str, Any] | None = None, step: int = 0) -> None:
     """One ``log_batch`` call (40 ms for 1000 points on SQLite against seconds one by one)."""
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(
+    client = MlflowClient()
+    params = {k: param_value(k, v) for k, v in (params or {}).items()}
+    if params:
+        # `mlflow run` has already logged the MLproject's parameters as given (e.g. '' for "the
+        # study file's value", '32.0'): params are immutable, so a resolved value that differs
+        # goes under 'resolved.<name>'.
+        logged = client.get_run(run_id).data.params
+        params = {(k if k not in logged else f"resolved.{k}"): v for k, v in params.items() if logged.get(k) != v}
+    client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None and np.isfinite(v)],
-        params=[Param(k, param_value(k, v)) for k, v in (params or {}).items()],
+        params=[Param(k, v) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 

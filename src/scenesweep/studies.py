@@ -1,0 +1,191 @@
+"""Declarative study files (``sweeps/*.yaml``): loading and validation, before any trial runs.
+
+A study file names what it tunes (a head), fixed settings (any run parameter), a search space
+whose keys are run parameters of that head, the objective, sampler, pruner, budget and the
+settings to enqueue first. Everything is checked here with the same converters the CLI uses, so
+``C: {low: 0}`` fails exactly like ``--C 0``.
+
+This module imports neither MLflow, Optuna nor click.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import HEADS, PARAMETER_BY_NAME, ConfigError, make_config, run_parameters
+
+STUDY_KEYS = {"study", "experiment", "description", "tunes", "fixed", "space", "objective", "sampler",
+              "pruner", "n_trials", "timeout", "enqueue", "register"}
+SPACE_TYPES = ("float", "int", "categorical")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+OBJECTIVE_METRICS = ("val/acc", "val/loss")
+DEFAULT_REGISTERED_MODEL = "scene-classifier"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One search-space dimension, e.g. C: float in [1e-5, 1e2], log scale."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """A validated study file."""
+
+    path: Path
+    study: str
+    experiment: str
+    description: str
+    tunes: str
+    fixed: dict[str, Any]
+    space: dict[str, Dimension]
+    metric: str
+    direction: str
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    n_trials: int | None
+    timeout: float | None
+    enqueue: tuple[dict[str, Any], ...]
+    register: str
+
+    def trial_config(self, params: dict[str, Any]):
+        """The full run configuration of a trial: fixed settings plus the trial's params."""
+        return make_config(self.tunes, {**self.fixed, **params})
+
+
+def _fail(path: Path, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")
+
+
+def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
+    allowed = run_parameters(head)
+    if name not in allowed:
+        raise _fail(path, f"space key {name!r} is not a parameter of {head!r}; expected some of: {', '.join(allowed)}")
+    if not isinstance(raw, dict) or raw.get("type") not in SPACE_TYPES:
+        raise _fail(path, f"space.{name}: expected a mapping with type: one of {', '.join(SPACE_TYPES)}")
+    extra = set(raw) - {"type", "low", "high", "log", "step", "choices"}
+    if extra:
+        raise _fail(path, f"space.{name}: unknown key(s) {', '.join(sorted(extra))}")
+    convert = PARAMETER_BY_NAME[name].convert
+    try:
+        if raw["type"] == "categorical":
+            choices = raw.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError("expected a non-empty list 'choices'")
+            for choice in choices:
+                convert(choice)
+            return Dimension(name, "categorical", choices=tuple(choices))
+        if "low" not in raw or "high" not in raw:
+            raise ConfigError("expected 'low' and 'high'")
+        kind = float if raw["type"] == "float" else int
+        low, high = convert(raw["low"]), convert(raw["high"])
+        low, high = kind(low), kind(high)
+        if low >= high:
+            raise ConfigError(f"low={low} must be below high={high}")
+        log = bool(raw.get("log", False))
+        if log and low <= 0:
+            raise ConfigError("a log scale needs low > 0")
+        step = raw.get("step")
+        if step is not None and log:
+            raise ConfigError("'step' and 'log' cannot be combined")
+        return Dimension(name, raw["type"], low=low, high=high, log=log, step=step)
+    except ConfigError as error:
+        raise _fail(path, f"space.{name}: {error}") from None
+
+
+def _named_options(path: Path, key: str, raw: Any, names: tuple[str, ...], default: str) -> dict[str, Any]:
+    raw = {"name": raw} if isinstance(raw, str) else dict(raw or {"name": default})
+    raw.setdefault("name", default)
+    if raw["name"] not in names:
+        raise _fail(path, f"{key}.name={raw['name']!r}: expected one of {', '.join(names)}")
+    return raw
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Read and validate a study file; ``overrides`` replace fixed settings (CLI/MLproject).
+
+    Raises:
+        ConfigError: naming the file and the key, for an unknown key, an unknown parameter, a
+            bad range, an unknown pooling or layer, a bad sampler, pruner or budget.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, "expected a mapping of study settings")
+    unknown = set(raw) - STUDY_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key(s) {', '.join(sorted(unknown))}; expected some of: {', '.join(sorted(STUDY_KEYS))}")
+    for required in ("study", "tunes", "space"):
+        if required not in raw:
+            raise _fail(path, f"missing key {required!r}")
+    head = raw["tunes"]
+    if head not in HEADS:
+        raise _fail(path, f"tunes={head!r}: expected one of {', '.join(HEADS)}")
+    space_raw = raw["space"]
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise _fail(path, "space: expected a mapping of parameter name to dimension")
+    space = {name: _dimension(path, head, name, dim) for name, dim in space_raw.items()}
+
+    fixed = dict(raw.get("fixed") or {})
+    for name, value in (overrides or {}).items():
+        if name in space:
+            raise _fail(path, f"{name} is searched by this study (space.{name}); it cannot also be fixed")
+        fixed[name] = value
+    clash = set(fixed) & set(space)
+    if clash:
+        raise _fail(path, f"fixed and space both set {', '.join(sorted(clash))}")
+    try:
+        make_config(head, fixed)
+    except ConfigError as error:
+        raise _fail(path, f"fixed: {error}") from None
+
+    objective = raw.get("objective") or {}
+    metric = objective.get("metric", "val/acc")
+    if metric not in OBJECTIVE_METRICS:
+        raise _fail(path, f"objective.metric={metric!r}: expected one of {', '.join(OBJECTIVE_METRICS)} "
+                          "(selection never looks at the test split)")
+    direction = objective.get("direction", "maximize" if metric.endswith("acc") else "minimize")
+    if direction not in ("maximize", "minimize"):
+        raise _fail(path, f"objective.direction={direction!r}: expected maximize or minimize")
+
+    n_trials, timeout = raw.get("n_trials"), raw.get("timeout")
+    if n_trials is None and timeout is None:
+        raise _fail(path, "set n_trials and/or timeout, or the study never ends")
+    if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
+        raise _fail(path, f"n_trials={n_trials!r}: expected a positive integer")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise _fail(path, f"timeout={timeout!r}: expected a positive number of seconds")
+
+    enqueue = []
+    for number, params in enumerate(raw.get("enqueue") or []):
+        if not isinstance(params, dict) or set(params) - set(space):
+            raise _fail(path, f"enqueue[{number}]: expected a mapping of space keys ({', '.join(space)})")
+        try:
+            make_config(head, {**fixed, **params})
+        except ConfigError as error:
+            raise _fail(path, f"enqueue[{number}]: {error}") from None
+        enqueue.append(params)
+
+    return StudySpec(path=path, study=str(raw["study"]), experiment=str(raw.get("experiment", raw["study"])),
+                     description=str(raw.get("description", "")).strip(), tunes=head, fixed=fixed,
+                     space=space, metric=metric, direction=direction,
+                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
+                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNERS, "none"),
+                     n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
+                     register=str(raw.get("register", DEFAULT_REGISTERED_MODEL) or ""))
