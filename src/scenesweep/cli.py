@@ -155,5 +155,9 @@ def describe(**values: Any) -> None:
     click.echo(format_layer_table(rows))
 
 
+from . import commands  # noqa: E402  (the sub-command modules import `main` from here)
+
+commands.load_all()
+
 if __name__ == "__main__":
     main()
