@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import matplotlib
 
@@ -355,7 +356,7 @@ def track_single_run(entry_point: str, values: dict[str, Any], progress: bool = 
                                            "features/dim": prepared.features.values.shape[1],
                                            "features/images": prepared.features.values.shape[0]})
                 return run_id, None
-            result = fit_head(prepared, config, on_epoch=epoch_logger(run_id), evaluate_test=True)
+            result = fit_head(prepared, config, on_epoch=epoch_logger(run_id), evaluate_test=True, progress=progress)
             log_result(run_id, result, run_name(entry_point, config))
             mlflow.set_tag("model.head_uri", log_head_model(result))
             if register:

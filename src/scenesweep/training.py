@@ -69,13 +69,13 @@ def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split
     return Prepared(config, dataset, split, features)
 
 
-def head_params(config: RunConfig) -> dict:
+def head_params(config: RunConfig, progress: bool = False) -> dict:
     """The head's hyperparameters from a config (the rest of the config is ignored)."""
-    return {**config.values, "progress": False}
+    return {**config.values, "progress": progress}
 
 
 def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: EpochCallback | None = None,
-             evaluate_test: bool = False) -> RunResult:
+             evaluate_test: bool = False, progress: bool = False) -> RunResult:
     """Fit the configured head on the train split, select on val, optionally score test once.
 
     Args:
@@ -83,9 +83,10 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
         config: the run's configuration, default ``prepared.config``.
         on_epoch: receives (epoch, metrics) after each epoch of an mlp head.
         evaluate_test: compute test accuracy and the confusion matrix (the final model only).
+        progress: show a progress bar over epochs.
     """
     config = config or prepared.config
-    head = make_head(config.head, **head_params(config))
+    head = make_head(config.head, **head_params(config, progress))
     X_train, y_train = prepared.part("train")
     X_val, y_val = prepared.part("val")
     began = time.perf_counter()
