@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
+# One tracking store for everything launched from here (mlflow run, ui, models serve): the
+# absolute path, since a relative SQLite path resolves per process. The venv's activate script
+# exports the same (see $(STAMP)).
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 .PHONY: demo test install ui clean-cache
 
@@ -12,13 +16,15 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	grep -q MLFLOW_TRACKING_URI $(BIN)/activate || \
+	  printf '\n# scenesweep: the project tracking store\nexport MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlruns/mlflow.db"\nexport MLFLOW_DISABLE_TELEMETRY=true\n' >> $(BIN)/activate
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # The main job on the embedded default (digits, random VGG16 weights, 32 px images).
 demo: $(STAMP)
-	$(BIN)/mlflow run . -e sweep_svm --env-manager local
+	$(BIN)/mlflow run . -e sweep_svm --env-manager local --experiment-name svm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,8 +1,24 @@
-"""Bad input: one clear line naming the path or parameter, exit status 2, no traceback."""
-import pytest
-from PIL import Image
+"""Bad input: one clear line naming the path or parameter, exit status 2, no traceback.
 
-from conftest import make_image, run_cli
+Most cases call the CLI in-process (click's runner: the same code path, without paying for a new
+interpreter each time); the first runs it as a user would, in a new process.
+"""
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from scenesweep.cli import main
+
+from conftest import run_cli
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI in-process; the result looks like a finished subprocess."""
+    result = CliRunner().invoke(main, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback would have escaped: show it
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def assert_clear_error(result, *fragments):
@@ -15,11 +31,12 @@ def assert_clear_error(result, *fragments):
 
 
 def svm(data, *extra):
-    return run_cli("svm", "--data", str(data), "--train_per_class", "10", "--no-progress", *extra)
+    return invoke("svm", "--data", str(data), "--train_per_class", "10", "--no-progress", *extra)
 
 
-def test_missing_folder(tmp_path):
-    assert_clear_error(svm(tmp_path / "nowhere"), str(tmp_path / "nowhere"), "not found")
+def test_missing_folder_in_a_new_process(tmp_path):
+    result = run_cli("svm", "--data", str(tmp_path / "nowhere"))
+    assert_clear_error(result, str(tmp_path / "nowhere"), "not found")
 
 
 def test_no_classes(tmp_path):
@@ -38,7 +55,7 @@ def test_classes_differ_between_train_and_test(split_scenes):
 
 
 def test_fewer_images_than_train_per_class(flat_scenes):
-    assert_clear_error(run_cli("svm", "--data", str(flat_scenes), "--train_per_class", "20"),
+    assert_clear_error(invoke("svm", "--data", str(flat_scenes), "--train_per_class", "20"),
                        str(flat_scenes / "coast"), "train_per_class=20")
 
 
@@ -57,4 +74,4 @@ def test_corrupt_image(flat_scenes):
     ("--weights", "/no/such/file.pt", "/no/such/file.pt"),
 ])
 def test_bad_parameters(option, value, fragment):
-    assert_clear_error(run_cli("svm", option, value), fragment)
+    assert_clear_error(invoke("svm", option, value), fragment)

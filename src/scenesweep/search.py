@@ -148,7 +148,8 @@ class Objective:
             raise
         except BaseException as error:
             self.client.set_tag(run_id, "error", f"{error.__class__.__name__}: {error}"[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+            # Ctrl-C stops the study: the trial was interrupted, not broken.
+            self.client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
         return value
@@ -272,7 +273,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
         if remaining is None or remaining > 0:
             study.optimize(objective, n_trials=None if n_trials is None else remaining, timeout=timeout,
                            n_jobs=n_jobs, catch=(Exception,), callbacks=[budget], gc_after_trial=False,
-                           show_progress_bar=False)
+                           show_progress_bar=progress and n_jobs == 1)
         summary = summarise(study, spec, parent_id, client, register=register, progress=progress)
         summary["trials_finished"] = budget.finished(study)
         return summary
