@@ -267,3 +267,14 @@ def test_bad_study_files_are_refused_before_any_trial(body, fragment, tmp_path):
     assert "Traceback" not in result.stderr
     assert str(path) in result.stderr and fragment in result.stderr, result.stderr
     assert not all_runs()
+
+
+def test_a_study_does_not_resume_under_another_setting(flat_scenes, tmp_path):
+    args = ("--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"), "--no-register", "--n_trials", "1")
+    first = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), *args)
+    assert first.returncode == 0, first.stderr[-4000:]
+    other = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), "--image_size", "48", *args)
+    assert other.returncode == 2 and "image_size: 32 -> 48" in other.stderr and "--study_name" in other.stderr
+    renamed = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), "--image_size", "48",
+                    "--study_name", "sweep_svm_48px", *args)
+    assert renamed.returncode == 0, renamed.stderr[-4000:]

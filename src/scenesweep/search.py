@@ -225,6 +225,38 @@ def fail_dead_parent_runs(client: MlflowClient, experiment_id: str, study: str) 
     return failed
 
 
+# Settings that do not change what a trial measures: a study may resume with other values.
+SETTING_FREE = ("cache_dir", "device", "batch_size")
+
+
+def study_setting(spec: StudySpec) -> dict[str, str]:
+    """The fixed settings a study's trials were measured under (data, weights, image size, ...)."""
+    config = spec.trial_config({})
+    return {k: str(v) for k, v in config.values.items() if k not in spec.space and k not in SETTING_FREE}
+
+
+def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str) -> None:
+    """Record the setting of a new study; refuse to resume one made under another setting.
+
+    Resuming a digits demo study with ``data=15-Scene`` would mix trials measured on two
+    datasets (and could run no new trial at all): say so and how to start a new study instead.
+
+    Raises:
+        ConfigError: naming the settings that differ.
+    """
+    setting = study_setting(spec)
+    recorded = study.user_attrs.get("setting")
+    if recorded is None:
+        study.set_user_attr("setting", setting)
+        return
+    differ = {k: (recorded.get(k), v) for k, v in setting.items() if recorded.get(k) != v}
+    if differ:
+        shown = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(differ.items()))
+        raise ConfigError(f"study {study.study_name!r} in {storage_url} was run under other settings ({shown}); "
+                          "resume it with the same settings, or start a new study with --study_name NAME "
+                          "(MLproject: -P study_name=NAME)")
+
+
 def run_study(spec: StudySpec, storage: str | None = None, study_name: str | None = None,
               n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
               heartbeat_s: int = DEFAULT_HEARTBEAT_S, progress: bool = True, register: bool = True) -> dict:
@@ -245,6 +277,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     pruner = PRUNERS[spec.pruner["name"]](**{k: v for k, v in spec.pruner.items() if k != "name"})
     study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner,
                                 direction=spec.direction, load_if_exists=True)
+    check_same_setting(study, spec, storage_url)
     if not study.get_trials(deepcopy=False):
         for params in spec.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
