@@ -31,3 +31,13 @@ test: $(STAMP)
 
 clean-cache:
 	rm -rf .cache
+
+# The whole reference study on the real 15-Scene (224 px, ImageNet weights), every
+# experiments/*.yaml one after the other, then the report (reports/latest/report.md). The
+# feature cache (.cache) makes the convolutions run once per pooling type.
+# Usage: make study DATA=path/to/15-Scene
+.PHONY: study
+study: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make study DATA=path/to/15-Scene" >&2; exit 2; }
+	for file in experiments/*.yaml; do $(BIN)/scenesweep run "$$file" --data "$(DATA)" || exit 1; done
+	$(BIN)/scenesweep report
