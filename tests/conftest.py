@@ -33,7 +33,9 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    from scenesweep.tracking import setup_tracking
+
+    setup_tracking()  # creates the store, with the Default experiment's artifacts beside it
     while mlflow.active_run():
         mlflow.end_run()
     yield store

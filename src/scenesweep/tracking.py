@@ -51,6 +51,13 @@ def setup_tracking() -> str:
     # Two workers starting at once on a new database would both run MLflow's schema
     # migrations and one fails: the first creates it while the other waits.
     with sqlite_creation_lock(uri):
+        database = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if database is not None and not database.exists():
+            # Created here, the built-in Default experiment keeps its artifacts beside the
+            # database too (MLflow would use <current folder>/mlruns/0).
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root(uri))
         MlflowClient().search_experiments(max_results=1)
     return uri
 
