@@ -26,8 +26,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlflow run . -e sweep_svm --env-manager local --experiment-name svm
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for tests/test_browser.py"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The MLflow UI on the project's store, on 127.0.0.1 (PORT=5000 by default); Ctrl-C stops it.
+# optuna-dashboard: $(BIN)/scenesweep dashboard [--port 8080].
+ui: $(STAMP)
+	$(BIN)/scenesweep ui $(if $(PORT),--port $(PORT))
 
 clean-cache:
 	rm -rf .cache

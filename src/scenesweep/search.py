@@ -34,7 +34,6 @@ from optuna.trial import TrialState
 from . import tracking
 from .config import ConfigError, repo_root
 from .studies import Dimension, StudySpec
-from .training import fit_head, evaluate_test_split, prepare
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -49,6 +48,9 @@ PRUNERS = {
     "hyperband": lambda **kw: optuna.pruners.HyperbandPruner(**kw),
 }
 USER_ATTR_RUN_ID = "mlflow_run_id"
+# Tags a trial's run takes from its parent: who ran it, from what source and commit.
+INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+                  "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
 DEFAULT_HEARTBEAT_S = 30
 
 
@@ -99,18 +101,27 @@ class Objective:
         self.experiment_id = experiment_id
         self.progress = progress
         self.client = MlflowClient()
+        # MlflowClient.create_run adds none of the tags fluent runs get: the UI would show
+        # "Created by -" and no source for every trial. Trials share their parent's.
+        self.inherited_tags = {k: v for k, v in self.client.get_run(parent_run_id).data.tags.items()
+                               if k in INHERITED_TAGS}
         self._hardware: dict[str, str] | None = None
         self._lock = threading.Lock()  # one extraction at a time when n_jobs > 1
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from .training import fit_head, prepare
+
         params = suggest(trial, self.spec.space)
         config = self.spec.trial_config(params)
         run = self.client.create_run(
             self.experiment_id, run_name=trial_run_name(self.spec, trial.number, params),
-            tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.spec.study,
+            tags={**self.inherited_tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.spec.study,
                   "trial_number": str(trial.number), "entry_point": f"sweep:{self.spec.study}",
                   "optuna.storage_study": self.spec.study, "pid": str(os.getpid()),
-                  "host": socket.gethostname()})
+                  "host": socket.gethostname(),
+                  "mlflow.note.content": f"Trial #{trial.number} of study `{self.spec.study}`: "
+                                         + ", ".join(f"{k}={v}" for k, v in params.items())
+                                         + f"; objective {self.spec.direction} {self.spec.metric}."})
         run_id = run.info.run_id
         trial.set_user_attr(USER_ATTR_RUN_ID, run_id)
         try:
@@ -119,10 +130,9 @@ class Objective:
             if self._hardware is None:
                 self._hardware = tracking.hardware(prepared.features.device)
             tracking.log_batch(run_id, params={**tracking.config_params(config), "head": config.head,
-                                               "trial_number": trial.number,
-                                               "dataset_fingerprint": prepared.dataset.fingerprint,
-                                               "cache_key": prepared.features.key},
-                               tags={"cache": "hit" if prepared.features.hit else "miss",
+                                               "dataset_fingerprint": prepared.dataset.fingerprint},
+                               tags={"cache_key": prepared.features.key,
+                                     "cache": "hit" if prepared.features.hit else "miss",
                                      "conv_cache": "hit" if prepared.features.conv_hit else "miss",
                                      **{f"hardware.{k}": v for k, v in self._hardware.items()},
                                      **tracking.unit_tags(config)})
@@ -277,6 +287,12 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     pruner = PRUNERS[spec.pruner["name"]](**{k: v for k, v in spec.pruner.items() if k != "name"})
     study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner,
                                 direction=spec.direction, load_if_exists=True)
+    # optuna-dashboard labels the objective axis with this ("Objective 0" otherwise).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.metric])
+    study.set_user_attr("mlflow_experiment", spec.experiment)
+    study.set_user_attr("description", spec.description)
     check_same_setting(study, spec, storage_url)
     if not study.get_trials(deepcopy=False):
         for params in spec.enqueue:
@@ -284,13 +300,15 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
 
     tracking.setup_tracking()
     client = MlflowClient()
-    experiment_id = tracking.experiment_id(spec.experiment)
     with tracking.start_run(spec.experiment, f"{spec.study} study",
                             tags={"study": study_name, "study_file": str(spec.path), "pid": str(os.getpid()),
                                   "host": socket.gethostname(), "optuna.storage": storage_url,
                                   "entry_point": f"sweep:{spec.study}", "sweep": "parent"}) as parent:
         parent_id = parent.info.run_id
         experiment_id = parent.info.experiment_id
+        if not client.get_experiment(experiment_id).tags.get("mlflow.note.content"):
+            # The experiments list shows it in its Description column.
+            client.set_experiment_tag(experiment_id, "mlflow.note.content", spec.description)
         fail_dead_parent_runs(client, experiment_id, study_name)
         mlflow.set_tag("mlflow.note.content", f"Study `{study_name}` from `{spec.path}`\n\n"
                        f"Command: `{tracking.command_line()}`\n\n{spec.description}")
@@ -321,6 +339,8 @@ def _describe(dim: Dimension) -> str:
 def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, client: MlflowClient,
               register: bool = True, progress: bool = True) -> dict:
     """Best trial, trials table, plots, and the one test evaluation, logged on the parent."""
+    from .training import evaluate_test_split, fit_head, prepare
+
     trials = study.get_trials(deepcopy=False)
     summary = {"parent_run_id": parent_id, "study": study.study_name, "trials": len(trials),
                "states": {s.name: sum(t.state == s for t in trials) for s in TrialState}}
@@ -362,10 +382,12 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, client: Mlfl
     if result.history:
         tracking.log_figure(tracking.curves_figure(result.history, f"best trial #{best.number}"), "plots/curves.png")
     mlflow.log_dict(config.as_dict(), "best_config.yaml")
-    description = (f"Study `{study.study_name}` from `{spec.path}`\n\nCommand: `{tracking.command_line()}`\n\n"
-                   f"Best trial #{best.number}: {spec.metric} = {best.value:.4f} with "
+    # The UI shows the first lines of a description: the result first, then how it was obtained.
+    description = (f"Best trial #{best.number}: {spec.metric} = {best.value:.4f} with "
                    + ", ".join(f"{k}={v}" for k, v in best.params.items())
-                   + f"; test/acc = {test_metrics['test/acc']:.4f} (computed once, for this trial)\n\n{spec.description}")
+                   + f"; test/acc = {test_metrics['test/acc']:.4f} (computed once, for this trial)\n\n"
+                   f"{spec.description}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
+                   f"Command: `{tracking.command_line()}`")
     mlflow.set_tag("mlflow.note.content", description)
     summary.update({"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                     "best_run_id": best_run_id, "test_acc": test_metrics["test/acc"], "result": result})

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -34,7 +34,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import PARAMETER_BY_NAME, RunConfig, repo_root  # noqa: E402
-from .training import RunResult  # noqa: E402
+if TYPE_CHECKING:  # training pulls in torch and torchvision (5 s): `scenesweep ui` needs neither
+    from .training import RunResult
 
 PIP_PACKAGES = ("torch", "torchvision", "scikit-learn", "numpy", "pillow", "pandas", "mlflow")
 
@@ -118,6 +119,7 @@ def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None
     if launched:
         run = mlflow.start_run(run_id=launched, **kwargs)
         MlflowClient().set_tag(launched, "mlflow.runName", run_name)
+        warn_if_not_in_family(run, experiment)
     else:
         run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
                                nested=parent_run_id is not None, parent_run_id=parent_run_id, **kwargs)
@@ -125,8 +127,21 @@ def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None
         yield run
 
 
+def warn_if_not_in_family(run: mlflow.ActiveRun, experiment: str) -> None:
+    """``mlflow run`` chose the experiment (--experiment-name, else "Default"): runs cannot move,
+    so say where this one is and how to file the next one with its family."""
+    client = MlflowClient()
+    actual = client.get_experiment(run.info.experiment_id).name
+    if actual != experiment:
+        client.set_tag(run.info.run_id, "scenesweep.family_experiment", experiment)
+        print(f"warning: this run is in experiment {actual!r}, not {experiment!r}: "
+              f"launch it with mlflow run ... --experiment-name {experiment}", file=sys.stderr)
+
+
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command as the user typed it ('scenesweep ...' for `python -m scenesweep`)."""
+    program = Path(sys.argv[0]).name
+    return " ".join(shlex.quote(a) for a in ["scenesweep" if program == "__main__.py" else program, *sys.argv[1:]])
 
 
 def _version(package: str) -> str:
