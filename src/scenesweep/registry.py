@@ -4,6 +4,14 @@ Stages are deprecated in MLflow 3: promotion moves the alias ``champion``; a new
 ``challenger``. Versions carry their validation and test accuracy as tags, so promotion
 compares versions without reopening runs. (``search_model_versions`` returns empty aliases on
 SQLite: aliases are read with ``get_registered_model``.)
+
+Promotion rules, in order:
+  1. the candidate is ``--version`` when given, else the version with the best metric (ties go
+     to the newest);
+  2. no champion yet, or a champion without the metric: the candidate is promoted;
+  3. otherwise the candidate must beat the champion strictly, and have been evaluated on the same
+     dataset (same ``dataset_fingerprint`` tag): accuracies on different data do not compare;
+  4. ``force`` promotes the candidate whatever 3 says.
 """
 from __future__ import annotations
 
@@ -14,43 +22,71 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import ConfigError
-from .serving import log_image_classifier
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Version tags that promotion can rank by, and whether higher is better.
 PROMOTION_METRICS = {"val_acc": True, "test_acc": True, "val_loss": False}
+MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input: a column 'image' of "
+                     "base64-encoded image file bytes. Output per image: label, class_index and "
+                     "score_<class> per class. Serve: mlflow models serve -m models:/{name}@champion "
+                     "--env-manager local")
 
 
 def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, str] | None = None) -> str:
     """Log the servable image classifier of ``result`` in the active run and register it.
 
-    The new version is tagged with the run, dataset fingerprint, validation and test accuracy
-    (plus ``extra_tags``, e.g. study and trial) and gets the alias ``challenger``.
+    The new version is tagged with the run, dataset fingerprint, validation and test accuracy,
+    the feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias
+    ``challenger``. The champion is left alone: ``promote`` moves it.
+
+    Args:
+        run_id: the active run, which the model is logged in.
+        result: a fitted RunResult; ``result.metrics`` has val/acc, val/loss and, for the final
+            model, test/acc.
+        model_name: registered model name, e.g. "scene-classifier".
+        extra_tags: more version tags, e.g. ``{"study": ..., "trial_number": ...}``.
 
     Returns:
-        The new version number.
+        The new version number, as a string.
     """
+    from .serving import log_image_classifier
+
     model_uri = log_image_classifier(result, name="model")
-    client = MlflowClient()
-    version = mlflow.register_model(model_uri, model_name, tags={"run_id": run_id})
-    metrics = result.metrics
-    tags = {"run_id": run_id, "dataset_fingerprint": result.prepared.dataset.fingerprint,
+    config, metrics = result.prepared.config, result.metrics
+    tags = {"run_id": run_id, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
             "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
-            "head": result.prepared.config.head, "layer": result.prepared.config.layer,
-            "pooling": result.prepared.config.pooling, "data": str(result.prepared.config.data),
-            "weights": str(result.prepared.config.weights), **(extra_tags or {})}
+            "head": config.head, "arch": config.arch, "layer": config.layer, "pooling": config.pooling,
+            "fc_width": str(config.fc_width), "image_size": str(config.image_size), "data": str(config.data),
+            "weights": str(config.weights), **(extra_tags or {})}
     if "test/acc" in metrics:
         tags["test_acc"] = f"{metrics['test/acc']:.6f}"
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version.version, key, value)
-    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
-    mlflow.set_tags({"registered_model": model_name, "registered_version": version.version})
-    return version.version
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, model_name, tags=tags).version
+    if not client.get_registered_model(model_name).description:
+        client.update_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
+    where = (f"study {tags['study']} trial #{tags['trial_number']}" if "study" in tags and "trial_number" in tags
+             else f"run {run_id}")
+    scores = ", ".join(f"{k}={tags[k]}" for k in ("val_acc", "test_acc") if k in tags)
+    client.update_model_version(model_name, version, description=(
+        f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
+        f"{config.image_size} px); {scores}"))
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    mlflow.set_tags({"registered_model": model_name, "registered_version": version})
+    return str(version)
 
 
 @dataclasses.dataclass
 class Promotion:
-    """What ``promote`` did and why."""
+    """What ``promote`` did and why.
+
+    Attributes:
+        model: registered model name.
+        metric: the version tag compared.
+        promoted: whether the alias moved.
+        version: the candidate version.
+        previous: the champion before, or None.
+        message: one line saying what was done and why.
+    """
 
     model: str
     metric: str
@@ -60,17 +96,28 @@ class Promotion:
     message: str
 
 
-def promote(model_name: str, metric: str = "val_acc", force: bool = False, version: str | None = None) -> Promotion:
+def _metric(version, metric: str) -> float | None:
+    raw = version.tags.get(metric)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def promote(model_name: str, metric: str = "val_acc", force: bool = False, version: str | int | None = None) -> Promotion:
     """Move ``champion`` to the best version by ``metric`` if it beats the current champion.
 
     Args:
         model_name: registered model name.
         metric: a version tag from ``PROMOTION_METRICS``.
         force: move the alias even when the candidate does not beat the champion.
-        version: promote this version instead of the best one.
+        version: promote this version instead of the best one (same rules unless forced).
+
+    Returns:
+        A Promotion saying what was done and why.
 
     Raises:
-        ConfigError: an unknown model name, metric or version.
+        ConfigError: an unknown model name, metric or version, or no version carrying the metric.
     """
     if metric not in PROMOTION_METRICS:
         raise ConfigError(f"metric={metric!r}: expected one of {', '.join(PROMOTION_METRICS)}")
@@ -79,34 +126,55 @@ def promote(model_name: str, metric: str = "val_acc", force: bool = False, versi
         registered = client.get_registered_model(model_name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models())
-        raise ConfigError(f"model {model_name!r} is not registered; registered models: {', '.join(names) or 'none'}") from None
+        raise ConfigError(f"model {model_name!r} is not registered; registered models: "
+                          f"{', '.join(names) or 'none'}") from None
     higher_is_better = PROMOTION_METRICS[metric]
-    versions = {v.version: v for v in client.search_model_versions(f"name='{model_name}'")}
-    scored = {number: float(v.tags[metric]) for number, v in versions.items() if metric in v.tags}
+    quote = '"' if "'" in model_name else "'"  # the filter language has no escapes; it takes either quote
+    versions = {str(v.version): v for v in client.search_model_versions(f"name={quote}{model_name}{quote}")}
+    scores = {number: _metric(v, metric) for number, v in versions.items()}
+    scored = {number: value for number, value in scores.items() if value is not None}
     if version is not None:
-        if str(version) not in versions:
-            raise ConfigError(f"model {model_name!r} has no version {version}; versions: {', '.join(sorted(versions, key=int))}")
-        candidate = str(version)
+        candidate = str(version).strip()
+        if candidate not in versions:
+            raise ConfigError(f"version={version!r}: model {model_name!r} has no such version; versions: "
+                              f"{', '.join(sorted(versions, key=int)) or 'none'}")
     else:
         if not scored:
-            raise ConfigError(f"metric={metric!r}: no version of {model_name!r} carries it")
-        candidate = (max if higher_is_better else min)(scored, key=lambda n: (scored[n], int(n)))
-    current = registered.aliases.get(CHAMPION)
-    value = scored.get(candidate)
+            raise ConfigError(f"metric={metric!r}: no version of {model_name!r} carries a {metric} tag")
+        sign = 1.0 if higher_is_better else -1.0
+        candidate = max(scored, key=lambda n: (sign * scored[n], int(n)))
+
+    # Alias values come back as int on SQLite: version numbers are compared as strings here.
+    current = str(registered.aliases[CHAMPION]) if CHAMPION in registered.aliases else None
+    value = scores.get(candidate)
     shown = f"{metric}={value:.4f}" if value is not None else f"no {metric}"
     if current == candidate:
         return Promotion(model_name, metric, False, candidate, current,
-                         f"version {candidate} ({shown}) is already the champion of {model_name}")
-    current_value = scored.get(current) if current else None
-    beats = current is None or current_value is None or value is not None and (
-        value > current_value if higher_is_better else value < current_value)
+                         f"version {candidate} ({shown}) is already the @{CHAMPION} of {model_name}: nothing to do")
+
+    current_value = scores.get(current) if current else None
+    data_now = versions[current].tags.get("dataset_fingerprint") if current in versions else None
+    data_new = versions[candidate].tags.get("dataset_fingerprint")
+    if current is None or current not in versions:
+        beats, why = True, f"no @{CHAMPION} before"
+    elif current_value is None:
+        beats, why = True, f"the @{CHAMPION}, version {current}, carries no {metric}"
+    elif data_now and data_new and data_now != data_new:
+        beats, why = False, (f"it was evaluated on another dataset (fingerprint {data_new[:12]}) than the "
+                             f"@{CHAMPION}, version {current} ({data_now[:12]}), so their {metric} do not compare")
+    elif value is None:
+        beats, why = False, f"it carries no {metric}"
+    else:
+        better = value > current_value if higher_is_better else value < current_value
+        relation = "beats" if better else ("ties" if value == current_value else "does not beat")
+        beats, why = better, f"it {relation} version {current} ({metric}={current_value:.4f})"
+
     if not beats and not force:
         return Promotion(model_name, metric, False, candidate, current,
-                         f"kept version {current} as champion of {model_name}: candidate version {candidate} "
-                         f"({shown}) does not beat it ({metric}={current_value:.4f}); use --force to promote anyway")
+                         f"kept version {current} as @{CHAMPION} of {model_name}: candidate version {candidate} "
+                         f"({shown}) was not promoted because {why}; use --force to promote it anyway")
     client.set_registered_model_alias(model_name, CHAMPION, candidate)
-    why = ("no champion before" if current is None else
-           f"forced over version {current}" if not beats else
-           f"beats version {current} ({metric}={current_value:.4f})")
+    if not beats:
+        why = f"forced, although {why}"
     return Promotion(model_name, metric, True, candidate, current,
                      f"promoted version {candidate} of {model_name} to @{CHAMPION} ({shown}): {why}")

@@ -2,35 +2,105 @@
 
 ``ImageClassifier`` holds everything needed to classify image files: the weights' own
 preprocessing, the backbone up to the chosen layer (with its pooling and fc widths; the weights
-travel inside the model's artifacts, so it loads offline) and the fitted head. Its input is a
-column ``image`` of base64-encoded image file bytes; its output, per image, the label name,
-the class index and a score per class (probabilities for mlp, decision values for svm).
+travel inside the model's artifacts, so it loads and serves offline) and the fitted head. Its
+input is a table with a column ``image`` of base64-encoded image file bytes (JPEG, PNG, any
+mode, any size); its output, per image, the label name, the class index and one
+``score_<class>`` column per class (probabilities for an mlp head, decision values for an svm).
 ``scenesweep predict`` and ``mlflow models serve`` run the same ``predict``.
+
+Bad input raises ``InputError``, an ``MlflowException`` with INVALID_PARAMETER_VALUE: served, it
+is a 400 reply whose JSON ``message`` is our message alone (see ``InputError.message``).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import infer_signature
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from mlflow.pyfunc.model import PythonModelContext as PythonContext
+from mlflow.pyfunc.model import PythonModelContext
 
 from .config import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+IMAGE_COLUMN = "image"
+BATCH_SIZE = 16  # images per forward pass: beyond 8 at 224 px nothing is gained on 2 cores
+# Which classifier modules each feature layer needs: [fc6, relu6, dropout, fc7, relu7, dropout, fc8].
+LAYER_FC_MODULES = {"pool5": (), "fc6": (0,), "relu6": (0,), "fc7": (0, 3), "relu7": (0, 3)}
+INPUT_DESCRIPTION = (f"a table with a column '{IMAGE_COLUMN}' of base64-encoded image file bytes "
+                     "(JPEG, PNG or any format Pillow reads; grayscale or colour; any size)")
 
 
-class InputError(UserError):
-    """Input to a model is not what it takes; the message says what is wrong."""
+class InputError(UserError, MlflowException):
+    """Input to a model is not what it takes; the message says what is wrong and in which row.
+
+    A ``UserError``, so that the CLI prints it as one ``error: ...`` line, and an
+    ``MlflowException`` with INVALID_PARAMETER_VALUE, so that ``mlflow models serve`` answers
+    400 with it as the JSON ``message`` instead of a stack trace.
+
+    Attributes:
+        reason: what is wrong, e.g. "not an image".
+        row: the 0-based row of the input it concerns, or None for the whole input.
+    """
+
+    def __init__(self, reason: str, row: int | None = None):
+        self.reason = reason
+        self.row = row
+        MlflowException.__init__(self, reason if row is None else f"row {row}: {reason}",
+                                 error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow 3.17's scoring server rewrites the message of an MlflowException raised by predict
+    # to "Failed to predict data '<repr of the whole input table>'. \nError: <message>", which
+    # buries ours under a dump of base64 text. The message is fixed when the error is made, so
+    # the reply's ``message`` is ours alone (tests/test_serving.py checks it against a server).
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if getattr(self, "_message", None) is None:
+            self._message = value
+
+
+# What MLflow says every time it logs one of our pyfunc models, known and expected here:
+# python_model is pickled with cloudpickle (the class is pickled by reference to this module),
+# the input example is validated, and class_index is an integer column (it is never missing).
+KNOWN_LOG_MESSAGES = ("Passing a Python object as `python_model`", "Validating input example against model signature")
+KNOWN_WARNINGS = r"Hint: Inferred schema contains integer column"
+
+
+class _DropKnownMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KNOWN_LOG_MESSAGES)
+
+
+@contextlib.contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """Silence what MLflow prints about our own pyfunc models while they are logged (only that:
+    any other warning, e.g. a failed serving-input validation, still shows)."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    known = _DropKnownMessages()
+    logger.addFilter(known)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=KNOWN_WARNINGS, category=UserWarning)
+            yield
+    finally:
+        logger.removeFilter(known)
 
 
 def _load_head(path: str):
@@ -38,98 +108,179 @@ def _load_head(path: str):
         return pickle.load(handle)
 
 
-def _outputs(scores: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """(N, n_classes) scores -> label, class_index and one score_<class> column per class."""
-    index = np.argmax(scores, axis=1)
-    frame = pd.DataFrame({"label": [classes[i] for i in index], "class_index": index.astype(np.int64)})
-    for k, name in enumerate(classes):
-        frame[f"score_{name}"] = scores[:, k].astype(np.float64)
+def _outputs(head, features: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """(N, D) features -> label, class_index and one score_<class> column per class.
+
+    Score column k belongs to the head's k-th class, ``head.classes_[k]`` (a dataset label index).
+    """
+    scores = head.predict_scores(features)  # (N, n_head_classes)
+    class_ids = np.asarray(head.classes_, dtype=np.int64)
+    index = class_ids[np.argmax(scores, axis=1)]  # (N,)
+    frame = pd.DataFrame({"label": [classes[i] for i in index], "class_index": index})
+    for k, class_id in enumerate(class_ids):
+        frame[f"score_{classes[class_id]}"] = scores[:, k].astype(np.float64)
     return frame
 
 
 class HeadModel(PythonModel):
     """The fitted head on feature vectors: (N, D) float32 -> label, class index, scores."""
 
-    def load_context(self, context: PythonContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.head = _load_head(context.artifacts["head"])
         self.classes = json.loads(Path(context.artifacts["classes"]).read_text())
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        features = np.asarray(model_input, dtype=np.float32)
-        if features.ndim != 2:
-            raise InputError(f"expected a 2-D array of feature vectors, got shape {features.shape}")
-        return _outputs(self.head.predict_scores(features), self.classes)
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        try:
+            features = np.asarray(model_input, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"expected a 2-D array of feature vectors, got {type(model_input).__name__}") from None
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise InputError(f"expected a non-empty 2-D array of feature vectors, got shape {features.shape}")
+        return _outputs(self.head, features, self.classes)
+
+
+def _input_table(model_input: Any) -> pd.DataFrame:
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict) and all(isinstance(v, str) for v in model_input.values()):
+        model_input = [model_input]  # one record, {"image": "<base64>"}
+    if isinstance(model_input, (dict, list)):
+        try:
+            return pd.DataFrame(model_input)
+        except (TypeError, ValueError):
+            pass
+    raise InputError(f"expected {INPUT_DESCRIPTION}; got {type(model_input).__name__}")
 
 
 def decode_images(model_input: Any) -> list[bytes]:
-    """The ``image`` column of base64 strings (or raw bytes) -> list of image file bytes."""
-    if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input)
-    if not isinstance(model_input, pd.DataFrame):
-        raise InputError(f"expected a table with a column 'image', got {type(model_input).__name__}")
-    if "image" not in model_input.columns:
-        raise InputError(f"missing column 'image' (base64-encoded image file bytes); got columns "
-                         f"{list(map(str, model_input.columns))}")
-    if len(model_input) == 0:
-        raise InputError("empty input: expected at least one row in column 'image'")
+    """The ``image`` column of base64 strings -> the image file bytes of each row.
+
+    Whitespace inside the base64 text is ignored (``base64`` wraps lines at 76 characters), and
+    so is a ``data:image/...;base64,`` prefix.
+
+    Raises:
+        InputError: a missing column, an empty table, an empty or non-string value, or text that
+            is not base64; the message names the row.
+    """
+    table = _input_table(model_input)
+    # No rows, and either the image column or no column at all ({"inputs": []}): an empty request.
+    if len(table) == 0 and (IMAGE_COLUMN in table.columns or len(table.columns) == 0):
+        raise InputError(f"empty input: expected at least one row in column '{IMAGE_COLUMN}'")
+    if IMAGE_COLUMN not in table.columns:
+        columns = ", ".join(repr(str(c)) for c in table.columns) or "none"
+        raise InputError(f"missing column '{IMAGE_COLUMN}': expected {INPUT_DESCRIPTION}; got columns {columns}")
     images = []
-    for row, value in enumerate(model_input["image"]):
-        if isinstance(value, (bytes, bytearray)):
-            images.append(bytes(value))
-            continue
-        if not isinstance(value, str) or not value:
-            raise InputError(f"row {row}: column 'image' must hold a base64 string, got {type(value).__name__}")
+    for row, value in enumerate(table[IMAGE_COLUMN]):
+        if not isinstance(value, str):
+            kind = "null" if value is None or (isinstance(value, float) and np.isnan(value)) else type(value).__name__
+            raise InputError(f"column '{IMAGE_COLUMN}' must hold base64 text, got {kind}", row)
+        text = "".join(value.split())
+        if text.startswith("data:") and ";base64," in text[:100]:
+            text = text.split(";base64,", 1)[1]
+        if not text:
+            raise InputError(f"column '{IMAGE_COLUMN}' is empty: expected base64-encoded image file bytes", row)
         try:
-            images.append(base64.b64decode(value, validate=True))
+            images.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
-            raise InputError(f"row {row}: column 'image' is not valid base64") from None
+            shown = value.strip()[:20] + ("..." if len(value.strip()) > 20 else "")
+            raise InputError(f"column '{IMAGE_COLUMN}' is not valid base64 ({shown!r})", row) from None
     return images
+
+
+def layer_state_keys(state_keys, layer: str) -> list[str]:
+    """The backbone parameters ``layer`` needs: every conv layer plus fc6 / fc7 as required."""
+    fc_modules = LAYER_FC_MODULES[layer]
+    return [key for key in state_keys if key.startswith("features.")
+            or key.startswith("classifier.") and int(key.split(".")[1]) in fc_modules]
+
+
+def serving_precision(trained: str, device) -> str:
+    """The precision the training features were extracted in, where the hardware runs it natively.
+
+    Served features then match the cached ones the head was fitted on (bf16 moves them by about
+    1e-2 relative); a machine without native bf16 would run it emulated, far slower: fp32 there.
+    """
+    from .features import cpu_has_native_bf16
+
+    if trained == "bf16" and (device.type == "cuda" or cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
 
 
 class ImageClassifier(PythonModel):
     """Preprocessing + backbone up to the feature layer + head, from image file bytes."""
 
-    def load_context(self, context: PythonContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         import torch
 
         from . import backbone
+        from .features import resolve_device
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.spec = spec
-        self.classes = spec["classes"]
+        self.classes = list(spec["classes"])
+        self.layer = spec["layer"]
+        self.device = resolve_device("auto")
+        self.precision = serving_precision(spec.get("precision", "fp32"), self.device)
+        # The structure on the meta device, then the stored tensors assigned in place: fc8 (and
+        # fc6/fc7 for pool5) are not stored and stay on meta, never computed.
         model = backbone.architecture(spec["arch"], spec["pooling"], spec["fc_width"])
         state = torch.load(context.artifacts["backbone"], map_location="cpu", weights_only=True)
-        # Only the layers up to the feature layer are stored; the rest stays on the meta device.
+        missing = set(layer_state_keys(model.state_dict(), self.layer)) - set(state)
+        if missing:
+            raise MlflowException(f"backbone.pt lacks {', '.join(sorted(missing))} needed for layer {self.layer}")
         model.load_state_dict(state, strict=False, assign=True)
+        # As in features.extract_conv: the conv part in the extraction precision, channels_last
+        # (oneDNN's fastest convolutions); fc6/fc7 in fp32.
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        model.features.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        for index in LAYER_FC_MODULES[self.layer]:
+            model.classifier[index].to(self.device)
         self.model = model.eval()
+        self.dtype = dtype
         self.transform = backbone.preprocessing(spec["arch"], spec["image_size"])
         self.head = _load_head(context.artifacts["head"])
 
+    def _pixels(self, images: list[bytes]) -> list:
+        """Decode and preprocess every image first, so that a bad one fails before any compute."""
+        from PIL import Image
+
+        from .data import DataError, read_image
+
+        tensors = []
+        for row, data in enumerate(images):
+            try:
+                # Grayscale is repeated to 3 channels; then resize, centre crop, normalise.
+                tensors.append(self.transform(read_image(data=data)))  # (3, S, S)
+            except DataError:
+                raise InputError("not an image: expected the bytes of a JPEG, PNG or other image file, "
+                                 "base64-encoded", row) from None
+            except Image.DecompressionBombError as error:
+                raise InputError(f"image too large ({error})", row) from None
+        return tensors
+
     def features(self, images: list[bytes]) -> np.ndarray:
-        """Image file bytes -> (N, D) features of the model's layer."""
+        """Image file bytes -> (N, D) features of the model's layer (D = 25088 for pool5)."""
         import torch
 
         from . import backbone
-        from .data import DataError, read_image
 
-        batch = []
-        for row, data in enumerate(images):
-            try:
-                batch.append(self.transform(read_image(data=data)))  # (3, S, S)
-            except DataError:
-                raise InputError(f"row {row}: not an image (expected JPEG, PNG or another image file's bytes, "
-                                 "base64-encoded)") from None
+        tensors = self._pixels(images)
         outputs = []
         with torch.inference_mode():
-            for start in range(0, len(batch), 16):
-                x = torch.stack(batch[start:start + 16]).contiguous(memory_format=torch.channels_last)
-                conv_out = backbone.conv(self.model, x)  # (B, 512, h, w)
-                outputs.append(backbone.from_conv(self.model, conv_out, self.spec["layer"]).numpy())
-        return np.concatenate(outputs)
+            for start in range(0, len(tensors), BATCH_SIZE):
+                x = torch.stack(tensors[start:start + BATCH_SIZE]).to(self.device)  # (B, 3, S, S)
+                x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+                conv_out = backbone.conv(self.model, x).float()  # (B, 512, S/32, S/32)
+                outputs.append(backbone.from_conv(self.model, conv_out, self.layer).cpu().numpy())  # (B, D)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The hint pd.DataFrame is one MLflow infers no schema from: the table reaches predict as
+    # sent, and MLflow does not warn at import that predict has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Table with column ``image`` (base64 text) -> label, class_index, score_<class> per row."""
         images = decode_images(model_input)
-        return _outputs(self.head.predict_scores(self.features(images)), self.classes)
+        return _outputs(self.head, self.features(images), self.classes)
 
 
 def _pip_requirements() -> list[str]:
@@ -139,61 +290,85 @@ def _pip_requirements() -> list[str]:
 
 
 def log_head_model(result, name: str = "head") -> str:
-    """Log the fitted head of a RunResult as a pyfunc model; returns its model URI."""
+    """Log the fitted head of a RunResult as a pyfunc model on feature vectors.
+
+    Returns:
+        Its model URI (``models:/m-...``).
+    """
     prepared = result.prepared
-    example = prepared.part("val")[0][:2].astype(np.float32)
+    example = prepared.part("val")[0][:2].astype(np.float32)  # (2, D)
     with tempfile.TemporaryDirectory() as tmp:
         head_path, classes_path = Path(tmp) / "head.pkl", Path(tmp) / "classes.json"
         head_path.write_bytes(pickle.dumps(result.head))
         classes_path.write_text(json.dumps(list(prepared.dataset.classes)))
+        artifacts = {"head": str(head_path), "classes": str(classes_path)}
         model = HeadModel()
-        model.load_context(PythonContext({"head": str(head_path), "classes": str(classes_path)}, None))
-        signature = infer_signature(example, model.predict(None, example))
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=HeadModel(), artifacts={"head": str(head_path), "classes": str(classes_path)},
-            signature=signature, input_example=example, code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=_pip_requirements())
+        model.load_context(PythonModelContext(artifacts, None))
+        with quiet_model_logging():
+            signature = infer_signature(example, model.predict(None, example))
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=HeadModel(), artifacts=artifacts, signature=signature,
+                input_example=example, code_paths=[str(PACKAGE_DIR)], pip_requirements=_pip_requirements())
     return info.model_uri
 
 
 def backbone_state(config) -> dict:
-    """The backbone's parameters up to the configured layer (fc8 and unused fc layers dropped)."""
+    """The backbone's parameters up to the configured layer, fp32 (fc8 and unused fc layers dropped).
+
+    With relu7 that is 134 M parameters (537 MB); with pool5 the conv layers alone (59 MB).
+    """
     from . import backbone
 
     model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
-    keep_fc = {"pool5": (), "fc6": (0,), "relu6": (0,), "fc7": (0, 3), "relu7": (0, 3)}[config.layer]
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("features."):
-            state[key] = value
-        elif key.startswith("classifier.") and int(key.split(".")[1]) in keep_fc:
-            state[key] = value
-    return state
+    state = model.state_dict()
+    return {key: state[key] for key in layer_state_keys(state, config.layer)}
+
+
+def classifier_spec(result) -> dict:
+    """What the servable model needs to rebuild the pipeline of ``result``, and where it came from."""
+    prepared = result.prepared
+    config = prepared.config
+    return {"arch": config.arch, "pooling": config.pooling, "fc_width": config.fc_width, "layer": config.layer,
+            "image_size": config.image_size, "precision": prepared.features.precision,
+            "classes": list(prepared.dataset.classes), "head": config.head, "weights": str(config.weights),
+            "seed": config.seed, "dataset_fingerprint": prepared.dataset.fingerprint,
+            "score": "probability" if config.head == "mlp" else "decision value"}
 
 
 def log_image_classifier(result, name: str = "model", example_images: list[bytes] | None = None) -> str:
-    """Log the servable image classifier of a RunResult; returns its model URI."""
+    """Log the servable image classifier of a RunResult in the active run.
+
+    Args:
+        result: a fitted RunResult (its head, configuration and dataset).
+        name: the logged model's name.
+        example_images: image file bytes for the input example; default the first validation image.
+
+    Returns:
+        Its model URI (``models:/m-...``).
+    """
     import torch
 
     prepared = result.prepared
-    config = prepared.config
-    spec = {"arch": config.arch, "pooling": config.pooling, "fc_width": config.fc_width, "layer": config.layer,
-            "image_size": config.image_size, "classes": list(prepared.dataset.classes), "head": config.head,
-            "weights": config.weights, "dataset_fingerprint": prepared.dataset.fingerprint}
+    spec = classifier_spec(result)
     if example_images is None:
-        example_images = [prepared.dataset.absolute(int(i)).read_bytes() for i in prepared.split.val[:2]]
-    example = pd.DataFrame({"image": [base64.b64encode(b).decode("ascii") for b in example_images]})
+        example_images = [prepared.dataset.absolute(int(prepared.split.val[0])).read_bytes()]
+    example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(b).decode("ascii") for b in example_images]})
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"spec": Path(tmp) / "spec.json", "backbone": Path(tmp) / "backbone.pt",
                  "head": Path(tmp) / "head.pkl"}
         paths["spec"].write_text(json.dumps(spec, indent=1))
-        torch.save(backbone_state(config), paths["backbone"])
+        torch.save(backbone_state(prepared.config), paths["backbone"])
         paths["head"].write_bytes(pickle.dumps(result.head))
         artifacts = {k: str(v) for k, v in paths.items()}
         model = ImageClassifier()
-        model.load_context(PythonContext(artifacts, None))
-        signature = infer_signature(example, model.predict(None, example))
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=ImageClassifier(), artifacts=artifacts, signature=signature,
-            input_example=example, code_paths=[str(PACKAGE_DIR)], pip_requirements=_pip_requirements())
+        model.load_context(PythonModelContext(artifacts, None))
+        with quiet_model_logging():
+            # Outputs only: with an input schema MLflow would check the table before predict and
+            # answer a missing column or a wrong type with its own message; ours names the row.
+            outputs = infer_signature(example, model.predict(None, example)).outputs
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=ImageClassifier(), artifacts=artifacts,
+                signature=ModelSignature(inputs=None, outputs=outputs), input_example=example,
+                code_paths=[str(PACKAGE_DIR)], pip_requirements=_pip_requirements(),
+                metadata={"input": INPUT_DESCRIPTION, **{k: v for k, v in spec.items() if k != "classes"}})
     return info.model_uri

@@ -1,0 +1,302 @@
+"""The servable image classifier: in process, through `scenesweep predict`, and over REST.
+
+One svm run (3 classes, pool5, 32 px) is tracked and registered once for the module, against
+its own SQLite store, and promoted to @champion; `mlflow models serve` then serves that alias.
+"""
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scenesweep import backbone
+from scenesweep.cli import main
+from scenesweep.config import make_config
+from scenesweep.imagenet import imagenet_categories, top_classes
+from scenesweep.registry import promote
+from scenesweep.serving import InputError, log_image_classifier
+from scenesweep.training import fit_head, prepare
+
+from conftest import CLASSES, run_cli
+from test_registry import write_flat_scenes
+
+pytestmark = pytest.mark.slow
+MODEL = "scene-classifier"
+CHAMPION_URI = f"models:/{MODEL}@champion"
+SVM_SETTINGS = {"train_per_class": 10, "layer": "pool5", "image_size": 32, "C": 1.0}
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tracked svm run registered as scene-classifier version 1 and promoted to @champion."""
+    from scenesweep.tracking import track_single_run
+
+    folder = tmp_path_factory.mktemp("serving")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'store' / 'mlflow.db'}", "SCENESWEEP_OFFLINE": "1",
+           "TORCH_HOME": str(folder / "torch_home"), "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1"}
+    scenes = write_flat_scenes(folder / "scenes")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        run_id, result = track_single_run("svm", {"data": str(scenes), "cache_dir": str(folder / "cache"),
+                                                  **SVM_SETTINGS}, progress=False, register=MODEL)
+        assert promote(MODEL).promoted
+    prepared = result.prepared
+    test_paths = [prepared.dataset.absolute(int(i)) for i in prepared.split.test]
+    return SimpleNamespace(env=env, folder=folder, scenes=scenes, run_id=run_id, result=result, test_paths=test_paths)
+
+
+@pytest.fixture
+def store(trained, monkeypatch):
+    """Point this test at the module's store (the autouse fixture gave it an empty one)."""
+    for key, value in trained.env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(trained.env["MLFLOW_TRACKING_URI"])
+    return trained
+
+
+@pytest.fixture(scope="module")
+def champion(trained):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", trained.env["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(trained.env["MLFLOW_TRACKING_URI"])
+        return mlflow.pyfunc.load_model(CHAMPION_URI)
+
+
+def table(paths) -> pd.DataFrame:
+    return pd.DataFrame({"image": [b64(p) for p in paths]})
+
+
+def score_matrix(predictions: pd.DataFrame) -> np.ndarray:
+    return predictions[[f"score_{name}" for name in CLASSES]].to_numpy()
+
+
+def test_the_champion_predicts_like_the_in_process_head(store, champion):
+    """PNG and JPEG, grayscale and colour, several sizes: the test split, from file bytes."""
+    result = store.result
+    X_test, _ = result.prepared.part("test")  # cached features, (N, 25088)
+    predictions = champion.predict(table(store.test_paths))
+    expected = result.head.predict(X_test)
+    assert list(predictions["class_index"]) == list(expected)
+    assert list(predictions["label"]) == [CLASSES[i] for i in expected]
+    # Decision values of the svm, from features computed in the served model's own pass.
+    np.testing.assert_allclose(score_matrix(predictions), result.head.predict_scores(X_test), rtol=1e-5, atol=1e-6)
+    assert champion.metadata.get_input_schema() is None  # bad input reaches our checks (see serving.py)
+
+
+def test_an_mlp_head_scores_are_probabilities(store, champion):
+    settings = {k: v for k, v in SVM_SETTINGS.items() if k != "C"}
+    config = make_config("mlp", {"data": str(store.scenes), "cache_dir": str(store.folder / "cache"),
+                                 "hidden": "32", "epochs": 5, "batch_size": 8, **settings})
+    result = fit_head(prepare(config, progress=False), config)
+    with mlflow.start_run():
+        uri = log_image_classifier(result, name="mlp_model")
+    model = mlflow.pyfunc.load_model(uri)
+    X_test, _ = result.prepared.part("test")
+    predictions = model.predict(table(store.test_paths))
+    scores = score_matrix(predictions)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-5)
+    assert (scores >= 0).all()
+    assert list(predictions["class_index"]) == list(result.head.predict(X_test))
+
+
+BAD_INPUTS = [
+    ("not base64", pd.DataFrame({"image": ["this is not base64!"]}), "row 0: column 'image' is not valid base64"),
+    ("not an image", pd.DataFrame({"image": [base64.b64encode(b"hello world").decode()]}),
+     "row 0: not an image: expected the bytes of a JPEG, PNG or other image file, base64-encoded"),
+    ("missing column", pd.DataFrame({"picture": ["aGk="]}), "missing column 'image'"),
+    ("empty input", pd.DataFrame({"image": pd.Series([], dtype=object)}), "empty input: expected at least one row"),
+]
+
+
+@pytest.mark.parametrize("name, frame, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(champion, name, frame, message):
+    with pytest.raises(InputError) as caught:
+        champion.predict(frame)
+    assert str(caught.value).startswith(message)
+
+
+def test_the_second_row_is_named(store, champion):
+    frame = pd.DataFrame({"image": [b64(store.test_paths[0]), "%%%"]})
+    with pytest.raises(InputError, match=r"^row 1: column 'image' is not valid base64"):
+        champion.predict(frame)
+
+
+def test_predict_command_classifies_files_as_the_model_does(store, champion):
+    """As a user runs it: a new process, the champion from the store, JSON out."""
+    paths = store.test_paths[:4]
+    expected = champion.predict(table(paths))
+    result = run_cli("predict", *map(str, paths), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert [r["file"] for r in rows] == list(map(str, paths))
+    assert [r["label"] for r in rows] == list(expected["label"])
+    assert [r["class_index"] for r in rows] == list(expected["class_index"])
+    np.testing.assert_allclose([[r["scores"][name] for name in CLASSES] for r in rows], score_matrix(expected),
+                               rtol=1e-6)
+
+
+def invoke(*args: str):
+    """The CLI in this process (the subprocess test above covers a real start): stdout, stderr, exit."""
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_error(result, expected: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [f"error: {expected}"]
+    assert "Traceback" not in result.output
+
+
+def test_predict_command_prints_a_table_and_names_a_bad_file(store):
+    paths = store.test_paths[:2]
+    result = invoke("predict", *map(str, paths), "--model-uri", f"models:/{MODEL}/1")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["file", "label", "class_index", "score"]
+    for path, line in zip(paths, lines[1:]):
+        file, label, index, score = line.split()
+        assert file == str(path) and label in CLASSES and CLASSES[int(index)] == label and float(score)
+
+    not_an_image = store.folder / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    assert_one_error(invoke("predict", str(paths[0]), str(not_an_image)),
+                     f"{not_an_image}: not an image: expected the bytes of a JPEG, PNG or other image file, "
+                     "base64-encoded")
+    assert_one_error(invoke("predict", str(store.folder / "nowhere.png")), f"{store.folder / 'nowhere.png'}: "
+                     "image file not found")
+    result = invoke("predict", str(paths[0]), "--model-uri", f"models:/{MODEL}@nobody")
+    assert result.exit_code == 2 and f"--model-uri=models:/{MODEL}@nobody: cannot load it" in result.stderr
+
+
+def test_imagenet_top_classes_named_from_the_weights_metadata(tmp_path, flat_scenes):
+    image = next(flat_scenes.glob("coast/*.png"))
+    model = backbone.build_backbone("vgg16", "random", seed=0)
+    state = model.state_dict()
+    # fc8 answers golden retriever (207) whatever the image: weights zero, bias 20 for that class.
+    state["classifier.6.weight"].zero_()
+    state["classifier.6.bias"].zero_()
+    state["classifier.6.bias"][207] = 20.0
+    weights = tmp_path / "vgg16_golden.pt"
+    torch.save(state, weights)
+    (found,) = top_classes([image], weights=str(weights), image_size=32, top=3)
+    assert found[0][:2] == (207, "golden retriever") and found[0][2] > 0.99
+    assert [name for _, name, _ in found] == [imagenet_categories()[i] for i, _, _ in found]
+
+    random_top = top_classes([image, image], weights="random", image_size=32)
+    assert len(random_top) == 2 and len(random_top[0]) == 5 and random_top[0] == random_top[1]
+    probabilities = [p for _, _, p in random_top[0]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_predict_imagenet_command(flat_scenes):
+    image = next(flat_scenes.glob("forest/*.jpg"))
+    result = invoke("predict", str(image), "--imagenet", "--weights", "random", "--top", "3", "--image_size", "32")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["file", "rank", "class_index", "name", "probability"] and len(lines) == 4
+    names = imagenet_categories()
+    for rank, line in enumerate(lines[1:], 1):
+        cells = line.split()
+        assert cells[0] == str(image) and cells[1] == str(rank)
+        assert " ".join(cells[3:-1]) == names[int(cells[2])]
+
+    assert_one_error(invoke("predict", str(image), "--imagenet", "--model-uri", CHAMPION_URI),
+                     "--model-uri and --imagenet exclude each other: --imagenet uses the full VGG, not a model")
+    assert_one_error(invoke("predict", str(image), "--top", "3"), "--top: only with --imagenet")
+    assert_one_error(invoke("predict", str(image), "--imagenet", "--top", "0"),
+                     "top=0: expected an integer from 1 to 1000")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def split(*values) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+
+
+def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    # uvicorn is started by name: the venv's bin must be on PATH, as it is once activated.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(store.folder / "serve.log", "w")
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", CHAMPION_URI, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (store.folder / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server not up after 90 s: " + (store.folder / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+
+        paths = store.test_paths
+        expected = champion.predict(table(paths))
+        status, answer = post(f"{base}/invocations", split(*[b64(p) for p in paths]))
+        assert status == 200, answer
+        assert [p["label"] for p in answer["predictions"]] == list(expected["label"])
+        assert [p["class_index"] for p in answer["predictions"]] == list(expected["class_index"])
+
+        bad_requests = {
+            "not base64": (split("this is not base64!"), "row 0: column 'image' is not valid base64"),
+            "not an image": (split(base64.b64encode(b"hello world").decode()), "row 0: not an image"),
+            "missing column": ({"dataframe_split": {"columns": ["picture"], "data": [[b64(paths[0])]]}},
+                               "missing column 'image'"),
+            "empty input": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty input"),
+        }
+        for name, (body, message) in bad_requests.items():
+            status, answer = post(f"{base}/invocations", body)
+            assert 400 <= status < 500, (name, status, answer)
+            assert answer["message"].startswith(message), (name, answer)
+            assert "stack_trace" not in answer and "Traceback" not in answer["message"], (name, answer)
+
+        # Still serving, and a single image in the records format too.
+        status, answer = post(f"{base}/invocations", {"dataframe_records": [{"image": b64(paths[0])}]})
+        assert status == 200 and answer["predictions"][0]["label"] == expected["label"][0]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
