@@ -22,7 +22,8 @@ CLASSES = ("coast", "forest", "street")
 def _isolated_environment(tmp_path_factory, monkeypatch):
     """No test touches the user's store, cache, or the network; each test gets its own store."""
     store = tmp_path_factory.mktemp("store")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"  # a real SQLite store in a temporary folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     monkeypatch.setenv("SCENESWEEP_OFFLINE", "1")
