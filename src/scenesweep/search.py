@@ -18,7 +18,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import optuna
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from . import tracking

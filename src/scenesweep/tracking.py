@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import io
-import json
 import os
 import platform
 import shlex
