@@ -354,12 +354,17 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, client: Mlfl
         return summary
     best = study.best_trial
     best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID, "")
+    # Workers sharing the study summarise at the same time: each marks its own trials, and
+    # every one marks the best (a tag written twice at once can collide on SQLite: retried).
+    own_runs = {r.info.run_id for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+        max_results=10000)}
     if best_run_id:
-        client.set_tag(best_run_id, "best_trial", "true")
+        _set_tag_retrying(client, best_run_id, "best_trial", "true")
     for other in completed:
         other_run = other.user_attrs.get(USER_ATTR_RUN_ID)
-        if other_run and other_run != best_run_id and other.number != best.number:
-            client.set_tag(other_run, "best_trial", "false")
+        if other_run in own_runs and other_run != best_run_id:
+            _set_tag_retrying(client, other_run, "best_trial", "false")
     mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})
     tracking.log_batch(parent_id, metrics={f"best/{spec.metric}": best.value,
                                            "trials/complete": summary["states"]["COMPLETE"],
@@ -395,6 +400,14 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, client: Mlfl
         summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
             "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id})
     return summary
+
+
+def _set_tag_retrying(client: MlflowClient, run_id: str, key: str, value: str) -> None:
+    """set_tag, once more if another process inserted the same tag between read and write."""
+    try:
+        client.set_tag(run_id, key, value)
+    except mlflow.exceptions.MlflowException:
+        client.set_tag(run_id, key, value)
 
 
 def log_optuna_plots(study: optuna.Study, spec: StudySpec) -> list[str]:
