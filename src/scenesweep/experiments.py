@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from .config import (ENTRY_HEADS, PARAMETER_BY_NAME, ConfigError, RunConfig, make_config, repo_root,
                      run_parameters)
 from .data import DIGITS, IMAGE_SUFFIXES, write_digits
 from .featuremaps import DEFAULT_THRESHOLD
-from .studies import StudySpec, load_study
+from .studies import StudySpec, load_study, read_yaml_mapping
 
 EXPERIMENTS_DIR = "experiments"
 KINDS = ("describe", "imagenet", "featuremaps")
@@ -227,12 +226,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found (expected one of "
                           f"{', '.join(p.name for p in experiment_files()) or 'experiments/*.yaml'})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, "expected a mapping of experiment settings")
+    raw = read_yaml_mapping(path, "experiment settings")
     targets = [key for key in TARGETS if key in raw]
     if len(targets) != 1:
         raise _fail(path, f"name exactly one of study:, run:, kind: (found {', '.join(targets) or 'none'})")

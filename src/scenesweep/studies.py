@@ -112,6 +112,21 @@ def _named_options(path: Path, key: str, raw: Any, names: tuple[str, ...], defau
     return raw
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (study and experiment files).
+
+    Raises:
+        ConfigError: naming the file, when it is not YAML or not a mapping.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, f"expected a mapping of {what}")
+    return raw
+
+
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
     """Read and validate a study file; ``overrides`` replace fixed settings (CLI/MLproject).
 
@@ -122,12 +137,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, "expected a mapping of study settings")
+    raw = read_yaml_mapping(path, "study settings")
     unknown = set(raw) - STUDY_KEYS
     if unknown:
         raise _fail(path, f"unknown key(s) {', '.join(sorted(unknown))}; expected some of: {', '.join(sorted(STUDY_KEYS))}")
