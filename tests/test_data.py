@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scenesweep.data import load_dataset, read_image, split_dataset
+from scenesweep.data import DataError, load_dataset, read_image, split_dataset
 
 from conftest import CLASSES
 
@@ -69,3 +69,26 @@ def test_digits_are_written_once_as_an_image_folder(tmp_path):
     again = load_dataset("digits", cache_dir=tmp_path)
     assert again.fingerprint == dataset.fingerprint
     assert (tmp_path / "datasets" / "digits" / ".complete").stat().st_mtime_ns == stamp
+
+
+def test_a_damaged_digits_folder_is_written_again(tmp_path):
+    load_dataset("digits", cache_dir=tmp_path)
+    root = tmp_path / "datasets" / "digits"
+    victim = sorted(root.glob("digit_3/*.png"))[0]
+    victim.unlink()  # deleted by hand: not silently 1796 images
+    stray = root / "digit_4" / "stray.png"
+    stray.write_bytes(victim.parent.joinpath(sorted(p.name for p in victim.parent.iterdir())[0]).read_bytes())
+    dataset = load_dataset("digits", cache_dir=tmp_path)
+    assert len(dataset.paths) == 1797 and victim.is_file() and not stray.exists()
+
+
+def test_every_image_is_decoded_once_per_content(flat_scenes, tmp_path):
+    cache = tmp_path / "cache"
+    load_dataset(flat_scenes, train_per_class=10, cache_dir=cache)
+    marks = list((cache / "datasets" / "decoded").iterdir())
+    assert len(marks) == 1
+    # Truncated after the check: the mark belongs to the old content, so it is decoded again.
+    image = flat_scenes / "forest" / "forest_01.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(DataError, match="forest_01.jpg: not a readable image"):
+        load_dataset(flat_scenes, train_per_class=10, cache_dir=cache)

@@ -95,3 +95,27 @@ def test_timing_stats_leave_out_warm_up_batches():
     stats = feat.batch_timing_stats([10.0, 10.0, 1.0, 1.0, 3.0], [8, 8, 8, 8, 8], warmup=2)
     assert stats["batch_median_s"] == 1.0 and stats["batches"] == 3
     assert stats["images_per_s"] == pytest.approx(24 / 5.0)
+
+
+def test_a_truncated_conv_sidecar_beside_an_intact_layer_entry_does_no_harm(flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes))
+    first = prepare(cfg, progress=False).features
+    feat._CACHES.clear()
+    conv_meta = feat.FeatureCache(tmp_path / "features").paths(first.conv_key)[1]
+    conv_meta.write_text(conv_meta.read_text()[:20])  # half a JSON file
+    again = prepare(cfg, progress=False).features
+    assert again.hit and again.extract_timing == first.extract_timing
+    np.testing.assert_array_equal(again.values, first.values)
+
+
+def test_a_deleted_conv_entry_is_reported_absent_not_hit(flat_scenes, tmp_path):
+    cfg = config(tmp_path, data=str(flat_scenes))
+    first = prepare(cfg, progress=False).features
+    feat._CACHES.clear()
+    for path in feat.FeatureCache(tmp_path / "features").paths(first.conv_key):
+        path.unlink()
+    again = prepare(cfg, progress=False).features
+    assert again.hit and again.conv_state == "absent"
+    # Another layer needs the convolutions again: they run (a miss), not a phantom hit.
+    other = prepare(cfg.replace(layer="fc6"), progress=False).features
+    assert other.conv_state == "miss"

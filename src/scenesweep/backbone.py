@@ -84,7 +84,7 @@ def weights_identity(weights: str, arch: str, seed: int) -> str:
     return f"{arch}:file:sha256={digest.hexdigest()}"
 
 
-def _load_state_dict(model: nn.Module, weights: str, arch: str) -> None:
+def _load_state_dict(model: nn.Module, weights: str, arch: str, assign: bool = False) -> None:
     if weights == "imagenet":
         checkpoint = imagenet_checkpoint(arch)
         if not checkpoint.is_file():
@@ -101,21 +101,59 @@ def _load_state_dict(model: nn.Module, weights: str, arch: str) -> None:
                     f"On a connected machine run `python -c \"import torchvision; "
                     f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\"` and copy {checkpoint.name} to "
                     f"{checkpoint.parent}/ (TORCH_HOME moves it), or pass weights=<state_dict file>.") from None
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         source = str(checkpoint)
     else:
-        try:
-            state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise WeightsError(f"weights={weights!r}: not a torch state_dict file ({error.__class__.__name__})") from None
         source = weights
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights={weights!r}: expected 'imagenet', 'random' or a state_dict file; {path} not found")
+    try:
+        try:
+            # mmap: a check reads only what it needs of a 528 MB file (zip-format files only).
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=assign)
+        except RuntimeError:
+            if not assign:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise WeightsError(f"weights={weights!r}: not a torch state_dict file "
+                           f"({error.__class__.__name__}{': ' + first if first else ''})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights={source}: holds a {type(state).__name__}, not a state_dict of torchvision {arch}")
+    expected, given = set(model.state_dict()), set(state)
+    if expected != given:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        raise WeightsError(f"weights={source}: does not fit torchvision {arch} ({len(missing)} missing keys"
+                           f"{' e.g. ' + missing[0] if missing else ''}, {len(unexpected)} unexpected"
+                           f"{' e.g. ' + unexpected[0] if unexpected else ''})")
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0][:300]
-        raise WeightsError(f"weights={source}: does not fit torchvision {arch} ({first})") from None
+        model.load_state_dict(state, assign=assign)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as error:
+        # "Error(s) in loading state_dict for VGG:" then one line per mismatch: show the first.
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0] if lines else "")[:300]
+        raise WeightsError(f"weights={source}: does not fit torchvision {arch} ({detail})") from None
+
+
+def check_weights(arch: str, weights: str) -> None:
+    """Load ``weights`` into ``arch`` on the meta device: a check before any run starts.
+
+    Nothing is computed or copied (the file is memory-mapped, tensors assigned to a model on
+    the meta device), but a missing file, a file that is not a state_dict or one that does not
+    fit the network fails here, with the same message a run would give later.
+
+    Raises:
+        WeightsError: saying what is wrong and how to provide the weights.
+    """
+    weights_identity(weights, arch, 0)
+    if weights == "random":
+        return
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)(weights=None)
+    _load_state_dict(model, weights, arch, assign=True)
 
 
 def build_backbone(arch: str = "vgg16", weights: str = "random", pooling: str = "max",

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import PARAMETERS, UserError, run_parameters
+from .config import PARAMETERS, RunFailedError, UserError, run_parameters
 
 
 def parameter_options(names: tuple[str, ...]) -> Callable:
@@ -53,9 +53,15 @@ def user_errors(command: Callable) -> Callable:
 
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: running again resumes (an interrupted trial is retried)", err=True)
+            sys.exit(130)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except RunFailedError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
         except MlflowException as error:
             click.echo(f"error: MLflow: {error.message}", err=True)
             sys.exit(2)
@@ -105,7 +111,7 @@ _single_run_command("finetune", "Train the new classifier head on cached feature
 @click.argument("study_file", type=click.Path())
 @click.option("--n_trials", default=None, help="trials in total for the study (resumes count) [default: the file's]")
 @click.option("--timeout", default=None, help="stop starting trials after this many seconds [default: the file's]")
-@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite optuna.db beside the MLflow store]")
+@click.option("--storage", default=None, help="Optuna storage URL [default: OPTUNA_STORAGE, else sqlite optuna.db beside the MLflow store]")
 @click.option("--study_name", default=None, help="Optuna study name [default: the file's]")
 @click.option("--n_jobs", default="1", help="trials in parallel threads in this process")
 @click.option("--heartbeat", default="30", help="seconds between trial heartbeats (a dead worker's trial fails after 2x)")
@@ -121,7 +127,7 @@ def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: s
     and value, trials.csv, plots/optuna_*.png, test accuracy of the best trial (computed once),
     and registers its servable model.
     """
-    from .search import run_study
+    from .search import run_study, summary_lines
     from .studies import load_study
 
     spec = load_study(study_file, given(overrides))
@@ -131,14 +137,11 @@ def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: s
                         n_jobs=optional_number("n_jobs", n_jobs, int) or 1,
                         heartbeat_s=optional_number("heartbeat", heartbeat, int) or 30,
                         progress=progress, register=register)
-    states = ", ".join(f"{k.lower()}={v}" for k, v in summary["states"].items() if v)
-    click.echo(f"study {summary['study']}: {summary['trials']} trials ({states}); parent run {summary['parent_run_id']}")
-    if "best_trial" in summary:
-        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-        click.echo(f"best trial #{summary['best_trial']}: {spec.metric}={summary['best_value']:.4f} ({params}); "
-                   f"test/acc={summary['test_acc']:.4f}")
-        if summary.get("model_version"):
-            click.echo(f"registered {spec.register} version {summary['model_version']} (alias @challenger)")
+    for line in summary_lines(summary, spec):
+        click.echo(line)
+    if summary.get("error"):
+        # Every trial failed: the study has nothing to show, and says so with its exit status.
+        raise RunFailedError(summary["error"])
 
 
 @main.command("describe")

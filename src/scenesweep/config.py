@@ -8,6 +8,7 @@ nothing else. This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,11 @@ class ConfigError(UserError):
     """A parameter, file or value is not what was expected; the message says which and why."""
 
 
+class RunFailedError(RuntimeError):
+    """The work ran but produced nothing to show (e.g. no trial of a study completed): the CLI
+    prints the message alone and exits 1."""
+
+
 def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value).strip()
@@ -66,8 +72,13 @@ def _number(name: str, kind: type, low: float | None = None, high: float | None 
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             number = kind(float(value)) if kind is int else kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(float('inf')) overflows
             raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(number):
+            # nan passes every comparison below and inf trains to chance: refuse both.
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
         if low is not None and (number <= low if low_open else number < low):
             raise ConfigError(f"{name}={value!r}: expected a value {'>' if low_open else '>='} {low}")
         if high is not None and number > high:

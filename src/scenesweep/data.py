@@ -11,6 +11,7 @@ This module imports neither MLflow, Optuna nor click.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,18 @@ DIGITS = "digits"
 
 class DataError(UserError):
     """A dataset folder or image is not what was expected; the message names the path."""
+
+
+class ImageTooLargeError(DataError):
+    """An image with more pixels than Pillow decodes safely (a decompression bomb).
+
+    Attributes:
+        detail: Pillow's words on the size and the limit.
+    """
+
+    def __init__(self, where: object, detail: str):
+        super().__init__(f"{where}: image too large to decode safely ({detail})")
+        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +98,16 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of a folder, or a DataError naming it when it cannot be listed."""
+    try:
+        return list(folder.iterdir())
+    except OSError as error:  # PermissionError, a file where a folder was expected, ...
+        raise DataError(f"{folder}: cannot list this folder ({error.strerror or error.__class__.__name__})") from None
+
+
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
+    return sorted(p for p in _entries(folder)
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -94,7 +115,7 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
     """{class name: sorted image paths} for each sub-folder of ``folder``."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found; expected a folder of class sub-folders")
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p for p in _entries(folder) if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder}: no class folders; expected {folder}/<class>/<images>")
     found = {}
@@ -108,15 +129,46 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 
 
 def _file_entry(root: Path, path: Path) -> dict:
-    """Manifest entry of one image; decodes its header so that a corrupt file fails here."""
-    data = path.read_bytes()
+    """Manifest entry of one image: relative path, size and sha256 of its bytes."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
+        data = path.read_bytes()
+    except OSError as error:  # PermissionError, a file removed meanwhile, ...
+        raise DataError(f"{path}: cannot read this image ({error.strerror or error.__class__.__name__})") from None
     return {"path": path.relative_to(root).as_posix(), "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def decode_check(path: Path) -> None:
+    """Decode the whole image, so that a truncated or corrupt file fails before any run starts.
+
+    (``Image.verify()`` reads the header only: a truncated JPEG passes it and fails later, in
+    the middle of an extraction.)
+
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(path, str(error)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
+
+
+def _check_decodes(root: Path, paths: list[Path], fingerprint: str, cache_dir: str | os.PathLike | None) -> None:
+    """Decode every image once per dataset content: the dataset's fingerprint (sha256 of every
+    file's bytes) is recorded under ``cache_dir`` once all of them decoded, so later runs on the
+    same bytes skip the decoding (4485 JPEGs take seconds) and a changed file is decoded again."""
+    marker = Path(cache_dir) / "datasets" / "decoded" / fingerprint if cache_dir else None
+    if marker is not None and marker.is_file():
+        return
+    for path in paths:
+        decode_check(path)
+    if marker is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{root}\n")
 
 
 def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int = 0,
@@ -167,6 +219,8 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
             order = rng.permutation(len(images))
             train[name] = sorted(images[i] for i in order[:train_per_class])
             test[name] = sorted(images[i] for i in order[train_per_class:])
+    if len(classes) < 2:
+        raise DataError(f"{root}: one class folder ({classes[0]}); a classifier needs at least 2 class folders")
     paths, labels, is_train = [], [], []
     for flag, group in ((True, train), (False, test)):
         for label, name in enumerate(classes):
@@ -175,9 +229,11 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
                 labels.append(label)
                 is_train.append(flag)
     manifest = tuple(_file_entry(root, p) for p in paths)
-    return Dataset(root=root, classes=tuple(classes), paths=tuple(m["path"] for m in manifest),
-                   labels=np.asarray(labels, dtype=np.int64), is_train=np.asarray(is_train),
-                   layout=layout, manifest=manifest)
+    dataset = Dataset(root=root, classes=tuple(classes), paths=tuple(m["path"] for m in manifest),
+                      labels=np.asarray(labels, dtype=np.int64), is_train=np.asarray(is_train),
+                      layout=layout, manifest=manifest)
+    _check_decodes(root, paths, dataset.fingerprint, cache_dir)
+    return dataset
 
 
 def split_dataset(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> Split:
@@ -217,18 +273,38 @@ def read_image(path: str | os.PathLike | None = None, data: bytes | None = None)
             image.load()
             # "L" -> "RGB" repeats the single channel three times, as the study does.
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        where = path if path is not None else "image bytes"
+        raise ImageTooLargeError(where, str(error)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         where = path if path is not None else "image bytes"
         raise DataError(f"{where}: not a readable image ({error.__class__.__name__}: {error})") from None
+
+
+def _digits_files(folder: Path) -> dict[str, int]:
+    """{relative path: size} of the PNG files of a written digits folder."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in folder.glob("digit_*/*.png") if p.is_file()}
+
+
+def _digits_intact(target: Path) -> bool:
+    """Whether the folder holds exactly the files its ``.complete`` mark lists, at their sizes."""
+    try:
+        recorded = json.loads((target / ".complete").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _digits_files(target) == recorded
 
 
 def write_digits(target: Path) -> Path:
     """Write scikit-learn's bundled digits (1797 8x8 images, 10 classes) as PNG class folders.
 
     Written once, into a temporary folder that is renamed into place, so an interrupted write
-    never leaves a half dataset behind.
+    never leaves a half dataset behind. The ``.complete`` mark lists every file with its size:
+    a folder that no longer matches it (a PNG deleted or edited by hand) is written again
+    instead of silently giving fewer images.
     """
-    if (target / ".complete").is_file():
+    if _digits_intact(target):
         return target.resolve()
     from sklearn.datasets import load_digits
 
@@ -242,12 +318,18 @@ def write_digits(target: Path) -> Path:
             folder = staging / f"digit_{label}"
             folder.mkdir(exist_ok=True)
             image.save(folder / f"{index:04d}.png")
-        (staging / ".complete").write_text("scikit-learn load_digits\n")
+        (staging / ".complete").write_text(json.dumps({"source": "scikit-learn load_digits",
+                                                       "files": _digits_files(staging)}))
+        if target.exists():
+            # Damaged: moved aside first (a rename is atomic; another process may do the same).
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(target, staging.parent / f"{staging.name}-damaged")
+            shutil.rmtree(staging.parent / f"{staging.name}-damaged", ignore_errors=True)
         try:
             os.replace(staging, target)
         except OSError:
             # Another process finished first: keep its copy.
-            if not (target / ".complete").is_file():
+            if not _digits_intact(target):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

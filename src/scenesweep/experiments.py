@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import (ENTRY_HEADS, PARAMETER_BY_NAME, ConfigError, RunConfig, make_config, repo_root,
-                     run_parameters)
+from .config import (ENTRY_HEADS, PARAMETER_BY_NAME, ConfigError, RunConfig, RunFailedError, make_config,
+                     repo_root, run_parameters)
 from .data import DIGITS, IMAGE_SUFFIXES, write_digits
 from .featuremaps import DEFAULT_THRESHOLD
 from .studies import StudySpec, load_study, read_yaml_mapping
@@ -520,7 +520,7 @@ def _run_single(plan_: Plan, progress: bool, register: bool) -> Outcome:
 
 
 def _run_study(plan_: Plan, progress: bool, register: bool) -> Outcome:
-    from .search import run_study
+    from .search import run_study, summary_lines
 
     spec = plan_.spec
     summary = run_study(spec, study_name=plan_.study_name, n_trials=plan_.options.get("n_trials"),
@@ -531,13 +531,10 @@ def _run_study(plan_: Plan, progress: bool, register: bool) -> Outcome:
     if test_per:
         tags[TAG_TEST_PER] = test_per
     _tag(parent_id, tags)
-    states = ", ".join(f"{k.lower()}={v}" for k, v in summary["states"].items() if v)
-    lines = [f"study {summary['study']}: {summary['trials']} trials ({states}); parent run {parent_id}"]
-    if "best_trial" in summary:
-        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-        lines.append(f"best trial #{summary['best_trial']}: {spec.metric}={summary['best_value']:.4f} ({params}); "
-                     f"test/acc={summary['test_acc']:.4f}")
-    if test_per:
+    lines = summary_lines(summary, spec)
+    if summary.get("error"):
+        raise RunFailedError(summary["error"])
+    if test_per and summary["summarised"]:
         # The study's best trial was just scored on test (on the parent): not refitted again.
         known = {}
         if summary.get("best_run_id") and "result" in summary:
@@ -569,10 +566,10 @@ def evaluate_best_per_group(spec: StudySpec, study_name: str, key: str, storage:
     from optuna.trial import TrialState
 
     from . import tracking
-    from .search import USER_ATTR_RUN_ID, default_storage
+    from .search import USER_ATTR_RUN_ID, resolve_storage
     from .training import evaluate_test_split, fit_head, prepare
 
-    study = optuna.load_study(study_name=study_name, storage=storage or default_storage())
+    study = optuna.load_study(study_name=study_name, storage=resolve_storage(storage))
     best: dict[str, optuna.trial.FrozenTrial] = {}
     sign = 1.0 if spec.direction == "maximize" else -1.0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

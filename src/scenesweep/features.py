@@ -123,6 +123,18 @@ class FeatureCache:
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.npy", self.root / f"{key}.json"
 
+    def meta(self, key: str) -> dict | None:
+        """The metadata of an entry whose array is present, or None (missing, truncated, not JSON).
+
+        Reads the small sidecar only: for what an entry records (timings) without loading it.
+        """
+        array_path, meta_path = self.paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and array_path.is_file() else None
+
     def load(self, key: str) -> tuple[np.ndarray, dict] | None:
         """The stored array and its metadata, or None when missing or damaged."""
         array_path, meta_path = self.paths(key)
@@ -136,7 +148,7 @@ class FeatureCache:
             if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
                     or hashlib.sha256(array.tobytes()).hexdigest() != meta["sha256"]):
                 raise ValueError("content does not match its metadata")
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, TypeError, EOFError):
             # Truncated, corrupt or half-deleted: drop it so that it is recomputed.
             for path in (meta_path, array_path):
                 path.unlink(missing_ok=True)
@@ -194,9 +206,11 @@ class Features:
     Attributes:
         values: (N, D) float32, rows in dataset order.
         key: cache key of the layer entry; conv_key: of the conv entry.
-        hit: the layer entry was read from the cache; conv_hit: likewise for the conv entry.
+        hit: the layer entry was read from the cache.
+        conv_state: "miss" (the convolutions ran), "hit" (read from the conv entry) or
+            "absent" (the layer entry was a hit and no conv entry exists any more: none needed).
         extract_timing: per-batch statistics of the conv extraction (measured when the conv
-            entry was computed, possibly by an earlier run: see conv_hit).
+            entry was computed, possibly by an earlier run: see conv_state).
         precision, device: what the extraction ran with.
     """
 
@@ -204,10 +218,14 @@ class Features:
     key: str
     conv_key: str
     hit: bool
-    conv_hit: bool
+    conv_state: str
     extract_timing: dict[str, float]
     precision: str
     device: str
+
+    @property
+    def conv_hit(self) -> bool:
+        return self.conv_state != "miss"
 
 
 def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch: str, batch_size: int,
@@ -268,21 +286,23 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True)
     model = None
     if stored is not None:
         values, meta = stored
-        conv_meta = json.loads(cache.paths(conv_key)[1].read_text()) if cache.paths(conv_key)[1].is_file() else {}
-        return Features(values, key, conv_key, True, True, conv_meta.get("timing", meta.get("timing", {})),
+        # The layer entry records the conv timing too: a damaged or deleted conv entry does not matter.
+        conv_meta = cache.meta(conv_key)
+        timing = (conv_meta or meta).get("timing", {})
+        return Features(values, key, conv_key, True, "hit" if conv_meta is not None else "absent", timing,
                         precision, str(device))
     if conv_stored is not None:
         conv_out, conv_meta = conv_stored
-        conv_hit = True
+        conv_state = "hit"
     else:
         model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
         conv_out, timing = extract_conv(model, dataset, config.image_size, config.arch, config.batch_size,
                                         device, precision, progress)
         conv_meta = cache.save(conv_key, conv_out, {"parts": conv_key_parts(config, dataset, precision),
                                                     "timing": timing, "device": str(device)})
-        conv_hit = False
+        conv_state = "miss"
     if model is None:
         model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
     values = layer_from_conv(model, conv_out, config.layer, device)
     cache.save(key, values, {"parts": layer_key_parts(config, conv_key), "timing": conv_meta.get("timing", {})})
-    return Features(values, key, conv_key, False, conv_hit, conv_meta.get("timing", {}), precision, str(device))
+    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device))

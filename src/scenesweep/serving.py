@@ -243,20 +243,18 @@ class ImageClassifier(PythonModel):
 
     def _pixels(self, images: list[bytes]) -> list:
         """Decode and preprocess every image first, so that a bad one fails before any compute."""
-        from PIL import Image
-
-        from .data import DataError, read_image
+        from .data import DataError, ImageTooLargeError, read_image
 
         tensors = []
         for row, data in enumerate(images):
             try:
                 # Grayscale is repeated to 3 channels; then resize, centre crop, normalise.
                 tensors.append(self.transform(read_image(data=data)))  # (3, S, S)
+            except ImageTooLargeError as error:
+                raise InputError(f"image too large ({error.detail})", row) from None
             except DataError:
                 raise InputError("not an image: expected the bytes of a JPEG, PNG or other image file, "
                                  "base64-encoded", row) from None
-            except Image.DecompressionBombError as error:
-                raise InputError(f"image too large ({error})", row) from None
         return tensors
 
     def features(self, images: list[bytes]) -> np.ndarray:

@@ -10,8 +10,9 @@ This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -97,18 +98,86 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
         if log and low <= 0:
             raise ConfigError("a log scale needs low > 0")
         step = raw.get("step")
-        if step is not None and log:
-            raise ConfigError("'step' and 'log' cannot be combined")
+        if step is not None:
+            if log:
+                raise ConfigError("'step' and 'log' cannot be combined")
+            step_ok = (isinstance(step, int) if kind is int else isinstance(step, (int, float))) \
+                and not isinstance(step, bool) and math.isfinite(step) and step > 0
+            if not step_ok:
+                raise ConfigError(f"step={step!r}: expected a positive {'integer' if kind is int else 'number'}")
+            if step > high - low:
+                raise ConfigError(f"step={step!r}: larger than the range {low}..{high}")
         return Dimension(name, raw["type"], low=low, high=high, log=log, step=step)
     except ConfigError as error:
         raise _fail(path, f"space.{name}: {error}") from None
 
 
-def _named_options(path: Path, key: str, raw: Any, names: tuple[str, ...], default: str) -> dict[str, Any]:
+def _option_int(low: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{value!r}: expected an integer >= {low}")
+        return value
+
+    return convert
+
+
+def _option_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{value!r}: expected true or false")
+    return value
+
+
+def _option_positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{value!r}: expected a positive number")
+    return value
+
+
+def _option_resource(value: Any) -> Any:
+    return value if value == "auto" else _option_int(1)(value)
+
+
+# The options each sampler and pruner takes, with their checks: a study file is refused before
+# any trial (not with a TypeError from Optuna's constructor at the first trial). Names are the
+# keyword arguments of Optuna's classes (tests/test_registries.py checks them against Optuna).
+SAMPLER_OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "tpe": {"seed": _option_int(0), "n_startup_trials": _option_int(0), "n_ei_candidates": _option_int(1),
+            "multivariate": _option_bool, "group": _option_bool, "constant_liar": _option_bool,
+            "consider_endpoints": _option_bool, "prior_weight": _option_positive},
+    "random": {"seed": _option_int(0)},
+}
+PRUNER_OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "none": {},
+    "median": {"n_startup_trials": _option_int(0), "n_warmup_steps": _option_int(0),
+               "interval_steps": _option_int(1), "n_min_trials": _option_int(1)},
+    "successive_halving": {"min_resource": _option_resource, "reduction_factor": _option_int(2),
+                           "min_early_stopping_rate": _option_int(0), "bootstrap_count": _option_int(0)},
+    "hyperband": {"min_resource": _option_int(1), "max_resource": _option_resource,
+                  "reduction_factor": _option_int(2), "bootstrap_count": _option_int(0)},
+}
+assert tuple(SAMPLER_OPTIONS) == SAMPLERS and tuple(PRUNER_OPTIONS) == PRUNERS
+
+
+def _named_options(path: Path, key: str, raw: Any, table: dict[str, dict[str, Callable[[Any], Any]]],
+                   default: str) -> dict[str, Any]:
+    """``tpe`` or ``{name: tpe, seed: 0}`` -> {"name": ..., options...}, each option checked."""
+    if raw is not None and not isinstance(raw, (str, dict)):
+        raise _fail(path, f"{key}: expected a name ({', '.join(table)}) or a mapping with name:")
     raw = {"name": raw} if isinstance(raw, str) else dict(raw or {"name": default})
     raw.setdefault("name", default)
-    if raw["name"] not in names:
-        raise _fail(path, f"{key}.name={raw['name']!r}: expected one of {', '.join(names)}")
+    if raw["name"] not in table:
+        raise _fail(path, f"{key}.name={raw['name']!r}: expected one of {', '.join(table)}")
+    allowed = table[raw["name"]]
+    for option, value in raw.items():
+        if option == "name":
+            continue
+        if option not in allowed:
+            raise _fail(path, f"{key}.{option}: not an option of the {raw['name']} {key}; expected some of: "
+                              f"{', '.join(allowed) or 'none'}")
+        try:
+            allowed[option](value)
+        except ConfigError as error:
+            raise _fail(path, f"{key}.{option}={value!r}: {error}") from None
     return raw
 
 
@@ -177,9 +246,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     n_trials, timeout = raw.get("n_trials"), raw.get("timeout")
     if n_trials is None and timeout is None:
         raise _fail(path, "set n_trials and/or timeout, or the study never ends")
-    if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise _fail(path, f"n_trials={n_trials!r}: expected a positive integer")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
         raise _fail(path, f"timeout={timeout!r}: expected a positive number of seconds")
 
     enqueue = []
@@ -195,7 +265,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     return StudySpec(path=path, study=str(raw["study"]), experiment=str(raw.get("experiment", raw["study"])),
                      description=str(raw.get("description", "")).strip(), tunes=head, fixed=fixed,
                      space=space, metric=metric, direction=direction,
-                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
-                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNERS, "none"),
+                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLER_OPTIONS, "tpe"),
+                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNER_OPTIONS, "none"),
                      n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
                      register=str(raw.get("register", DEFAULT_REGISTERED_MODEL) or ""))

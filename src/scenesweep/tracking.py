@@ -14,7 +14,11 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -31,10 +35,11 @@ import psutil  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from .config import PARAMETER_BY_NAME, RunConfig, repo_root  # noqa: E402
+from .config import PARAMETER_BY_NAME, ConfigError, RunConfig, repo_root  # noqa: E402
 if TYPE_CHECKING:  # training pulls in torch and torchvision (5 s): `scenesweep ui` needs neither
     from .training import RunResult
 
+HEALTH_TIMEOUT_S = 5.0  # a tracking server that does not answer /health in this time is down
 PIP_PACKAGES = ("torch", "torchvision", "scikit-learn", "numpy", "pillow", "pandas", "mlflow")
 
 
@@ -42,47 +47,157 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(repo_root() / 'mlruns' / 'mlflow.db').as_posix()}"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (``sqlite:////abs/x.db`` -> /abs/x.db), else None."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0])
+
+
+def redact(url: str) -> str:
+    """A database or server URL without its password (``postgresql://user:***@host/db``)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a tracking URI that cannot work, with one line saying why (before MLflow tries).
+
+    Raises:
+        ConfigError: a malformed SQLite URL, a SQLite folder that does not exist (other than the
+            project's own ``mlruns/``, which is created), or an HTTP server that does not answer.
+    """
+    if uri.startswith("sqlite:") and sqlite_path(uri) is None:
+        raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: expected sqlite:////absolute/path/mlflow.db "
+                          "(four slashes for an absolute path)")
+    database = sqlite_path(uri)
+    if database is not None:
+        check_database_folder(database, f"MLFLOW_TRACKING_URI={uri}", create=uri == default_tracking_uri())
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as response:
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            reason = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = str(getattr(error, "reason", error))
+        # MLflow's client would retry for minutes before saying so.
+        raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: no MLflow tracking server answers at {health} "
+                          f"({reason}); start it (scenesweep services start) or correct the address")
+
+
+def check_database_folder(database: Path, what: str, create: bool = False) -> None:
+    """The folder of a SQLite database must be one this process can write.
+
+    MLflow would create every missing folder (even at the filesystem's root) without a word, and
+    retry an unwritable one for minutes: the folder is created only when its parent exists (or
+    ``create``: the project's own ``mlruns/``), and a new database's folder is checked writable.
+
+    Raises:
+        ConfigError: naming ``what`` and the folder.
+    """
+    folder = database.parent
+    if not folder.is_dir():
+        if not (create or folder.parent.is_dir()):
+            raise ConfigError(f"{what}: folder {folder} does not exist")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{what}: cannot create folder {folder} ({error.strerror or error})") from None
+    if not database.exists():
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ConfigError(f"{what}: cannot create a database in folder {folder} "
+                              f"({error.strerror or error.__class__.__name__})") from None
+
+
 def setup_tracking() -> str:
-    """Point MLflow (and every child process) at the project's store; returns the URI."""
+    """Point MLflow (and every child process) at the project's store; returns the URI.
+
+    Raises:
+        ConfigError: the store cannot be used (see ``check_tracking_uri``), or opening it failed
+            (an unwritable folder, a database MLflow cannot read).
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    check_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
-    # Two workers starting at once on a new database would both run MLflow's schema
-    # migrations and one fails: the first creates it while the other waits.
-    with sqlite_creation_lock(uri):
-        database = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if database is not None and not database.exists():
-            # Created here, the built-in Default experiment keeps its artifacts beside the
-            # database too (MLflow would use <current folder>/mlruns/0).
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            SqlAlchemyStore(uri, artifact_root(uri))
+    try:
+        # A new SQLite store is created by scenesweep.mlflow_store (MLflow's store, opened under
+        # a file lock so that two workers starting at once do not race on its schema, with the
+        # Default experiment's artifacts beside the database), as in every MLflow process here.
         MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # OperationalError (unwritable folder), a newer schema, ...
+        first = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: cannot open the tracking store "
+                          f"({error.__class__.__name__}: {first})") from None
     return uri
 
 
 @contextlib.contextmanager
 def sqlite_creation_lock(url: str) -> Iterator[None]:
     """An exclusive file lock beside a SQLite database (no-op for other URLs) while its schema
-    is created or migrated, so that concurrent processes do not race on it."""
-    if not url.startswith("sqlite:///"):
+    is created or migrated, so that concurrent processes do not race on it. Only the project's
+    own ``mlruns/`` folder is created when missing."""
+    database = sqlite_path(url)
+    if database is None:
         yield
         return
     import fcntl
 
-    database = Path(url[len("sqlite:///"):])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.parent / f".{database.name}.lock", "w") as lock:
+    if not database.parent.is_dir() and database.parent == repo_root() / "mlruns":
+        database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(database.parent / f".{database.name}.lock", "w")
+    except OSError as error:
+        raise ConfigError(f"{url}: cannot use folder {database.parent} "
+                          f"({error.strerror or error.__class__.__name__})") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
 def artifact_root(uri: str | None = None) -> str | None:
     """Artifacts beside a SQLite database (<dir>/artifacts); the server's default otherwise."""
-    uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    database = sqlite_path(uri or mlflow.get_tracking_uri())
+    if database is not None:
+        return (database.parent / "artifacts").resolve().as_uri()
     return None
+
+
+def source_tags() -> dict[str, str]:
+    """The tags a fluent ``mlflow.start_run`` adds (user, source, git commit): for runs made
+    with ``MlflowClient.create_run``, which adds none, so the UI would show "Created by -"."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return dict(resolve_tags())
+
+
+def system_metrics_monitor(run_id: str, node_id: str | None = None):
+    """MLflow's system metrics (CPU, memory, GPU with nvidia-ml-py) sampled into ``run_id`` while
+    this process works on it; several workers of one run log under their own ``node_id``.
+
+    Returns:
+        The started monitor (call ``finish()``), or None where it cannot run.
+    """
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
+                                       resume_logging=True, node_id=node_id)
+        monitor.start()
+    except Exception:  # no psutil, or a store that refuses: the sweep goes on without them
+        return None
+    return monitor
 
 
 def experiment_id(name: str) -> str:
@@ -203,6 +318,8 @@ def log_batch(run_id: str, metrics: dict[str, float] | None = None, params: dict
         # goes under 'resolved.<name>'.
         logged = client.get_run(run_id).data.params
         params = {(k if k not in logged else f"resolved.{k}"): v for k, v in params.items() if logged.get(k) != v}
+        # A resolved value logged before stays (params never change); the same value is not resent.
+        params = {k: v for k, v in params.items() if k not in logged}
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None and np.isfinite(v)],
@@ -300,7 +417,7 @@ def log_run_context(run_id: str, config: RunConfig, prepared, entry_point: str) 
                       "n_classes": len(prepared.dataset.classes),
                       **{f"n_{k}": v for k, v in prepared.split.sizes().items()}},
               tags={"entry_point": entry_point, "cache": "hit" if features.hit else "miss",
-                    "conv_cache": "hit" if features.conv_hit else "miss", "command": command_line(),
+                    "conv_cache": features.conv_state, "command": command_line(),
                     **{f"hardware.{k}": v for k, v in hardware(features.device).items()},
                     **unit_tags(config)})
     mlflow.log_dict(config.as_dict(), "config.yaml")
@@ -359,10 +476,10 @@ def track_single_run(entry_point: str, values: dict[str, Any], progress: bool = 
         (run id, result); the result is None for ``extract``.
     """
     from .config import ENTRY_HEADS, make_config
-    from .training import fit_head, load_data, prepare
+    from .training import check_setting, fit_head, prepare
 
     config = make_config(ENTRY_HEADS[entry_point], values)
-    data = load_data(config)
+    data = check_setting(config)  # bad data, weights, device or cache folder: before any run
     setup_tracking()
     with start_run(entry_point, run_name(entry_point, config),
                    tags={"scenesweep.entry_point": entry_point}) as run:

@@ -9,15 +9,18 @@ This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
 
-from .config import RunConfig
+from .backbone import check_weights
+from .config import ConfigError, RunConfig
 from .data import Dataset, Split, load_dataset, split_dataset
-from .features import Features, compute_features
+from .features import Features, compute_features, resolve_device
 from .heads import EpochCallback, make_head
 
 
@@ -54,6 +57,56 @@ class RunResult:
     history: list[dict]
     timings: dict[str, dict[str, float]]
     confusion: np.ndarray | None = None
+
+
+# Run parameters that decide which images and which split a run reads.
+DATA_PARAMETERS = ("data", "train_per_class", "seed", "val_fraction", "cache_dir")
+
+
+def check_cache_dir(folder: Path) -> None:
+    """The feature cache must be a folder this process can write (created when missing).
+
+    Raises:
+        ConfigError: naming the folder and why it cannot be used.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cache_dir={str(folder)!r}: is a file; expected a folder for the feature cache")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cache_dir={str(folder)!r}: not a writable folder "
+                          f"({error.strerror or error.__class__.__name__})") from None
+
+
+def check_setting(config: RunConfig, skip: tuple[str, ...] = ()) -> tuple[Dataset, Split] | None:
+    """Check everything of a run's setting that can be wrong, before any MLflow run starts.
+
+    The cache folder is writable, the device present, the weights load into the network (on
+    the meta device: nothing is computed), the dataset reads and every image decodes (once per
+    dataset content) and there are at least two classes and a validation split.
+
+    Args:
+        config: the run's configuration.
+        skip: parameters whose value is not fixed yet (a study searches them): what depends on
+            them is left to each trial.
+
+    Returns:
+        The dataset and split, loaded once (None when a data parameter is in ``skip``).
+
+    Raises:
+        UserError: one message naming the parameter, file or folder and what was expected.
+    """
+    if "cache_dir" not in skip:
+        check_cache_dir(config.cache_path)
+    if "device" not in skip:
+        resolve_device(config.device)
+    if not {"arch", "weights"} & set(skip):
+        check_weights(config.arch, config.weights)
+    if set(DATA_PARAMETERS) & set(skip):
+        return None
+    return load_data(config)
 
 
 def load_data(config: RunConfig) -> tuple[Dataset, Split]:

@@ -64,6 +64,8 @@ def _image_files(images: tuple[str, ...]) -> list[Path]:
             raise UserError(f"{path}: is a folder; pass image files (e.g. {path}/*.jpg)")
         if not path.is_file():
             raise UserError(f"{path}: image file not found")
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: empty file (0 bytes); expected an image file")
     return paths
 
 

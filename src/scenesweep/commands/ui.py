@@ -1,7 +1,7 @@
 """``scenesweep ui`` and ``scenesweep dashboard``: browse the project's stores in a browser.
 
 ``ui`` serves the MLflow UI on the tracking store (one experiment per study family, a parent
-run per study invocation with its trials nested); ``dashboard`` serves optuna-dashboard on the
+run per study with its trials nested); ``dashboard`` serves optuna-dashboard on the
 Optuna storage (history, importances, intermediate values per trial). Both listen on 127.0.0.1
 only, refuse a port that is taken or a store that does not exist (``error: ...``, exit 2), and
 stop their whole server process group on Ctrl-C.
@@ -62,7 +62,7 @@ def ui(port: int, workers: int) -> None:
     """Serve the MLflow UI on the project's tracking store, on 127.0.0.1, until Ctrl-C.
 
     One experiment per study family (svm, fc_width, pooling; single runs under their entry
-    point's name); each study invocation is a parent run with its trials nested under it.
+    point's name); each study is one parent run with its trials nested under it.
     """
     uri = tracking_store_uri()
     require_tracking_store(uri)
@@ -90,7 +90,8 @@ def ui(port: int, workers: int) -> None:
 @main.command("dashboard")
 @click.option("--port", default=8080, show_default=True, type=int, help="port on 127.0.0.1")
 @click.option("--storage", default=None, metavar="URL",
-              help="Optuna storage URL [default: sqlite optuna.db beside the MLflow store, as sweep uses]")
+              help="Optuna storage URL [default: OPTUNA_STORAGE, else sqlite optuna.db beside the MLflow store, "
+                   "as sweep uses]")
 @user_errors
 def dashboard(port: int, storage: str | None) -> None:
     """Serve optuna-dashboard on the project's Optuna storage, on 127.0.0.1, until Ctrl-C.
@@ -99,9 +100,9 @@ def dashboard(port: int, storage: str | None) -> None:
     intermediate values (per-epoch val/acc of pruned studies), and each trial's parameters with
     its MLflow run id (user attribute mlflow_run_id).
     """
-    from scenesweep.search import default_storage
+    from scenesweep.search import resolve_storage
 
-    storage_url = storage or default_storage()
+    storage_url = resolve_storage(storage)
     database = servers.sqlite_database(storage_url)
     if database is not None and not database.is_file():
         raise UserError(f"no Optuna storage at {database}: run a study first "
