@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,postgres]'
 	grep -q MLFLOW_TRACKING_URI $(BIN)/activate || \
 	  printf '\n# scenesweep: the project tracking store\nexport MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlruns/mlflow.db"\nexport MLFLOW_DISABLE_TELEMETRY=true\n' >> $(BIN)/activate
 	touch $(STAMP)
@@ -26,7 +26,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlflow run . -e sweep_svm --env-manager local --experiment-name svm
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 
 # Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
@@ -35,6 +35,20 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
 	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for tests/test_browser.py"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# Debian's PostgreSQL for scenesweep services and tests/test_services.py (the tests start their
+# own cluster on free ports; a cluster the package's scripts may start on 5432 is never used).
+.PHONY: postgres services
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "installing Debian's postgresql for scenesweep services" >&2; \
+	  $(SUDO) apt-get update -qq >&2 && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2; }
+
+# PostgreSQL and an MLflow server for workers on several machines (docs/services.md), in
+# services/ (DIR=... for another folder, HOST=0.0.0.0 to serve other machines). It prints the
+# exports for the workers: eval "$$(make -s services)", or eval "$$(.venv/bin/scenesweep services start)"
+# again later (it only prints them when the services run). Stop: .venv/bin/scenesweep services stop.
+services: $(STAMP) postgres
+	@$(BIN)/scenesweep services start $(if $(DIR),--dir $(DIR)) $(if $(HOST),--host $(HOST))
 
 # The MLflow UI on the project's store, on 127.0.0.1 (PORT=5000 by default); Ctrl-C stops it.
 # optuna-dashboard: $(BIN)/scenesweep dashboard [--port 8080].

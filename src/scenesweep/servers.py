@@ -268,3 +268,39 @@ def serve_until_interrupted(server: Server, log: Path | None = None, on_ready: C
         finally:
             with ignoring_interrupts():
                 stop(process)
+
+
+def group_members(pgid: int) -> list:
+    """The live (not zombie) processes of process group ``pgid``, as psutil.Process objects.
+
+    A server started by an earlier ``scenesweep`` process is no child of ours: when it exits it
+    may linger as a zombie until init reaps it, and ``os.killpg(pgid, 0)`` still finds zombies.
+    """
+    import psutil
+
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def stop_group(pgid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop process group ``pgid`` (a server started by another process, so no Popen to wait on):
+    SIGTERM, then SIGKILL to whatever is left after ``timeout_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it when it is our child after all
+            os.waitpid(pgid, os.WNOHANG)
+        if not group_members(pgid):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, 0)
