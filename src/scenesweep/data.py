@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -306,10 +307,19 @@ def write_digits(target: Path) -> Path:
     """
     if _digits_intact(target):
         return target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: a second process waits, then finds the folder intact.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _digits_intact(target):
+            _write_digits(target)
+    return target.resolve()
+
+
+def _write_digits(target: Path) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
     try:
         for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
@@ -321,16 +331,9 @@ def write_digits(target: Path) -> Path:
         (staging / ".complete").write_text(json.dumps({"source": "scikit-learn load_digits",
                                                        "files": _digits_files(staging)}))
         if target.exists():
-            # Damaged: moved aside first (a rename is atomic; another process may do the same).
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(target, staging.parent / f"{staging.name}-damaged")
+            # Damaged: moved aside first, so that the rename below is atomic.
+            os.replace(target, staging.parent / f"{staging.name}-damaged")
             shutil.rmtree(staging.parent / f"{staging.name}-damaged", ignore_errors=True)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished first: keep its copy.
-            if not _digits_intact(target):
-                raise
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target.resolve()
