@@ -11,13 +11,20 @@ One run measures, on the same machine and in the same process:
    precision.
 3. Accuracy: scenesweep's real pipeline (digits, 32 px, relu7, LinearSVC) with precision=fp32
    and precision=bf16; val and test accuracy of both and the cosine similarity of the features.
+4. The ceiling that counts (``benchmarks/floor.py``): each conv layer of VGG16 timed alone at its
+   own input shape, in the extraction's precision (and fp32), summed over the layers; measured
+   before and after scenesweep's own extractor, which runs on a synthetic 15-Scene-shaped folder
+   (``scenesweep.synthetic``) at the same image size and batch, decoding included: its images/s
+   (what runs log as ``time/extract_images_per_s``) as a fraction of that ceiling, beside the
+   eager conv stack alone on tensors (no decoding).
 
 The conv-layer ceiling and the four VGG settings run round-robin (in each round, a few calls of
 the conv layer in each precision, then one batch of each setting), so that a slow period caused
 by another process on the machine is shared by all of them and the ratios stay meaningful.
 
 Usage:
-    .venv/bin/python benchmarks/extract.py [--image-size 224] [--batch-size 8] [--batches N] [--quick]
+    .venv/bin/python benchmarks/extract.py [--image-size 224] [--batch-size 8] [--batches N]
+                                           [--extractor-images N] [--quick]
 
 Weights are random (torchvision's seeded initialisation): the timings do not depend on them,
 but the accuracies are those of an untrained network.
@@ -48,9 +55,13 @@ try:
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep import backbone, features, training
+from scenesweep import backbone, features, synthetic, training
 from scenesweep.config import make_config
 from scenesweep.data import write_digits
+
+# benchmarks/floor.py: the per-layer ceiling (the script's folder is on sys.path when run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
 
 WARMUP = features.WARMUP_BATCHES  # leading batches / iterations left out of every timing
 
@@ -329,6 +340,48 @@ def accuracy_check(device: torch.device, subset_per_class: int | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------
+# 4. The extractor against the summed per-layer ceiling
+# --------------------------------------------------------------------------------------------
+
+def conv_stack_speed(device: torch.device, precision: str, image_size: int, batch_size: int,
+                     batches: int) -> float:
+    """Images/s of VGG16's eager conv stack on tensors, as extract_conv runs it (no decoding).
+
+    The conv part of a random VGG16 in ``precision`` + channels_last, on a random
+    (B, 3, S, S) batch; median of ``batches`` calls after the warm-up ones.
+    """
+    model = backbone.build_backbone("vgg16", "random")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model.features.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, image_size, image_size).to(device=device, dtype=dtype,
+                                                              memory_format=torch.channels_last)
+    seconds = time_repeats(lambda: backbone.conv(model, x), device, batches)  # (B, 512, S/32, S/32)
+    return batch_size / statistics.median(seconds)
+
+
+def extractor_speed(device: torch.device, image_size: int, batch_size: int, n_images: int) -> dict:
+    """scenesweep's own extraction (``training.prepare``, precision auto) on a synthetic folder.
+
+    About ``n_images`` synthetic 15-Scene-shaped JPEGs (grayscale, ~250 x 300 px: decoding and
+    resizing as on the real set) in a temporary folder and cache. Returns the pipeline's own batch
+    timing (``Features.extract_timing``: what a run logs as ``time/extract_*``, warm-up batches left
+    out, decoding included), the resolved precision and the number of images.
+    """
+    scale = n_images / synthetic.TOTAL_IMAGES
+    counts = synthetic.class_counts(scale, min_per_class=4)
+    train_per_class = max(2, min(counts.values()) // 2)
+    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as tmp:
+        root = synthetic.write_scenes(Path(tmp) / "scenes", scale=scale, min_per_class=4)
+        config = make_config("svm", {"data": str(root), "train_per_class": train_per_class, "val_fraction": 0.5,
+                                     "image_size": image_size, "batch_size": batch_size, "layer": "pool5",
+                                     "weights": "random", "precision": "auto", "device": device.type,
+                                     "cache_dir": str(Path(tmp) / "cache")})
+        prepared = training.prepare(config, progress=False)
+        return {"timing": dict(prepared.features.extract_timing), "precision": prepared.features.precision,
+                "images": len(prepared.dataset.paths)}
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -383,6 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=None,
                         help=f"timed batches per setting, after {WARMUP} warm-up batches "
                              "(default 8, 3 with --quick)")
+    parser.add_argument("--extractor-images", type=int, default=None,
+                        help="synthetic images scenesweep's extractor runs on in part 4 (default 240, "
+                             "64 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in about a minute: 112 px, 3 batches, a 2048 matmul and "
                              "60 digits per class for the accuracy check")
@@ -393,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.image_size = 112 if args.quick else 224
     if args.batches is None:
         args.batches = 3 if args.quick else 8
+    if args.extractor_images is None:
+        args.extractor_images = 64 if args.quick else 240
     if args.image_size < 32 or args.batch_size < 1 or args.batches < 1:
         parser.error("expected --image-size >= 32, --batch-size >= 1 and --batches >= 1")
     return args
@@ -468,6 +526,34 @@ def main(argv: list[str] | None = None) -> int:
           f"{cosine(x32, x16):.6f} (whole matrix), min per image {row_cos.min():.6f}, "
           f"relative L2 difference {rel:.2e}\n")
 
+    # 4. The summed per-layer ceiling, before and after the extractor ----------------------
+    precision = features.resolve_precision("auto", device)
+    repeats = 3 if args.quick else 5
+    layer_ceiling = floor.conv_ceiling("vgg16", args.image_size, args.batch_size, precision, device, repeats)
+    fp32_ceiling = (floor.conv_ceiling("vgg16", args.image_size, args.batch_size, "fp32", device, repeats)
+                    if precision != "fp32" else None)
+    stack = conv_stack_speed(device, precision, args.image_size, args.batch_size, args.batches)
+    extractor = extractor_speed(device, args.image_size, args.batch_size, args.extractor_images)
+    layer_ceiling = layer_ceiling.combined(
+        floor.conv_ceiling("vgg16", args.image_size, args.batch_size, precision, device, repeats))
+    ceilings_shown = [layer_ceiling] + ([fp32_ceiling] if fp32_ceiling is not None else [])
+    timing = extractor["timing"]
+    extractor_ips = timing.get("images_per_s", float("nan"))
+    extractor_fraction = extractor_ips / layer_ceiling.images_per_s
+    print(f"4. The ceiling that counts: each conv layer of VGG16 alone at its own input shape, "
+          f"{args.image_size} px, batch {args.batch_size}, channels_last, summed "
+          f"(the {precision} one measured before and after the extractor, repeats pooled)")
+    print(floor.format_ceilings(ceilings_shown))
+    print(table(["what", "images/s", "/ layer-sum ceiling"], [
+        [f"layer-sum ceiling ({precision})", f"{layer_ceiling.images_per_s:.1f}", "1.00"],
+        [f"eager conv stack ({precision}, tensors, no decoding)", f"{stack:.1f}",
+         f"{stack / layer_ceiling.images_per_s:.2f}"],
+        [f"scenesweep extractor (ran as {extractor['precision']}, {extractor['images']} synthetic JPEGs, "
+         "decoding included)", f"{extractor_ips:.1f}", f"{extractor_fraction:.2f}"]]))
+    print(f"   extractor: median {timing.get('batch_median_s', float('nan')) * 1e3:.0f} ms per batch, "
+          f"p95 {timing.get('batch_p95_s', float('nan')) * 1e3:.0f} ms, over {timing.get('batches', 0):.0f} "
+          f"batches (warm-up left out); its images/s is what runs log as time/extract_images_per_s\n")
+
     # Summary ------------------------------------------------------------------------------
     base, cl = speed["fp32"], speed["fp32 channels_last"]
     whole, auto = speed["bf16 whole model + channels_last"], speed["bf16 autocast + channels_last"]
@@ -480,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
           f"fraction of conv ceiling = {fraction['fp32 channels_last']:.2f} (fp32 channels_last), "
           f"{fraction['bf16 whole model + channels_last']:.2f} (bf16 whole model); "
           f"conv ceiling bf16 / fp32 = {conv_ceiling['bf16'] / conv_ceiling['fp32']:.2f}x; "
-          f"test acc bf16 - fp32 = {b16['test'] - f32['test']:+.4f}")
+          f"test acc bf16 - fp32 = {b16['test'] - f32['test']:+.4f}; "
+          f"extractor / summed conv-layer ceiling ({precision}) = {extractor_fraction:.2f}")
     return 0
 
 

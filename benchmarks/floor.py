@@ -1,0 +1,439 @@
+"""Measurement helpers shared by the benchmarks: this machine's floor for extraction and head training.
+
+Two floors, each measured on the machine at hand (never assumed: the CPU may be an Intel with AMX
+or an AMD with AVX-512 bf16 or neither, and the library build matters as much):
+
+1. ``conv_ceiling``: the ceiling that counts for feature extraction. Every convolution of the
+   network (torchvision VGG16 by default, random weights) is timed alone, at its own input shape
+   (batch 8 at 224 px by default), in a given precision, repeated, and the best (or the median)
+   of each is summed over the layers: seconds per batch, images/s. Best-of by default: a ceiling
+   is the least time a layer takes here, and another process on the machine only ever adds time
+   (at small shapes, two OpenMP threads sharing a core with someone else can take 10x longer). ``precision="bf16"`` is
+   what ``scenesweep.features.extract_conv`` runs on CPUs with native bf16 and on CUDA (weights
+   and inputs in bf16, channels_last); "fp32" is the same in float32. The sum leaves out what
+   lies between the convolutions (ReLU, pooling) and everything around them (decoding, resizing,
+   copies): an eager extractor can approach it; passing it takes faster convolutions than these
+   (a compiled graph that fuses them with their ReLU, say).
+2. ``head_step``: the bare PyTorch training step of a head: a ``torch.nn.Sequential`` MLP of
+   given widths (Linear, ReLU, Dropout per hidden width, then Linear; the study's
+   25088-1024-1024-15 with dropout 0.5 by default), Adam (``fused=True`` on CPU and CUDA),
+   cross-entropy, on random features held in one tensor on the device; the median step time
+   over some steps after warm-up.
+
+Both interleave their repeats (round-robin over the layers), so that a slow period caused by
+another process is shared by all layers rather than landing on one. Used by
+``benchmarks/extract.py`` and ``benchmarks/study.py``; it can also be run alone:
+
+    .venv/bin/python benchmarks/floor.py [--image-size 224] [--batch-size 8] [--device auto]
+
+This module imports torch and torchvision only (no scenesweep, MLflow or Optuna), so that a
+benchmark's floor does not move when the package changes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATISTICS = ("min", "median")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock time covers the kernels (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu (as scenesweep's own ``device=auto``)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX (oneDNN's own check, as scenesweep.features uses)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def extraction_precision(device: torch.device) -> str:
+    """The precision ``precision=auto`` extracts in: bf16 on CUDA and native-bf16 CPUs, else fp32."""
+    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+
+
+def _statistic(seconds: Sequence[float], statistic: str) -> float:
+    if not seconds:
+        return float("nan")
+    return min(seconds) if statistic == "min" else statistics.median(seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The conv-layer ceiling
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LayerTiming:
+    """One convolution timed alone.
+
+    Attributes:
+        name: e.g. "conv3_2" (block 3, second convolution).
+        in_shape: input (B, C_in, H, W); out_channels, kernel, padding, stride: the layer.
+        gflop: per call: 2 * B * C_out * H_out * W_out * C_in * kh * kw / 1e9 (bias left out).
+        seconds: each timed call, warm-up calls left out.
+    """
+
+    name: str
+    in_shape: tuple[int, int, int, int]
+    out_channels: int
+    kernel: tuple[int, int]
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+    gflop: float
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def time_s(self, statistic: str = "median") -> float:
+        return _statistic(self.seconds, statistic)
+
+    def gflops(self, statistic: str = "median") -> float:
+        return self.gflop / self.time_s(statistic)
+
+
+@dataclasses.dataclass
+class ConvCeiling:
+    """The summed per-layer ceiling of one network, shape and precision.
+
+    Attributes:
+        arch, image_size, batch_size, precision, device: what was measured.
+        layers: one ``LayerTiming`` per convolution, in network order.
+        statistic: "min" (best-of) or "median" of each layer's repeats, then summed.
+    """
+
+    arch: str
+    image_size: int
+    batch_size: int
+    precision: str
+    device: str
+    layers: list[LayerTiming]
+    statistic: str = "min"
+
+    @property
+    def seconds_per_batch(self) -> float:
+        return sum(layer.time_s(self.statistic) for layer in self.layers)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds_per_batch / self.batch_size
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.seconds_per_batch
+
+    @property
+    def gflop_per_batch(self) -> float:
+        return sum(layer.gflop for layer in self.layers)
+
+    @property
+    def gflops(self) -> float:
+        return self.gflop_per_batch / self.seconds_per_batch
+
+    @property
+    def repeats(self) -> int:
+        return min((len(layer.seconds) for layer in self.layers), default=0)
+
+    def combined(self, other: "ConvCeiling") -> "ConvCeiling":
+        """This ceiling with ``other``'s repeats pooled in (same network, shape and precision).
+
+        For a ceiling measured before and after the thing it is compared with: the median of the
+        pooled repeats shares the machine's load of both periods.
+        """
+        if (self.arch, self.image_size, self.batch_size, self.precision, self.device) != \
+                (other.arch, other.image_size, other.batch_size, other.precision, other.device):
+            raise ValueError("combined(): the two ceilings were measured on different settings")
+        layers = [dataclasses.replace(a, seconds=a.seconds + b.seconds) for a, b in zip(self.layers, other.layers)]
+        return dataclasses.replace(self, layers=layers)
+
+    def as_dict(self) -> dict:
+        return {"arch": self.arch, "image_size": self.image_size, "batch_size": self.batch_size,
+                "precision": self.precision, "device": self.device, "statistic": self.statistic,
+                "repeats": self.repeats, "seconds_per_batch": self.seconds_per_batch,
+                "images_per_s": self.images_per_s, "gflop_per_batch": self.gflop_per_batch,
+                "gflops": self.gflops,
+                "layers": [{"name": l.name, "in_shape": list(l.in_shape), "out_channels": l.out_channels,
+                            "gflop": l.gflop, "median_s": l.time_s("median"), "min_s": l.time_s("min"),
+                            "seconds": l.seconds} for l in self.layers]}
+
+
+def conv_layers(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8) -> list[LayerTiming]:
+    """Every Conv2d of ``torchvision.models.<arch>().features`` with the input shape it sees.
+
+    Shapes come from forward hooks on the meta device (no memory, no compute), so they are right
+    at any input size and for any VGG depth. Pooling type does not matter here: every pooling
+    the study uses halves the map the same way. At 224 px, batch 8, VGG16's 13 layers see
+    (8, 3, 224, 224), (8, 64, 224, 224), (8, 64, 112, 112), ..., (8, 512, 14, 14).
+    """
+    with torch.device("meta"):
+        network = getattr(torchvision.models, arch)(weights=None).features
+    found: list[LayerTiming] = []
+    block, index_in_block = 1, 0
+    for module in network:
+        if isinstance(module, nn.MaxPool2d):
+            block, index_in_block = block + 1, 0
+        elif isinstance(module, nn.Conv2d):
+            index_in_block += 1
+
+            def hook(conv: nn.Conv2d, inputs, output, name=f"conv{block}_{index_in_block}") -> None:
+                b, c_in, h, w = inputs[0].shape  # (B, C_in, H, W)
+                _, c_out, h_out, w_out = output.shape  # (B, C_out, H_out, W_out)
+                kh, kw = conv.kernel_size
+                gflop = 2.0 * b * c_out * h_out * w_out * (c_in // conv.groups) * kh * kw / 1e9
+                found.append(LayerTiming(name, (b, c_in, h, w), c_out, tuple(conv.kernel_size),
+                                         tuple(conv.padding), tuple(conv.stride), gflop))
+
+            module.register_forward_hook(hook)
+    with torch.inference_mode():
+        network(torch.empty(batch_size, 3, image_size, image_size, device="meta"))
+    return found
+
+
+def conv_ceiling(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8, precision: str = "bf16",
+                 device: str | torch.device = "auto", repeats: int = 5, warmup: int = 2,
+                 statistic: str = "min", seed: int = 0, min_time_s: float = 0.05,
+                 max_repeats: int = 100) -> ConvCeiling:
+    """Time each convolution alone, at its own input shape, and sum: the extraction ceiling.
+
+    Each layer is a fresh ``nn.Conv2d`` (PyTorch's default random init) with the layer's
+    channels, kernel, padding and stride, moved to ``precision`` and channels_last (weights and
+    input), called under ``torch.inference_mode`` on a random input of its shape. Rounds go over
+    all layers in turn (``warmup`` untimed rounds first: oneDNN / cuDNN pick and cache their
+    kernels on the first calls of a shape), then at least ``repeats`` timed ones, and more until
+    every layer has run ``min_time_s`` in all (at most ``max_repeats``): small layers (64 px: a
+    millisecond each) get enough calls for a best-of to find one that no other process slowed.
+
+    Args:
+        arch: torchvision VGG name.
+        image_size, batch_size: the input (B, 3, S, S) of the network.
+        precision: "bf16" or "fp32".
+        device: "auto", "cpu", "cuda" or a torch.device.
+        repeats, warmup: timed (at the least) and untimed calls per layer.
+        min_time_s, max_repeats: more timed rounds until each layer's calls add up to
+            ``min_time_s``, up to ``max_repeats`` rounds.
+        statistic: "min" (best-of, default) or "median" of each layer's repeats.
+        seed: of the random weights and inputs (timings do not depend on values).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic={statistic!r}: expected one of {', '.join(STATISTICS)}")
+    device = resolve_device(device)
+    dtype = PRECISIONS[precision]
+    layers = conv_layers(arch, image_size, batch_size)
+    torch.manual_seed(seed)
+    modules, inputs = [], []
+    for layer in layers:
+        conv = nn.Conv2d(layer.in_shape[1], layer.out_channels, layer.kernel, stride=layer.stride,
+                         padding=layer.padding).eval()
+        modules.append(conv.to(device=device, dtype=dtype, memory_format=torch.channels_last))
+        inputs.append(torch.randn(layer.in_shape).to(device=device, dtype=dtype,
+                                                     memory_format=torch.channels_last))
+    def enough(round_index: int) -> bool:
+        timed = round_index - warmup
+        if timed < repeats:
+            return False
+        return timed >= max_repeats or all(sum(layer.seconds) >= min_time_s for layer in layers)
+
+    with torch.inference_mode():
+        round_index = 0
+        while not enough(round_index):
+            for layer, conv, x in zip(layers, modules, inputs):
+                sync(device)
+                began = time.perf_counter()
+                conv(x)  # (B, C_out, H_out, W_out)
+                sync(device)
+                if round_index >= warmup:
+                    layer.seconds.append(time.perf_counter() - began)
+            round_index += 1
+    return ConvCeiling(arch, image_size, batch_size, precision, str(device), layers, statistic)
+
+
+def format_ceilings(ceilings: Sequence[ConvCeiling]) -> str:
+    """A per-layer table: one row per convolution, ms per batch and GFLOP/s per precision; the sum."""
+    first = ceilings[0]
+    header = ["layer", "input (B, C, H, W)", "GFLOP"]
+    for c in ceilings:
+        header += [f"{c.precision} ms", f"{c.precision} GFLOP/s"]
+    rows = []
+    for i, layer in enumerate(first.layers):
+        row = [layer.name, "x".join(map(str, layer.in_shape)), f"{layer.gflop:.1f}"]
+        for c in ceilings:
+            row += [f"{c.layers[i].time_s(c.statistic) * 1e3:.1f}", f"{c.layers[i].gflops(c.statistic):.0f}"]
+        rows.append(row)
+    total = ["sum", f"{first.arch} {first.image_size} px, batch {first.batch_size}", f"{first.gflop_per_batch:.1f}"]
+    for c in ceilings:
+        total += [f"{c.seconds_per_batch * 1e3:.1f}", f"{c.gflops:.0f}"]
+    rows.append(total)
+    lines = [table(header, rows)]
+    for c in ceilings:
+        lines.append(f"   {c.precision} ceiling: {c.seconds_per_batch * 1e3:.1f} ms per batch of {c.batch_size} "
+                     f"= {c.images_per_s:.1f} images/s ({'best' if c.statistic == 'min' else 'median'} of {c.repeats} "
+                     "repeats per layer, summed)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The bare training step of a head
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class HeadStep:
+    """Step times of a bare PyTorch loop training one MLP head.
+
+    Attributes:
+        widths: layer widths, input first, classes last (e.g. (25088, 1024, 1024, 15)).
+        dropout, batch_size, device, optimizer: the setting.
+        seconds: each timed step (warm-up left out).
+    """
+
+    widths: tuple[int, ...]
+    dropout: float
+    batch_size: int
+    device: str
+    optimizer: str
+    seconds: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.seconds)
+
+    def as_dict(self) -> dict:
+        return {"widths": list(self.widths), "dropout": self.dropout, "batch_size": self.batch_size,
+                "device": self.device, "optimizer": self.optimizer, "median_s": self.median_s,
+                "min_s": self.min_s, "steps": len(self.seconds)}
+
+
+def mlp(widths: Sequence[int], dropout: float = 0.5) -> nn.Sequential:
+    """(Linear, ReLU, Dropout) per hidden width, then Linear: the study's head for (D, h1, h2, C)."""
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int = 8, dropout: float = 0.5,
+              device: str | torch.device = "auto", steps: int = 20, warmup: int = 3, rows: int = 1200,
+              lr: float = 1e-3, seed: int = 0) -> HeadStep:
+    """Median step time of the bare loop: index a batch, forward, cross-entropy, backward, Adam.
+
+    The features are one (rows, D) float32 tensor on the device (1200 rows: the study's training
+    split), a batch is a random index into it, as a loop over cached features does.
+
+    Args:
+        widths: (D, hidden..., n_classes).
+        batch_size: rows per step.
+        dropout: after each hidden layer.
+        device: "auto", "cpu", "cuda" or a torch.device.
+        steps, warmup: timed and untimed steps.
+        rows: rows of the feature tensor the batches are drawn from.
+        lr: Adam's learning rate (does not change the time).
+        seed: of the weights, features and batches.
+    """
+    if len(widths) < 2:
+        raise ValueError(f"widths={widths!r}: expected (input, [hidden...,] classes)")
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = mlp(widths, dropout).to(device).train()
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    loss_fn = nn.CrossEntropyLoss()
+    features = torch.randn(rows, widths[0], generator=generator).to(device)  # (rows, D)
+    labels = torch.randint(0, widths[-1], (rows,), generator=generator).to(device)  # (rows,)
+    seconds = []
+    for step in range(warmup + steps):
+        index = torch.randint(0, rows, (batch_size,), generator=generator).to(device)  # (B,)
+        sync(device)
+        began = time.perf_counter()
+        logits = model(features[index])  # (B, n_classes)
+        loss = loss_fn(logits, labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        if step >= warmup:
+            seconds.append(time.perf_counter() - began)
+    return HeadStep(tuple(int(w) for w in widths), float(dropout), int(batch_size), str(device),
+                    f"Adam(fused={fused})", seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+def load_average() -> str:
+    """1-minute load average against the core count: above ~1 per core, others share the CPU."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "n/a"
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table with right-aligned columns (the first left-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="This machine's floor: the summed conv-layer ceiling and "
+                                                 "the bare head step.")
+    parser.add_argument("--arch", default="vgg16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (extraction and head)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--statistic", default="min", choices=STATISTICS,
+                        help="of each conv layer's repeats: best-of or median")
+    parser.add_argument("--head", default="25088,1024,1024,15", help="head widths, input first")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU native bf16: "
+          f"{cpu_has_native_bf16()}; extraction precision here: {extraction_precision(device)}")
+    print(f"load average at start: {load_average()}")
+    ceilings = [conv_ceiling(args.arch, args.image_size, args.batch_size, precision, device, args.repeats,
+                             statistic=args.statistic) for precision in ("bf16", "fp32")]
+    print(format_ceilings(ceilings))
+    widths = tuple(int(w) for w in args.head.split(","))
+    step = head_step(widths, args.batch_size, device=device, steps=args.steps)
+    print(f"bare head step {'-'.join(map(str, widths))}, batch {args.batch_size}, {step.optimizer}: "
+          f"median {step.median_s * 1e3:.1f} ms, best {step.min_s * 1e3:.1f} ms over {len(step.seconds)} steps")
+    print(f"load average at end: {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
