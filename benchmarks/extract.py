@@ -6,7 +6,7 @@ One run measures, on the same machine and in the same process:
    channels_last) and of a plain square matmul, each in fp32 and bf16.
 2. VGG16 extraction (conv + from_conv to relu7, random weights, synthetic input) in four
    settings: fp32; fp32 channels_last; bf16 autocast + channels_last; whole model in bf16 +
-   channels_last (what ``scenesweep.features.extract_conv`` does when precision is bf16).
+   channels_last (what ``scenesweep.compute.features.extract_conv`` does when precision is bf16).
    Images per second, achieved GFLOP/s and the fraction of the conv ceiling of the same
    precision.
 3. Accuracy: scenesweep's real pipeline (digits, 32 px, relu7, LinearSVC) with precision=fp32
@@ -55,13 +55,14 @@ try:
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep import backbone, features, synthetic, training
-from scenesweep.config import make_config
-from scenesweep.data import write_digits
+from scenesweep.compute import backbone, features, synthetic, training
+from scenesweep.core.config import make_config
+from scenesweep.compute.data import write_digits
 
 # benchmarks/floor.py: the per-layer ceiling (the script's folder is on sys.path when run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
+from floor import table  # noqa: E402
 
 WARMUP = features.WARMUP_BATCHES  # leading batches / iterations left out of every timing
 
@@ -414,17 +415,6 @@ def load_average() -> str:
         return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     except OSError:
         return "n/a"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain-text table with right-aligned columns (the first left-aligned)."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ or an AMD with AVX-512 bf16 or neither, and the library build matters as much):
    of each is summed over the layers: seconds per batch, images/s. Best-of by default: a ceiling
    is the least time a layer takes here, and another process on the machine only ever adds time
    (at small shapes, two OpenMP threads sharing a core with someone else can take 10x longer). ``precision="bf16"`` is
-   what ``scenesweep.features.extract_conv`` runs on CPUs with native bf16 and on CUDA (weights
+   what ``scenesweep.compute.features.extract_conv`` runs on CPUs with native bf16 and on CUDA (weights
    and inputs in bf16, channels_last); "fp32" is the same in float32. The sum leaves out what
    lies between the convolutions (ReLU, pooling) and everything around them (decoding, resizing,
    copies): an eager extractor can approach it; passing it takes faster convolutions than these
@@ -26,8 +26,9 @@ another process is shared by all layers rather than landing on one. Used by
 
     .venv/bin/python benchmarks/floor.py [--image-size 224] [--batch-size 8] [--device auto]
 
-This module imports torch and torchvision only (no scenesweep, MLflow or Optuna), so that a
-benchmark's floor does not move when the package changes.
+What it times is torch and torchvision alone (no scenesweep code, MLflow or Optuna), so that a
+benchmark's floor does not move when the package changes; it asks scenesweep only which device
+and precision the extractor would pick on this machine.
 """
 from __future__ import annotations
 
@@ -37,11 +38,19 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torchvision
 from torch import nn
+
+try:  # run from a checkout without installing: src/ on the path when scenesweep is not importable
+    import scenesweep  # noqa: F401
+except ImportError:  # pragma: no cover - depends on how the script is started
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from scenesweep.compute import features  # noqa: E402  (device and bf16 checks, as the extractor makes them)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATISTICS = ("min", "median")
@@ -55,24 +64,12 @@ def sync(device: torch.device) -> None:
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu (as scenesweep's own ``device=auto``)."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX (oneDNN's own check, as scenesweep.features uses)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return name if isinstance(name, torch.device) else features.resolve_device(name)
 
 
 def extraction_precision(device: torch.device) -> str:
     """The precision ``precision=auto`` extracts in: bf16 on CUDA and native-bf16 CPUs, else fp32."""
-    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    return "bf16" if device.type == "cuda" or features.cpu_has_native_bf16() else "fp32"
 
 
 def _statistic(seconds: Sequence[float], statistic: str) -> float:
@@ -422,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU native bf16: "
-          f"{cpu_has_native_bf16()}; extraction precision here: {extraction_precision(device)}")
+          f"{features.cpu_has_native_bf16()}; extraction precision here: {extraction_precision(device)}")
     print(f"load average at start: {load_average()}")
     ceilings = [conv_ceiling(args.arch, args.image_size, args.batch_size, precision, device, args.repeats,
                              statistic=args.statistic) for precision in ("bf16", "fp32")]

@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep import synthetic
+from scenesweep.compute import synthetic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

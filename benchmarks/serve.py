@@ -92,7 +92,7 @@ class Timings:
 
 def digits_subset(root: Path) -> Path:
     """The first IMAGES_PER_CLASS images of each digit, as a flat class-folder dataset."""
-    from scenesweep.data import write_digits
+    from scenesweep.compute.data import write_digits
 
     full = write_digits(root / "digits_full")
     subset = root / "digits_subset"
@@ -111,8 +111,8 @@ def train_and_register(data: Path, cache: Path, image_size: int, name: str) -> t
     """
     from mlflow.tracking import MlflowClient
 
-    from scenesweep.config import make_config
-    from scenesweep.training import load_data
+    from scenesweep.core.config import make_config
+    from scenesweep.compute.training import load_data
 
     values = {"data": str(data), "image_size": image_size, "layer": "relu7", "train_per_class": TRAIN_PER_CLASS,
               "cache_dir": str(cache), "C": 1.0}
@@ -310,7 +310,7 @@ def best(timings: dict, path: str, n: int) -> Timings:
 
 def report(results: list[dict], args) -> None:
     import torch
-    from scenesweep.tracking import cpu_model
+    from scenesweep.tracking.provenance import cpu_model
 
     print(f"# Serving benchmark: {cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}; load average before "
@@ -368,7 +368,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        from scenesweep.tracking import setup_tracking
+        from scenesweep.tracking.store import setup_tracking
 
         setup_tracking()
         data = digits_subset(work)

@@ -134,7 +134,7 @@ def scenesweep_command() -> list[str]:
 def imagenet_weights_present() -> Path | None:
     """torchvision's cached VGG16 ImageNet checkpoint, when present (nothing is downloaded)."""
     try:
-        from scenesweep.backbone import imagenet_checkpoint  # where scenesweep itself looks
+        from scenesweep.compute.backbone import imagenet_checkpoint  # where scenesweep itself looks
 
         path = Path(imagenet_checkpoint())
     except Exception:  # noqa: BLE001 - the package moved: fall back to torchvision's default place

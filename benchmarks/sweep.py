@@ -4,7 +4,7 @@ One run measures, in one process, against temporary MLflow and Optuna stores and
 feature caches (never the project's ``mlruns/`` or ``.cache``):
 
 1. ``sweep_svm`` (sweeps/svm_c.yaml, digits, 32 px, fresh cache): the wall time of an N-trial
-   study against N independent single runs (``tracking.track_single_run("svm", ...)`` with the
+   study against N independent single runs (``runs.single.track_single_run("svm", ...)`` with the
    same parameters as the study's trials), each with its own empty cache folder and a cleared
    in-process memo: what a hand-written loop without a cache does. Both log to MLflow.
 2. ``sweep_fc`` (sweeps/fc_width.yaml): the cost of a trial (fc6/fc7 computed from the cached
@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - depends on how the script is started
 def isolate(tmp: Path) -> str:
     """Point MLflow at a SQLite file in ``tmp`` before any scenesweep module that tracks is imported.
 
-    ``scenesweep.tracking`` reads MLFLOW_TRACKING_URI when it sets up tracking, and falls back to
+    ``scenesweep.tracking.store`` reads MLFLOW_TRACKING_URI when it sets up tracking, and falls back to
     the project's ``mlruns/``: setting it first keeps every run of this benchmark out of there.
     MLFLOW_RUN_ID and friends are dropped so that a launch from ``mlflow run`` does not attach
     the benchmark's runs to the launcher's run.
@@ -146,7 +146,7 @@ class Instrument:
     @contextlib.contextmanager
     def active(self) -> Iterator["Instrument"]:
         """Install the wrappers; restore the originals on exit."""
-        from scenesweep import backbone, features, training
+        from scenesweep.compute import backbone, features, training
 
         # training imported compute_features by name, so it is patched there; features calls
         # extract_conv / layer_from_conv / backbone.build_backbone through module globals.
@@ -202,7 +202,7 @@ def match_records(children: list, records: list[FeatureTiming]) -> dict[str, Fea
 
 def digits_subset(tmp: Path, per_class: int) -> Path:
     """The first ``per_class`` images of each digit as a flat class-folder dataset."""
-    from scenesweep.data import write_digits
+    from scenesweep.compute.data import write_digits
 
     full = write_digits(tmp / "digits-full")
     subset = tmp / f"digits-{per_class}-per-class"
@@ -251,7 +251,7 @@ def load_trials(study_name: str, storage: str) -> list:
 
 def fresh_cache(tmp: Path, name: str) -> Path:
     """An empty cache folder, with the in-process memo of every cache dropped."""
-    from scenesweep import features
+    from scenesweep.compute import features
 
     features._CACHES.clear()  # the memo would otherwise serve arrays across "fresh" caches
     path, number = tmp / "caches" / name, 1
@@ -302,7 +302,7 @@ def gmacs_per_image(image_size: int, fc_width: int) -> tuple[float, float]:
     import torch
     from torch import nn
 
-    from scenesweep import backbone
+    from scenesweep.compute import backbone
 
     model = backbone.architecture("vgg16")
     total = 0
@@ -336,11 +336,13 @@ def warm_up(tmp: Path, storage: str) -> float:
     The MLflow and Optuna schemas are created on first use (seconds of migrations), and the
     first extraction of a process picks oneDNN kernels: whichever side ran first would pay them.
     """
-    from scenesweep import search, tracking, training
-    from scenesweep.config import make_config
+    from scenesweep.compute import training
+    from scenesweep.search import storage as search
+    from scenesweep.tracking import store
+    from scenesweep.core.config import make_config
 
     began = time.perf_counter()
-    tracking.setup_tracking()
+    store.setup_tracking()
     search.open_storage(storage)
     tiny = digits_subset(tmp, 6)
     config = make_config("svm", {"data": str(tiny), "train_per_class": 4, "image_size": IMAGE_SIZE,
@@ -378,9 +380,9 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
     load on a shared machine does not fall on one side only: trial 0 of a fresh study is the
     study's first enqueued point, known before the study runs; later trials are sampled.
     """
-    from scenesweep.search import run_study
-    from scenesweep.studies import load_study
-    from scenesweep.tracking import track_single_run
+    from scenesweep.runs.sweep import run_study
+    from scenesweep.specs.studies import load_study
+    from scenesweep.runs.single import track_single_run
 
     overrides: dict[str, Any] = {"data": data, "image_size": IMAGE_SIZE}
     if train_per_class is not None:
@@ -477,10 +479,10 @@ def bench_fc(tmp: Path, storage: str, instrument: Instrument, n_trials: int, dat
              train_per_class: int) -> FcResult:
     """A full extraction from nothing (relu7, width 4096), then sweep_fc on a cache holding the
     conv output only, so that every trial computes its fc layers (none finds its layer cached)."""
-    from scenesweep import features, training
-    from scenesweep.config import make_config
-    from scenesweep.search import run_study
-    from scenesweep.studies import load_study
+    from scenesweep.compute import features, training
+    from scenesweep.core.config import make_config
+    from scenesweep.runs.sweep import run_study
+    from scenesweep.specs.studies import load_study
 
     common = {"data": data, "train_per_class": train_per_class, "image_size": IMAGE_SIZE}
     reference_cache = fresh_cache(tmp, "fc-reference")
@@ -586,10 +588,10 @@ def bench_pooling(tmp: Path, storage: str, n_trials: int, epochs: int, data: str
     """The same study twice (same seed, same trials): the file's pruner, then no pruner."""
     from mlflow.tracking import MlflowClient
 
-    from scenesweep import training
-    from scenesweep.config import POOLINGS, make_config
-    from scenesweep.search import run_study
-    from scenesweep.studies import load_study
+    from scenesweep.compute import training
+    from scenesweep.core.config import POOLINGS, make_config
+    from scenesweep.runs.sweep import run_study
+    from scenesweep.specs.studies import load_study
 
     overrides = {"data": data, "train_per_class": train_per_class, "image_size": IMAGE_SIZE,
                  "epochs": epochs, "cache_dir": str(cache_dir)}
@@ -701,10 +703,11 @@ def bench_logging(repeats: int, svm_config, pooling: PoolingResult) -> LoggingRe
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from scenesweep import tracking, training
+    from scenesweep.compute import training
+    from scenesweep.tracking import provenance, sink, store
 
     client = MlflowClient()
-    experiment = tracking.experiment_id("benchmark_logging")
+    experiment = store.experiment_id("benchmark_logging")
     parent = client.create_run(experiment, run_name="parent").info.run_id
 
     # The compute of a sweep_svm trial from the cache (features memoised, as in a study).
@@ -715,7 +718,7 @@ def bench_logging(repeats: int, svm_config, pooling: PoolingResult) -> LoggingRe
         compute.append(time.perf_counter() - began)
 
     bare, objective, epoch = [], [], []
-    hardware = tracking.hardware(result.prepared.features.device)
+    hardware = provenance.hardware(result.prepared.features.device)
     for number in range(repeats):
         # What the brief calls one trial's logging: create, one batch of 40 metrics, terminate.
         began = time.perf_counter()
@@ -726,26 +729,26 @@ def bench_logging(repeats: int, svm_config, pooling: PoolingResult) -> LoggingRe
         client.set_terminated(run_id, "FINISHED")
         bare.append(time.perf_counter() - began)
 
-        # What search.Objective logs for an SVM trial: tags at creation, params + tags (the
-        # params make tracking.log_batch read the run first), metrics, terminate.
+        # What runs.objective.Objective logs for an SVM trial: tags at creation, params + tags (the
+        # params make sink.log_batch read the run first), metrics, terminate.
         began = time.perf_counter()
         run_id = client.create_run(experiment, run_name=f"objective #{number}", tags={
             MLFLOW_PARENT_RUN_ID: parent, "study": "bench", "trial_number": str(number),
             "entry_point": "sweep:bench", "optuna.storage_study": "bench", "pid": str(os.getpid()),
             "host": "bench"}).info.run_id
-        params = {**tracking.config_params(svm_config), "head": "svm", "trial_number": number,
+        params = {**sink.config_params(svm_config), "head": "svm", "trial_number": number,
                   "dataset_fingerprint": result.prepared.dataset.fingerprint, "cache_key": result.prepared.features.key}
         tags = {"cache": "hit", "conv_cache": "hit", **{f"hardware.{k}": v for k, v in hardware.items()},
-                **tracking.unit_tags(svm_config)}
-        metrics = {**result.metrics, **tracking.timing_metrics(result.timings)}
-        tracking.log_batch(run_id, params=params, tags=tags)
-        tracking.log_batch(run_id, metrics=metrics)
+                **sink.unit_tags(svm_config)}
+        metrics = {**result.metrics, **sink.timing_metrics(result.timings)}
+        sink.log_batch(run_id, params=params, tags=tags)
+        sink.log_batch(run_id, metrics=metrics)
         client.set_terminated(run_id, "FINISHED")
         objective.append(time.perf_counter() - began)
 
-        # One epoch of an mlp trial: tracking.epoch_logger's log_batch of 4 metrics.
+        # One epoch of an mlp trial: sink.epoch_logger's log_batch of 4 metrics.
         began = time.perf_counter()
-        tracking.log_batch(run_id, metrics={"train/loss": 1.0, "train/acc": 0.5, "val/loss": 1.0, "val/acc": 0.5},
+        sink.log_batch(run_id, metrics={"train/loss": 1.0, "train/acc": 0.5, "val/loss": 1.0, "val/acc": 0.5},
                            step=number + 1)
         epoch.append(time.perf_counter() - began)
     objective_points = len(params) + len(tags) + len(metrics) + 7
@@ -768,7 +771,7 @@ def report_logging(r: LoggingResult, repeats: int) -> None:
     say(table(["what", "ms", "/ SVM trial compute"], [
         ["create_run + log_batch(40 metrics) + set_terminated", f"{median(r.bare_s) * 1e3:.0f}",
          f"{median(r.bare_s) / svm:.3f}"],
-        [f"as search.Objective logs an SVM trial ({r.objective_points} params/tags/metrics)",
+        [f"as runs.objective.Objective logs an SVM trial ({r.objective_points} params/tags/metrics)",
          f"{median(r.objective_s) * 1e3:.0f}", f"{median(r.objective_s) / svm:.3f}"],
         ["one epoch's log_batch (4 metrics, mlp trials)", f"{median(r.epoch_s) * 1e3:.0f}",
          f"{median(r.epoch_s) / svm:.3f}"]]))
@@ -832,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         import torch
 
-        from scenesweep import features
+        from scenesweep.compute import features
 
         say(f"scenesweep sweep benchmark{' (--quick)' if args.quick else ''}: temporary stores and caches in {tmp}")
         say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
@@ -858,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             fc = bench_fc(tmp, storage, instrument, args.fc_trials, str(subset), subset_tpc)
             report_fc(fc, subset_label)
 
-            from scenesweep.studies import load_study
+            from scenesweep.specs.studies import load_study
 
             small = digits_subset(tmp, args.pooling_per_class)
             small_tpc = subset_train_per_class(args.pooling_per_class)

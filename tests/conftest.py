@@ -34,7 +34,7 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     import mlflow
 
-    from scenesweep.tracking import setup_tracking
+    from scenesweep.tracking.store import setup_tracking
 
     setup_tracking()  # creates the store, with the Default experiment's artifacts beside it
     while mlflow.active_run():

@@ -63,7 +63,7 @@ def demo_runs(tmp_path_factory) -> DemoRuns:
     global _RUNS
     if _RUNS is not None:
         return _RUNS
-    from scenesweep.cli import main
+    from scenesweep.cli.main import main
 
     root = tmp_path_factory.mktemp("demo_runs")
     runs = DemoRuns(store=root / "store", data=small_scenes(root / "scenes"), cache=root / "cache", outputs={})

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from scenesweep import servers, services
-from scenesweep.config import UserError
+from scenesweep.services import servers
+from scenesweep.services import shared_stores as services
+from scenesweep.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

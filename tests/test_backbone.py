@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from scenesweep import backbone
-from scenesweep.config import LAYERS, POOLINGS
+from scenesweep.compute import backbone
+from scenesweep.core.config import LAYERS, POOLINGS
 
 from conftest import run_cli
 

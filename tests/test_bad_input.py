@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from scenesweep.cli import main
-from scenesweep.servers import free_port
+from scenesweep.cli.main import main
+from scenesweep.services.servers import free_port
 
 from conftest import REPO, run_cli
 

@@ -29,10 +29,10 @@ import pytest
 from click.testing import CliRunner
 from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
 
-from scenesweep import servers
-from scenesweep.cli import main
-from scenesweep.commands.ui import MODEL_TRAINING_VIEW
-from scenesweep.tracking import setup_tracking
+from scenesweep.services import servers
+from scenesweep.cli.main import main
+from scenesweep.cli.ui import MODEL_TRAINING_VIEW
+from scenesweep.tracking.store import setup_tracking
 
 from conftest import REPO, run_cli
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scenesweep.data import DataError, load_dataset, read_image, split_dataset
+from scenesweep.compute.data import DataError, load_dataset, read_image, split_dataset
 
 from conftest import CLASSES
 

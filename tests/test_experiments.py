@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from scenesweep.cli import main
-from scenesweep.config import ConfigError
-from scenesweep.experiments import (DEMO_SETTING, REAL_SETTING, TAG_EXPERIMENT, load_experiment, plan)
-from scenesweep.featuremaps import first_conv_maps
+from scenesweep.cli.main import main
+from scenesweep.core.errors import ConfigError
+from scenesweep.specs.experiments import DEMO_SETTING, REAL_SETTING, TAG_EXPERIMENT, load_experiment
+from scenesweep.specs.plans import plan
+from scenesweep.compute.featuremaps import first_conv_maps
 
 from conftest import REPO, run_cli
 from experiment_runs import EXPERIMENT_FILES, demo_runs

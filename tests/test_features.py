@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from scenesweep import features as feat
-from scenesweep.config import make_config
-from scenesweep.data import load_dataset
-from scenesweep.training import prepare
+from scenesweep.compute import features as feat
+from scenesweep.core.config import make_config
+from scenesweep.compute.data import load_dataset
+from scenesweep.compute.training import prepare
 
 
 def config(cache, **values):

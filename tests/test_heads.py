@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from scenesweep.config import make_config
-from scenesweep.heads import HEADS, MLPHead, SVMHead, make_head
-from scenesweep.training import fit_head, prepare
+from scenesweep.core.config import make_config
+from scenesweep.compute.heads import HEADS, MLPHead, SVMHead, make_head
+from scenesweep.compute.training import fit_head, prepare
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

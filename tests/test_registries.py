@@ -4,7 +4,10 @@ import inspect
 import optuna
 import pytest
 
-from scenesweep import search, studies
+from scenesweep.compute import backbone, heads
+from scenesweep.core import config
+from scenesweep.search import sampling as search
+from scenesweep.specs import studies
 
 
 @pytest.mark.parametrize("name", studies.SAMPLERS)
@@ -45,3 +48,9 @@ def test_parallel_workers_of_one_seeded_study_draw_different_points():
         drawn.append(trial.suggest_float("C", 1e-5, 1e2, log=True))
         studies_[index % 2].tell(trial, drawn[-1])
     assert len(set(drawn)) == 8
+
+
+def test_every_registered_head_pooling_and_layer_has_its_implementation():
+    assert tuple(heads.HEADS) == config.HEADS
+    assert tuple(backbone.POOLING_LAYERS) == config.POOLINGS
+    assert tuple(backbone.LAYER_FC_MODULES) == config.LAYERS

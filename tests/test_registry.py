@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from scenesweep.cli import main
-from scenesweep.config import ConfigError
-from scenesweep.registry import CHALLENGER, CHAMPION, promote
+from scenesweep.cli.main import main
+from scenesweep.core.errors import ConfigError
+from scenesweep.models.registry import CHALLENGER, CHAMPION, promote
 
 from conftest import CLASSES, REPO, make_image, run_cli, run_mlflow_project
 

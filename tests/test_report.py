@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from scenesweep.cli import main
-from scenesweep.experiments import experiment_files, load_experiment
+from scenesweep.cli.main import main
+from scenesweep.specs.experiments import experiment_files, load_experiment
 
 from conftest import REPO, run_mlflow_project
 from experiment_runs import demo_runs

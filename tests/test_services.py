@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scenesweep import servers, services
+from scenesweep.services import servers
+from scenesweep.services import shared_stores as services
 from conftest import run_cli
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 

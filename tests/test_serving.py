@@ -23,13 +23,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from scenesweep import backbone
-from scenesweep.cli import main
-from scenesweep.config import make_config
-from scenesweep.imagenet import imagenet_categories, top_classes
-from scenesweep.registry import promote
-from scenesweep.serving import InputError, log_image_classifier
-from scenesweep.training import fit_head, prepare
+from scenesweep.compute import backbone
+from scenesweep.cli.main import main
+from scenesweep.core.config import make_config
+from scenesweep.compute.imagenet import imagenet_categories, top_classes
+from scenesweep.models.registry import promote
+from scenesweep.models.logged import log_image_classifier
+from scenesweep.models.pyfunc import InputError
+from scenesweep.compute.training import fit_head, prepare
 
 from conftest import CLASSES, run_cli
 from test_registry import write_flat_scenes
@@ -47,7 +48,7 @@ def b64(path: Path) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tracked svm run registered as scene-classifier version 1 and promoted to @champion."""
-    from scenesweep.tracking import track_single_run
+    from scenesweep.runs.single import track_single_run
 
     folder = tmp_path_factory.mktemp("serving")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'store' / 'mlflow.db'}", "SCENESWEEP_OFFLINE": "1",

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from scenesweep.config import run_parameters
-from scenesweep.search import default_storage
-from scenesweep.studies import load_study
+from scenesweep.core.config import run_parameters
+from scenesweep.search.storage import default_storage
+from scenesweep.specs.studies import load_study
 
 from conftest import REPO, run_cli, run_mlflow_project
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scenesweep import synthetic
-from scenesweep.data import load_dataset, split_dataset
+from scenesweep.compute import synthetic
+from scenesweep.compute.data import load_dataset, split_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # 15-Scene's folders and image counts (Lazebnik, Schmid, Ponce 2006), written out here on purpose:

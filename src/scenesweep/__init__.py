@@ -1,6 +1,6 @@
 """scenesweep: tracked, searchable transfer-learning studies of VGG image classifiers.
 
-Stages, one module each (imports point one way, left to right):
-cli -> search / tracking / registry / serving -> features / training -> data / backbone / heads -> config
+Layers, from the top down (each imports only those below it; tests/test_layers.py checks it):
+cli -> report -> runs -> models -> tracking, search -> specs -> compute, services -> core
 """
 __version__ = "0.1.0"

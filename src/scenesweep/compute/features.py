@@ -1,0 +1,305 @@
+"""Feature extraction with a content-keyed, atomic, self-checking cache.
+
+Two kinds of entries, so that expensive work is done once:
+  * conv entries: the convolutional output (N, 512, h, w) of every image of a dataset, keyed
+    by the dataset manifest, weights identity, arch, pooling, transform (image size) and
+    precision. This is ~95 % of VGG16's cost; C, the head, the layer and the fc widths do
+    not change it.
+  * layer entries: pool5/fc6/relu6/fc7/relu7 computed from a conv entry, keyed by the conv key,
+    the layer and (for fc layers) the fc width and the seed of new fc layers.
+Features are stored for every image of the dataset, so a different train/val/test split (seed,
+val_fraction) reuses them; the split is applied by indexing.
+
+Each entry is ``<key>.npy`` plus ``<key>.json`` (shape, dtype, sha256, how it was made). Both
+are written to a temporary file and renamed; the JSON is written last and is the commit mark.
+A missing, truncated or corrupt entry is detected on load and recomputed.
+
+This module imports neither MLflow, Optuna nor click.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import backbone
+from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
+from ..core.errors import ConfigError
+from .data import Dataset, read_image
+
+CACHE_FORMAT = 1
+WARMUP_BATCHES = 2  # left out of timing statistics: allocator and kernel selection warm up
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA device is available here; use device=auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls run at twice fp32 speed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def batch_timing_stats(seconds: list[float], images: list[int], warmup: int = WARMUP_BATCHES) -> dict[str, float]:
+    """Mean, median and p95 seconds per batch and images per second, warm-up batches left out.
+
+    With fewer batches than ``warmup + 1`` every batch is kept, so that small runs still report.
+    """
+    if not seconds:
+        return {}
+    keep = slice(warmup, None) if len(seconds) > warmup else slice(None)
+    kept = np.asarray(seconds[keep], dtype=np.float64)
+    count = float(np.sum(images[keep]))
+    return {"batch_mean_s": float(kept.mean()), "batch_median_s": float(np.median(kept)),
+            "batch_p95_s": float(np.percentile(kept, 95)),
+            "images_per_s": count / float(kept.sum()) if kept.sum() > 0 else float("nan"),
+            "batches": float(len(kept))}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def conv_key_parts(config: RunConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
+    """Everything that changes the stored conv output (the transform is given by image_size)."""
+    return {"format": CACHE_FORMAT, "stage": "conv", "dataset": dataset.fingerprint,
+            "weights": backbone.weights_identity(config.weights, config.arch, config.seed),
+            "arch": config.arch, "pooling": config.pooling, "image_size": config.image_size,
+            "transform": "torchvision-ImageClassification-resize256/224-crop-imagenet-norm",
+            "precision": precision}
+
+
+def layer_key_parts(config: RunConfig, conv_key: str) -> dict[str, Any]:
+    parts = {"format": CACHE_FORMAT, "stage": "layer", "conv": conv_key, "layer": config.layer}
+    if config.layer != "pool5":
+        parts["fc_width"] = config.fc_width
+        if config.fc_width != FC_WIDTH_PRETRAINED:
+            parts["fc_seed"] = config.seed  # new fc layers are seeded
+    return parts
+
+
+class FeatureCache:
+    """A folder of ``<key>.npy`` + ``<key>.json`` entries, with an in-process memo on top."""
+
+    def __init__(self, root: str | os.PathLike, memo_size: int = 4):
+        self.root = Path(root)
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_size = memo_size
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.npy", self.root / f"{key}.json"
+
+    def meta(self, key: str) -> dict | None:
+        """The metadata of an entry whose array is present, or None (missing, truncated, not JSON).
+
+        Reads the small sidecar only: for what an entry records (timings) without loading it.
+        """
+        array_path, meta_path = self.paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and array_path.is_file() else None
+
+    def load(self, key: str) -> tuple[np.ndarray, dict] | None:
+        """The stored array and its metadata, or None when missing or damaged."""
+        array_path, meta_path = self.paths(key)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if key in self._memo:
+                return self._memo[key], meta
+            array = np.load(array_path, allow_pickle=False)
+            if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
+                    or hashlib.sha256(array.tobytes()).hexdigest() != meta["sha256"]):
+                raise ValueError("content does not match its metadata")
+        except (OSError, ValueError, KeyError, TypeError, EOFError):
+            # Truncated, corrupt or half-deleted: drop it so that it is recomputed.
+            for path in (meta_path, array_path):
+                path.unlink(missing_ok=True)
+            return None
+        self._remember(key, array)
+        return array, meta
+
+    def save(self, key: str, array: np.ndarray, meta: dict) -> dict:
+        self.root.mkdir(parents=True, exist_ok=True)
+        array = np.ascontiguousarray(array)
+        meta = {**meta, "key": key, "shape": list(array.shape), "dtype": str(array.dtype),
+                "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+        array_path, meta_path = self.paths(key)
+        _atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
+        _atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+        self._remember(key, array)
+        return meta
+
+    def _remember(self, key: str, array: np.ndarray) -> None:
+        self._memo[key] = array
+        self._memo.move_to_end(key)
+        while len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# One cache object per folder and process, so its memo serves every trial of a sweep.
+_CACHES: dict[Path, FeatureCache] = {}
+
+
+def feature_cache(root: str | os.PathLike) -> FeatureCache:
+    path = Path(root).resolve() / "features"
+    if path not in _CACHES:
+        _CACHES[path] = FeatureCache(path)
+    return _CACHES[path]
+
+
+@dataclasses.dataclass
+class Features:
+    """Features of every image of a dataset, with where they came from.
+
+    Attributes:
+        values: (N, D) float32, rows in dataset order.
+        key: cache key of the layer entry; conv_key: of the conv entry.
+        hit: the layer entry was read from the cache.
+        conv_state: "miss" (the convolutions ran), "hit" (read from the conv entry) or
+            "absent" (the layer entry was a hit and no conv entry exists any more: none needed).
+        extract_timing: per-batch statistics of the conv extraction (measured when the conv
+            entry was computed, possibly by an earlier run: see conv_state).
+        precision, device: what the extraction ran with.
+    """
+
+    values: np.ndarray
+    key: str
+    conv_key: str
+    hit: bool
+    conv_state: str
+    extract_timing: dict[str, float]
+    precision: str
+    device: str
+
+    @property
+    def conv_hit(self) -> bool:
+        return self.conv_state != "miss"
+
+
+def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch: str, batch_size: int,
+                 device: torch.device, precision: str, progress: bool = True,
+                 indices: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Run the convolutional part over images: returns (N, 512, h, w) float32 and batch timings."""
+    transform = backbone.preprocessing(arch, image_size)
+    dtype = backbone.compute_dtype(precision)
+    # Only the convolutional part changes dtype: fc6/fc7 stay fp32 for layer_from_conv.
+    backbone.to_inference(model, device, precision)
+    order = np.arange(len(dataset.paths)) if indices is None else np.asarray(indices)
+    outputs, seconds, counts = [], [], []
+    bar = tqdm(total=len(order), desc=f"extract {arch}/{image_size}px", unit="img", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            began = time.perf_counter()
+            # (B, 3, S, S) in ImageNet normalisation
+            batch = torch.stack([transform(read_image(dataset.absolute(int(i)))) for i in chunk])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True).to(dtype=dtype, memory_format=torch.channels_last)
+            out = backbone.conv(model, batch).float().cpu()  # (B, 512, S/32, S/32)
+            _sync(device)
+            seconds.append(time.perf_counter() - began)
+            counts.append(len(chunk))
+            outputs.append(out.numpy())
+            bar.update(len(chunk))
+    bar.close()
+    return np.concatenate(outputs).astype(np.float32, copy=False), batch_timing_stats(seconds, counts)
+
+
+def layer_from_conv(model: torch.nn.Module, conv_out: np.ndarray, layer: str, device: torch.device,
+                    chunk: int = 256) -> np.ndarray:
+    """(N, 512, h, w) conv output -> (N, D) features of ``layer``, in fp32."""
+    model.avgpool.to(device)
+    model.classifier.to(device=device, dtype=torch.float32)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(conv_out), chunk):
+            block = torch.from_numpy(conv_out[start:start + chunk]).to(device)
+            parts.append(backbone.from_conv(model, block, layer).cpu().numpy())
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True) -> Features:
+    """Features of ``config.layer`` for every image, from the cache when it holds them."""
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    cache = feature_cache(config.cache_path)
+    conv_key = _digest(conv_key_parts(config, dataset, precision))
+    key = _digest(layer_key_parts(config, conv_key))
+
+    stored = cache.load(key)
+    conv_stored = cache.load(conv_key) if stored is None else None
+    model = None
+    if stored is not None:
+        values, meta = stored
+        # The layer entry records the conv timing too: a damaged or deleted conv entry does not matter.
+        conv_meta = cache.meta(conv_key)
+        timing = (conv_meta or meta).get("timing", {})
+        return Features(values, key, conv_key, True, "hit" if conv_meta is not None else "absent", timing,
+                        precision, str(device))
+    if conv_stored is not None:
+        conv_out, conv_meta = conv_stored
+        conv_state = "hit"
+    else:
+        model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
+        conv_out, timing = extract_conv(model, dataset, config.image_size, config.arch, config.batch_size,
+                                        device, precision, progress)
+        conv_meta = cache.save(conv_key, conv_out, {"parts": conv_key_parts(config, dataset, precision),
+                                                    "timing": timing, "device": str(device)})
+        conv_state = "miss"
+    if model is None:
+        model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
+    values = layer_from_conv(model, conv_out, config.layer, device)
+    cache.save(key, values, {"parts": layer_key_parts(config, conv_key), "timing": conv_meta.get("timing", {})})
+    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device))

@@ -1,0 +1,174 @@
+"""The single-run pipeline: data -> split -> cached features -> head -> metrics.
+
+Plain functions returning numbers and dicts; tracking receives them (and per-epoch metrics
+through ``on_epoch``). Test accuracy is computed once, for the final model, and only when asked:
+a sweep's trials select on validation accuracy and never see the test split.
+
+This module imports neither MLflow, Optuna nor click.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import confusion_matrix
+
+from .backbone import check_weights
+from ..core.config import RunConfig
+from ..core.errors import ConfigError
+from .data import Dataset, Split, load_dataset, split_dataset
+from .features import Features, compute_features, resolve_device
+from .heads import EpochCallback, make_head
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every trial of one feature setting shares: data, split and features."""
+
+    config: RunConfig
+    dataset: Dataset
+    split: Split
+    features: Features
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of 'train', 'val' or 'test'."""
+        index = getattr(self.split, name)
+        return self.features.values[index], self.dataset.labels[index]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """A fitted head with its metrics.
+
+    Attributes:
+        metrics: 'train/acc', 'train/loss', 'val/acc', 'val/loss' and, when evaluated,
+            'test/acc', 'test/loss'.
+        history: per-epoch dicts (mlp only): epoch, train/loss, train/acc, val/loss, val/acc.
+        timings: 'extract' and 'train' per-batch statistics (see ``batch_timing_stats``).
+        confusion: (n_classes, n_classes) test confusion matrix, rows = true class.
+    """
+
+    prepared: Prepared
+    head: BaseEstimator
+    metrics: dict[str, float]
+    history: list[dict]
+    timings: dict[str, dict[str, float]]
+    confusion: np.ndarray | None = None
+
+
+# Run parameters that decide which images and which split a run reads.
+DATA_PARAMETERS = ("data", "train_per_class", "seed", "val_fraction", "cache_dir")
+
+
+def check_cache_dir(folder: Path) -> None:
+    """The feature cache must be a folder this process can write (created when missing).
+
+    Raises:
+        ConfigError: naming the folder and why it cannot be used.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cache_dir={str(folder)!r}: is a file; expected a folder for the feature cache")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cache_dir={str(folder)!r}: not a writable folder "
+                          f"({error.strerror or error.__class__.__name__})") from None
+
+
+def check_setting(config: RunConfig, skip: tuple[str, ...] = ()) -> tuple[Dataset, Split] | None:
+    """Check everything of a run's setting that can be wrong, before any MLflow run starts.
+
+    The cache folder is writable, the device present, the weights load into the network (on
+    the meta device: nothing is computed), the dataset reads and every image decodes (once per
+    dataset content) and there are at least two classes and a validation split.
+
+    Args:
+        config: the run's configuration.
+        skip: parameters whose value is not fixed yet (a study searches them): what depends on
+            them is left to each trial.
+
+    Returns:
+        The dataset and split, loaded once (None when a data parameter is in ``skip``).
+
+    Raises:
+        UserError: one message naming the parameter, file or folder and what was expected.
+    """
+    if "cache_dir" not in skip:
+        check_cache_dir(config.cache_path)
+    if "device" not in skip:
+        resolve_device(config.device)
+    if not {"arch", "weights"} & set(skip):
+        check_weights(config.arch, config.weights)
+    if set(DATA_PARAMETERS) & set(skip):
+        return None
+    return load_data(config)
+
+
+def load_data(config: RunConfig) -> tuple[Dataset, Split]:
+    """Read and check the dataset, carve the validation split (fast: no network runs)."""
+    dataset = load_dataset(config.data, config.train_per_class, config.seed, config.cache_path)
+    return dataset, split_dataset(dataset, config.val_fraction, config.seed)
+
+
+def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split] | None = None) -> Prepared:
+    """Load the dataset (unless given), carve the validation split and get features (cached)."""
+    dataset, split = data or load_data(config)
+    features = compute_features(config, dataset, progress=progress)
+    return Prepared(config, dataset, split, features)
+
+
+def head_params(config: RunConfig, progress: bool = False) -> dict:
+    """The head's hyperparameters from a config (the rest of the config is ignored)."""
+    return {**config.values, "progress": progress}
+
+
+def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: EpochCallback | None = None,
+             evaluate_test: bool = False, progress: bool = False) -> RunResult:
+    """Fit the configured head on the train split, select on val, optionally score test once.
+
+    Args:
+        prepared: shared data and features (``config`` may change only head parameters).
+        config: the run's configuration, default ``prepared.config``.
+        on_epoch: receives (epoch, metrics) after each epoch of an mlp head.
+        evaluate_test: compute test accuracy and the confusion matrix (the final model only).
+        progress: show a progress bar over epochs.
+    """
+    config = config or prepared.config
+    head = make_head(config.head, **head_params(config, progress))
+    X_train, y_train = prepared.part("train")
+    X_val, y_val = prepared.part("val")
+    began = time.perf_counter()
+    head.fit(X_train, y_train, eval_set=(X_val, y_val), on_epoch=on_epoch)
+    fit_seconds = time.perf_counter() - began
+    metrics = {}
+    for name, (X, y) in (("train", (X_train, y_train)), ("val", (X_val, y_val))):
+        metrics[f"{name}/acc"] = float(np.mean(head.predict(X) == y))
+        metrics[f"{name}/loss"] = head.loss(X, y)
+    confusion = None
+    if evaluate_test:
+        test_metrics, confusion = evaluate_test_split(prepared, head)
+        metrics.update(test_metrics)
+    timings = {"extract": prepared.features.extract_timing,
+               "train": getattr(head, "train_timing_", {}) or {"fit_s": fit_seconds}}
+    timings["train"]["fit_s"] = fit_seconds
+    return RunResult(prepared, head, metrics, list(getattr(head, "history_", [])), timings, confusion)
+
+
+def evaluate_test_split(prepared: Prepared, head: BaseEstimator) -> tuple[dict[str, float], np.ndarray]:
+    """Test accuracy, loss and confusion matrix: called once, for the selected model."""
+    X_test, y_test = prepared.part("test")
+    predicted = head.predict(X_test)
+    metrics = {"test/acc": float(np.mean(predicted == y_test)), "test/loss": head.loss(X_test, y_test)}
+    labels = np.arange(len(prepared.dataset.classes))
+    return metrics, confusion_matrix(y_test, predicted, labels=labels)
+
+
+def run(config: RunConfig, on_epoch: EpochCallback | None = None, progress: bool = True) -> RunResult:
+    """One complete run: prepare, fit, select on val, score test once."""
+    return fit_head(prepare(config, progress), config, on_epoch=on_epoch, evaluate_test=True)

@@ -1,0 +1,265 @@
+"""Registries of names and the one table of run parameters.
+
+Every swappable piece has a name here (pooling types, feature layers, heads, VGG depths), and
+every run parameter is declared once in ``PARAMETERS``: the CLI options, the MLproject entry
+points, the study files' search spaces and the experiment files all use these names and
+nothing else. This module imports neither MLflow, Optuna nor click.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+# Pooling types that replace every max-pool of the VGG backbone (study Q12.3).
+# "lp1" is LPPool2d with p=1, the study's "sum" pooling; "lp2" its "norm-2" pooling.
+POOLINGS = ("max", "avg", "lp1", "lp2")
+
+# Feature layers, in network order, with what they are. pool5 is the flattened output of the
+# convolutional part (512 x 7 x 7 = 25088 at any input size, thanks to VGG's adaptive pool).
+LAYERS = ("pool5", "fc6", "relu6", "fc7", "relu7")
+
+# Heads trained on cached features: "svm" (study Q8/Q10, Q12.1) and "mlp" (study Q11/Q12.2).
+HEADS = ("svm", "mlp")
+
+# VGG depths torchvision provides; the study uses vgg16.
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+
+DEVICES = ("auto", "cpu", "cuda")
+# "auto" picks bf16 where the hardware runs it natively (AVX-512 BF16 / AMX CPUs, CUDA),
+# fp32 elsewhere; bf16 features are within 1 % of fp32 (see benchmarks/extract.py).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+FC_WIDTH_MIN, FC_WIDTH_MAX, FC_WIDTH_PRETRAINED = 1024, 16384, 4096
+
+# Defaults that differ by head: the study trains its new head on pool5 (Q11/Q12.2) and the
+# SVM on relu7 (Q8/Q10).
+HEAD_DEFAULTS = {"mlp": {"layer": "pool5"}, "svm": {"layer": "relu7"}}
+
+# What each entry point runs: the head it trains ("extract" trains none).
+ENTRY_HEADS = {"extract": None, "svm": "svm", "finetune": "mlp"}
+
+# The registered model that sweeps (and `--register`) add versions to, and `promote` and
+# `predict` use by default.
+REGISTERED_MODEL = "scene-classifier"
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip()
+        if text not in choices:
+            raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+def _number(name: str, kind: type, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        try:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            number = kind(float(value)) if kind is int else kind(value)
+        except (TypeError, ValueError, OverflowError):  # int(float('inf')) overflows
+            raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(number):
+            # nan passes every comparison below and inf trains to chance: refuse both.
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+        if low is not None and (number <= low if low_open else number < low):
+            raise ConfigError(f"{name}={value!r}: expected a value {'>' if low_open else '>='} {low}")
+        if high is not None and number > high:
+            raise ConfigError(f"{name}={value!r}: expected a value <= {high}")
+        return number
+
+    return convert
+
+
+def _fraction(name: str) -> Callable[[Any], float]:
+    to_float = _number(name, float)
+
+    def convert(value: Any) -> float:
+        number = to_float(value)
+        if not 0.0 < number < 1.0:
+            raise ConfigError(f"{name}={value!r}: expected a fraction strictly between 0 and 1")
+        return number
+
+    return convert
+
+
+def _dropout(value: Any) -> float:
+    number = _number("dropout", float, 0.0)(value)
+    if number >= 1.0:
+        raise ConfigError(f"dropout={value!r}: expected a probability in [0, 1)")
+    return number
+
+
+def parse_hidden(value: Any) -> tuple[int, ...]:
+    """'1024,1024' (or a list) -> (1024, 1024); '' or 'none' -> () (a linear head)."""
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        text = str(value).strip().lower()
+        parts = [] if text in ("", "none", "0") else [p for p in text.replace(" ", "").split(",")]
+    try:
+        widths = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"hidden={value!r}: expected comma-separated layer widths such as '1024,1024'") from None
+    if any(w < 1 for w in widths):
+        raise ConfigError(f"hidden={value!r}: every width must be a positive integer")
+    return widths
+
+
+def _boolean(name: str) -> Callable[[Any], bool]:
+    def convert(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+
+    return convert
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _optional_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One run parameter: its name, default, converter/validator and help text.
+
+    ``heads`` names the heads it belongs to (empty: shared by every entry point), so a study's
+    search space can be checked against "the parameters of what it tunes".
+    """
+
+    name: str
+    default: Any
+    convert: Callable[[Any], Any]
+    help: str
+    heads: tuple[str, ...] = ()
+    unit: str = ""
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("data", "digits", _text,
+              "'digits' (scikit-learn's bundled digits, offline) or a folder in the 15-Scene layout"),
+    Parameter("weights", "random", _text,
+              "'imagenet' (torchvision's IMAGENET1K_V1), 'random' (seeded init) or a state_dict file"),
+    Parameter("arch", "vgg16", _choice("arch", ARCHS), "VGG depth"),
+    Parameter("image_size", 32, _number("image_size", int, 16, 1024), "input side in pixels (224 for the study)", unit="px"),
+    Parameter("layer", "relu7", _choice("layer", LAYERS), "feature layer the head reads"),
+    Parameter("pooling", "max", _choice("pooling", POOLINGS), "pooling that replaces every max-pool"),
+    Parameter("fc_width", FC_WIDTH_PRETRAINED,
+              _number("fc_width", int, FC_WIDTH_MIN, FC_WIDTH_MAX),
+              "width of fc6/fc7; other than 4096 gives new seeded random layers", unit="units"),
+    Parameter("batch_size", 32, _number("batch_size", int, 1), "images per batch (extraction and head training)"),
+    Parameter("device", "auto", _choice("device", DEVICES), "cuda when present with 'auto'"),
+    Parameter("precision", "auto", _choice("precision", PRECISIONS), "extraction precision"),
+    Parameter("seed", 0, _number("seed", int, 0), "seed for splits, random weights and heads"),
+    Parameter("train_per_class", 100, _number("train_per_class", int, 1),
+              "training images per class for a flat dataset (the rest is test)"),
+    Parameter("val_fraction", 0.2, _fraction("val_fraction"),
+              "fraction of the training images held out for model selection"),
+    Parameter("cache_dir", "", _optional_text, "feature and dataset cache (default: <repo>/.cache)"),
+    # svm head
+    Parameter("C", 1.0, _number("C", float, 0.0, low_open=True), "LinearSVC regularisation", heads=("svm",)),
+    Parameter("normalize", True, _boolean("normalize"), "L2-normalise features before the SVM", heads=("svm",)),
+    # mlp head
+    Parameter("hidden", "1024,1024", lambda v: ",".join(map(str, parse_hidden(v))),
+              "hidden widths of the new head, e.g. '1024,1024'", heads=("mlp",)),
+    Parameter("dropout", 0.5, _dropout, "dropout after each hidden layer", heads=("mlp",)),
+    Parameter("epochs", 10, _number("epochs", int, 1), "training epochs of the head", heads=("mlp",), unit="epochs"),
+    Parameter("lr", 1e-3, _number("lr", float, 0.0, low_open=True), "Adam learning rate", heads=("mlp",)),
+    Parameter("weight_decay", 0.0, _number("weight_decay", float, 0.0), "Adam weight decay", heads=("mlp",)),
+)
+PARAMETER_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def head_parameters(head: str) -> tuple[str, ...]:
+    """Names of the parameters a head is tuned by (what a study's search space may use)."""
+    return tuple(p.name for p in PARAMETERS if head in p.heads)
+
+
+def run_parameters(head: str | None) -> tuple[str, ...]:
+    """Names of every parameter of a run with this head (shared ones plus the head's own)."""
+    return tuple(p.name for p in PARAMETERS if not p.heads or (head is not None and head in p.heads))
+
+
+def repo_root() -> Path:
+    """The project folder: SCENESWEEP_HOME, else the checkout holding this package, else cwd."""
+    env = os.environ.get("SCENESWEEP_HOME")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "MLproject").is_file():
+            return parent
+    return Path.cwd().resolve()
+
+
+def default_cache_dir() -> Path:
+    return repo_root() / ".cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved configuration of one run: every parameter, validated."""
+
+    head: str | None
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        return parse_hidden(self.values["hidden"])
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.values["cache_dir"]) if self.values["cache_dir"] else default_cache_dir()
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return make_config(self.head, {**self.values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"head": self.head, **self.values}
+
+
+def make_config(head: str | None, values: dict[str, Any] | None = None) -> RunConfig:
+    """Validate ``values`` for a run with ``head`` and fill in defaults.
+
+    Raises:
+        ConfigError: on an unknown parameter or a bad value, naming it.
+    """
+    if head is not None and head not in HEADS:
+        raise ConfigError(f"head={head!r}: expected one of {', '.join(HEADS)}")
+    allowed = run_parameters(head)
+    values = {**HEAD_DEFAULTS.get(head or "", {}), **(values or {})}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for head {head or 'none'}; "
+                          f"expected some of: {', '.join(allowed)}")
+    resolved = {}
+    for name in allowed:
+        param = PARAMETER_BY_NAME[name]
+        raw = values.get(name, param.default)
+        resolved[name] = param.convert(raw)
+    return RunConfig(head, resolved)

@@ -1,0 +1,118 @@
+"""One trial of a study as a nested MLflow run: the Objective Optuna's trials are handed to."""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import traceback
+from typing import Any
+
+import optuna
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from ..compute.training import DATA_PARAMETERS, RunResult, fit_head, prepare
+from ..core.errors import UserError
+from ..search.sampling import suggest
+from ..search.trials import USER_ATTR_RUN_ID, this_worker
+from ..specs.studies import StudySpec
+from ..tracking import sink
+
+# Tags a trial's run takes from its parent: who ran it, from what source and commit.
+INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+                  "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
+
+
+def trial_run_name(spec: StudySpec, number: int, params: dict[str, Any]) -> str:
+    """'sweep_svm #7 C=0.012 layer=relu7'."""
+    shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"{spec.study} #{number} {shown}"
+
+
+class Objective:
+    """Runs one trial as a nested MLflow run; receives the study, its parent run and data once.
+
+    Args:
+        spec: the study file.
+        study_name: the Optuna study's name (``--study_name`` may differ from the file's).
+        parent_run_id, experiment_id: where the trial's runs go.
+        data: the dataset and split checked before the first trial, reused by every trial whose
+            data parameters are the study's fixed ones (None: each trial loads its own).
+        progress: show progress bars (extraction).
+    """
+
+    def __init__(self, spec: StudySpec, study_name: str, parent_run_id: str, experiment_id: str,
+                 data=None, progress: bool = True):
+        self.spec = spec
+        self.study_name = study_name
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self.data = None if set(DATA_PARAMETERS) & set(spec.space) else data
+        self.progress = progress
+        self.client = MlflowClient()
+        # MlflowClient.create_run adds none of the tags fluent runs get: the UI would show
+        # "Created by -" and no source for every trial. Trials share their parent's.
+        self.inherited_tags = {k: v for k, v in self.client.get_run(parent_run_id).data.tags.items()
+                               if k in INHERITED_TAGS}
+        self._hardware: dict[str, str] | None = None
+        self._lock = threading.Lock()  # one extraction at a time when n_jobs > 1
+
+    def _create_run(self, trial: optuna.Trial, params: dict[str, Any], seed: int | None) -> str:
+        worker = this_worker()
+        run = self.client.create_run(
+            self.experiment_id, run_name=trial_run_name(self.spec, trial.number, params),
+            tags={**self.inherited_tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.study_name,
+                  "trial_number": str(trial.number), "entry_point": f"sweep:{self.spec.study}",
+                  "optuna.storage_study": self.study_name, "pid": str(worker["pid"]), "host": worker["host"],
+                  "sampler_seed": str(seed),
+                  "mlflow.note.content": f"Trial #{trial.number} of study `{self.study_name}`: "
+                                         + ", ".join(f"{k}={v}" for k, v in params.items())
+                                         + f"; objective {self.spec.direction} {self.spec.metric}."})
+        trial.set_user_attr(USER_ATTR_RUN_ID, run.info.run_id)
+        return run.info.run_id
+
+    def _fit(self, trial: optuna.Trial, run_id: str, config) -> RunResult:
+        """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics."""
+        with self._lock:
+            prepared = prepare(config, progress=self.progress, data=self.data)
+        if self._hardware is None:
+            self._hardware = sink.hardware_tags(prepared.features.device)
+        sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
+                                       "dataset_fingerprint": prepared.dataset.fingerprint},
+                       tags={**sink.cache_tags(prepared.features), **self._hardware, **sink.unit_tags(config)})
+        log_epoch = sink.epoch_logger(run_id)
+        metric = self.spec.metric
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            log_epoch(epoch, metrics)
+            trial.report(metrics[metric], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={metrics[metric]:.4f}")
+
+        result = fit_head(prepared, config, on_epoch=on_epoch)
+        sink.log_batch(run_id, metrics=sink.final_metrics(result), step=len(result.history))
+        return result
+
+    def __call__(self, trial: optuna.Trial, seed: int | None = None) -> float:
+        params = suggest(trial, self.spec.space)
+        config = self.spec.trial_config(params)
+        run_id = self._create_run(trial, params, seed)
+        try:
+            value = self._fit(trial, run_id, config).metrics[self.spec.metric]
+            if not math.isfinite(value):
+                raise ValueError(f"{self.spec.metric} is {value}")
+        except optuna.TrialPruned as pruned:
+            self.client.set_tag(run_id, "pruned", str(pruned) or "true")
+            self.client.set_terminated(run_id, "KILLED")
+            raise
+        except BaseException as error:
+            self.client.set_tag(run_id, "error", f"{error.__class__.__name__}: {error}"[:5000])
+            if not isinstance(error, (UserError, KeyboardInterrupt)):
+                # A bug, not bad input: the whole traceback beside the run, one line on the terminal.
+                with contextlib.suppress(Exception):
+                    self.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+            # Ctrl-C stops the study: the trial was interrupted, not broken.
+            self.client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return value

@@ -1,0 +1,204 @@
+"""The summary of a finished study, written once by the worker that sees it finished.
+
+On the study's parent run: the trials table and Optuna's plots, the best trial's params and
+value, the best child tagged, the one test evaluation (the best trial refitted, features from
+the cache), its curves and confusion matrix, and the registered model. The parent run ends here.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import optuna
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import FrozenTrial, TrialState
+from optuna.visualization import matplotlib as oplt
+
+from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare
+from ..models.registry import register_result
+from ..search.trials import USER_ATTR_RUN_ID, TrialBudget, is_dead_here, this_worker
+from ..specs.studies import StudySpec
+from ..tracking import plots, provenance, sink
+
+STUDY_ATTR_SUMMARY = "summary"  # {"finished", "parent", "best_trial", "registered_version"}
+STUDY_ATTR_SUMMARY_CLAIM = "summary_claim"
+CLAIM_EXPIRY_S = 3600  # a summary claimed by a worker that never wrote it is taken over after this
+
+
+def claim_summary(study: optuna.Study, parent_id: str, lock) -> bool:
+    """Whether this worker summarises the study now: nothing runs, and no one has summarised
+    (or is summarising) the trials finished so far. Decided under the study lock."""
+    with lock:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.RUNNING for t in trials):
+            return False  # a live worker finishes the study and summarises it
+        finished = TrialBudget.finished(trials)
+        done = study.user_attrs.get(STUDY_ATTR_SUMMARY) or {}
+        if done.get("finished") == finished and done.get("parent") == parent_id:
+            return False
+        claim = study.user_attrs.get(STUDY_ATTR_SUMMARY_CLAIM) or {}
+        if (claim.get("finished") == finished and claim.get("parent") == parent_id
+                and time.time() - claim.get("time", 0) < CLAIM_EXPIRY_S and not is_dead_here(claim.get("worker", {}))):
+            return False
+        study.set_user_attr(STUDY_ATTR_SUMMARY_CLAIM, {"finished": finished, "parent": parent_id,
+                                                      "time": time.time(), "worker": this_worker()})
+        return True
+
+
+def _first_error(client: MlflowClient, trials: list[FrozenTrial]) -> str:
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(USER_ATTR_RUN_ID):
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                error = client.get_run(trial.user_attrs[USER_ATTR_RUN_ID]).data.tags.get("error", "")
+                if error:
+                    return error
+    return ""
+
+
+def _tag_children(client: MlflowClient, parent_id: str, experiment_id: str, trials: list[FrozenTrial],
+                  best_run_id: str) -> None:
+    """``best_trial=true`` on the best trial's run, ``false`` on the other complete ones."""
+    children = {r.info.run_id for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'", max_results=10000)}
+    for trial in trials:
+        run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
+        if trial.state == TrialState.COMPLETE and run_id in children:
+            client.set_tag(run_id, "best_trial", "true" if run_id == best_run_id else "false")
+
+
+def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResult:
+    """The one test evaluation: the best trial's configuration refitted (features from the cache)."""
+    config = spec.trial_config(best.params)
+    prepared = prepare(config, progress=progress)
+    result = fit_head(prepared, config)
+    test_metrics, result.confusion = evaluate_test_split(prepared, result.head)
+    result.metrics.update(test_metrics)
+    return result
+
+
+def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: FrozenTrial, result: RunResult) -> None:
+    sink.log_batch(parent_id, metrics={f"best/{spec.metric}": best.value,
+                                       **{k: v for k, v in result.metrics.items() if k.startswith("test/")},
+                                       "best/val/acc_refit": result.metrics["val/acc"]},
+                   params={f"best.{k}": v for k, v in best.params.items()})
+    plots.log_figure(plots.confusion_figure(result.confusion, result.prepared.dataset.classes,
+                                            f"{spec.study}: best trial #{best.number}, test"), "plots/confusion_matrix.png")
+    if result.history:
+        plots.log_figure(plots.curves_figure({"": result.history}, f"best trial #{best.number}"), "plots/curves.png")
+    mlflow.log_dict(result.prepared.config.as_dict(), "best_config.yaml")
+    # The UI shows the first lines of a description: the result first, then how it was obtained.
+    mlflow.set_tag("mlflow.note.content", (
+        f"Best trial #{best.number}: {spec.metric} = {best.value:.4f} with "
+        + ", ".join(f"{k}={v}" for k, v in best.params.items())
+        + f"; test/acc = {result.metrics['test/acc']:.4f} (computed once, for this trial)\n\n"
+        f"{spec.description}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
+        f"Command: `{provenance.command_line()}`"))
+
+
+def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenTrial], states: dict) -> dict:
+    first = _first_error(MlflowClient(), trials)
+    error = (f"no trial of study {study.study_name!r} completed ({states['FAIL']} failed, {states['PRUNED']} pruned)"
+             + (f"; first error: {first}" if first else ""))
+    mlflow.set_tags({"best_trial": "none: no trial completed", "error": error[:5000]})
+    study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
+                                             "best_trial": None})
+    mlflow.end_run("FAILED")
+    return {"error": error}
+
+
+def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+    """Best trial, trials table, plots, and the one test evaluation, logged on the parent.
+
+    The parent run is active in this process meanwhile and ended here: FINISHED, or FAILED
+    with an ``error`` tag when no trial completed. A version is registered when the best trial
+    has none yet (a resume whose best trial did not change registers nothing new).
+    """
+    trials = study.get_trials(deepcopy=False)
+    previous = study.user_attrs.get(STUDY_ATTR_SUMMARY) or {}
+    with mlflow.start_run(run_id=parent_id, log_system_metrics=False) as active:
+        log_trials_table(study)
+        log_optuna_plots(study, spec)
+        states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+        sink.log_batch(parent_id, metrics={"trials/complete": states["COMPLETE"], "trials/pruned": states["PRUNED"],
+                                           "trials/failed": states["FAIL"]}, step=max(t.number for t in trials))
+        if not states["COMPLETE"]:
+            return _summarise_failure(study, parent_id, trials, states)
+        best = study.best_trial
+        best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID, "")
+        _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
+        mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})
+        result = evaluate_best(spec, best, progress)
+        _log_best(study, spec, parent_id, best, result)
+        summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
+                   "best_run_id": best_run_id, "test_acc": result.metrics["test/acc"], "result": result}
+        version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
+        if register and spec.register and version is None:
+            version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
+                "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id})
+        study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
+                                                 "best_trial": best.number, "registered_version": version})
+    return summary
+
+
+def log_trials_table(study: optuna.Study) -> None:
+    """Every trial (params, value, state, times, user attributes) as ``trials.csv``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trials.csv"
+        study.trials_dataframe().to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+
+
+def log_optuna_plots(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """Optuna's matplotlib plots as PNG artifacts; a plot that needs more trials is skipped."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    plots_ = {"optimization_history": oplt.plot_optimization_history,
+              "parallel_coordinate": oplt.plot_parallel_coordinate, "slice": oplt.plot_slice}
+    if len(finished) >= 2:
+        plots_["param_importances"] = oplt.plot_param_importances
+    if len(spec.space) == 2:
+        plots_["contour"] = oplt.plot_contour
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        plots_["intermediate_values"] = oplt.plot_intermediate_values
+    logged = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, plot in plots_.items():
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as error:
+                mlflow.set_tag(f"plot.{name}", f"skipped: {error}"[:250])
+                continue
+            first = np.ravel(axes)[0] if isinstance(axes, np.ndarray) else axes
+            figure = first.get_figure()
+            figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
+            figure.tight_layout()
+            plots.log_figure(figure, f"plots/optuna_{name}.png")
+            logged.append(name)
+    plt.close("all")
+    return logged
+
+
+def summary_lines(summary: dict, spec: StudySpec) -> list[str]:
+    """What a sweep prints: the study's trials, then its best trial (or who will summarise)."""
+    states = ", ".join(f"{k.lower()}={v}" for k, v in summary["states"].items() if v)
+    lines = [f"study {summary['study']}: {summary['trials']} trials ({states}), {summary['ran_here']} run by "
+             f"this worker; parent run {summary['parent_run_id']}"]
+    if not summary["summarised"]:
+        lines.append("another worker is still running trials of this study: it summarises the study "
+                     "(best trial, test accuracy, registered model) when they end")
+    if "best_trial" in summary:
+        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
+        lines.append(f"best trial #{summary['best_trial']}: {spec.metric}={summary['best_value']:.4f} ({params}); "
+                     f"test/acc={summary['test_acc']:.4f}")
+        if summary.get("model_version"):
+            lines.append(f"registered {spec.register} version {summary['model_version']} (alias @challenger)")
+    return lines

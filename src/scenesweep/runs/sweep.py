@@ -1,0 +1,354 @@
+"""A study: one worker's part, from the checks to the summary (``run_study``).
+
+* The setting is checked before any trial, the study opened (or created) in its storage, the
+  study's one parent run found or created (``runs.parent``).
+* Trials are asked for and told by hand (Optuna's ask-and-tell interface) under the study lock
+  (a file lock for SQLite, an advisory lock for PostgreSQL), so that workers never start more
+  than ``n_trials`` in total. Each trial sends heartbeats; a trial whose process died is failed
+  (at once when its process is known dead on this host, else when its heartbeat goes stale), its
+  MLflow run marked FAILED and its parameters retried.
+* A worker out of budget waits for the trials running at that moment to end or go stale, so a
+  finished sweep leaves nothing RUNNING; the worker that sees the study finished summarises it
+  (``runs.summary``).
+* Trials share the feature cache (and an in-process memo): a 50-trial SVM sweep extracts once,
+  an fc-width sweep computes the convolutions once and only fc6/fc7 per width.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+
+import mlflow
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from ..compute.training import check_setting
+from ..core.errors import ConfigError, UserError
+from ..core.stores import redact
+from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler
+from ..search.storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
+from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget,
+                             fail_dead_trials, own_record, retry, this_worker)
+from ..specs.studies import StudySpec
+from ..tracking import sink, store
+from .objective import Objective
+from .parent import attach_parent
+from .summary import claim_summary, summarise
+
+# Settings that do not change what a trial measures: a study may resume with other values.
+SETTING_FREE = ("cache_dir", "device", "batch_size")
+
+
+def _fail_run(run_id: str, reason: str) -> None:
+    """Mark a run FAILED (with why) unless it already ended."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, "error", reason)
+        client.set_terminated(run_id, "FAILED")
+
+
+def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+    """A trial whose process died or was interrupted: its MLflow run FAILED (unless it ended),
+    its parameters enqueued again."""
+    worker = own_record(trial)
+    run_id = trial.user_attrs.get(USER_ATTR_RUN_ID) if worker else None
+    if run_id:
+        _fail_run(run_id, f"process {worker.get('host')}:{worker.get('pid')} {why}; parameters retried")
+    retry(study, trial)
+
+
+def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's callback for a trial whose heartbeat went stale (its process died anywhere)."""
+    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)")
+
+
+def dead_here_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)")
+
+
+def study_setting(spec: StudySpec) -> dict[str, str]:
+    """The fixed settings a study's trials were measured under (data, weights, image size, ...)."""
+    config = spec.trial_config({})
+    return {k: str(v) for k, v in config.values.items() if k not in spec.space and k not in SETTING_FREE}
+
+
+def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str) -> None:
+    """Record the setting of a new study; refuse to resume one made under another setting.
+
+    Resuming a digits demo study with ``data=15-Scene`` would mix trials measured on two
+    datasets (and could run no new trial at all): say so and how to start a new study instead.
+
+    Raises:
+        ConfigError: naming the settings that differ.
+    """
+    setting = study_setting(spec)
+    recorded = study.user_attrs.get("setting")
+    if recorded is None:
+        study.set_user_attr("setting", setting)
+        return
+    differ = {k: (recorded.get(k), v) for k, v in setting.items() if recorded.get(k) != v}
+    if differ:
+        shown = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(differ.items()))
+        raise ConfigError(f"study {study.study_name!r} in {redact(storage_url)} was run under other "
+                          f"settings ({shown}); resume it with the same settings, or start a new study with "
+                          "--study_name NAME (MLproject: -P study_name=NAME)")
+
+
+def check_study_setting(spec: StudySpec):
+    """The study's fixed setting checked before any trial (data, weights, device, cache folder).
+
+    Returns:
+        The dataset and split, loaded once for every trial (None when the study searches a
+        data parameter).
+    """
+    try:
+        return check_setting(spec.trial_config({}), skip=tuple(spec.space))
+    except UserError as error:
+        # The file names the setting (its fixed:) unless the command line overrode it.
+        raise ConfigError(f"{spec.path}: {error}") from None
+
+
+@dataclasses.dataclass
+class Sweep:
+    """One worker's part in a study: what it needs to run trials and to summarise."""
+
+    spec: StudySpec
+    study: optuna.Study
+    rdb: optuna.storages.RDBStorage
+    budget: TrialBudget
+    timeout: float | None
+    heartbeat_s: int
+    parent_id: str
+    objective: Objective
+    progress: bool
+    ran: list[int] = dataclasses.field(default_factory=list)  # trial numbers this worker ran
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def storage(self) -> optuna.storages.BaseStorage:
+        return self.study._storage
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        return study_lock(self.rdb, self.study.study_name)
+
+    def settle(self) -> None:
+        """Fail the trials of dead workers (at once on this host, by heartbeat elsewhere)."""
+        fail_dead_trials(self.study, dead_here_callback)
+
+
+def _start_trial(sweep: Sweep, deadline: float | None) -> optuna.Trial | None:
+    """A new trial when the budget and the deadline allow one (under the study lock), else None."""
+    with sweep.lock():
+        if sweep.stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+            return None
+        if not sweep.budget.has_room(sweep.study.get_trials(deepcopy=False)):
+            return None
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for Study.optimize: ours are sent by Heartbeat.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = sweep.study.ask()
+        # Recorded before the lock is released: another worker on this host may check it.
+        trial.set_user_attr(USER_ATTR_WORKER, {**this_worker(), "trial": trial.number})
+        return trial
+
+
+def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
+    """Run the objective under heartbeats, tell Optuna, and log the study's progress on the parent."""
+    seed = sweep.study.sampler.seed_of(trial.number) if isinstance(sweep.study.sampler, TrialSeededSampler) else None
+    trial.set_user_attr(USER_ATTR_SEED, seed)
+    value, state, error = None, TrialState.COMPLETE, None
+    with Heartbeat(sweep.storage, trial._trial_id, sweep.heartbeat_s):
+        try:
+            value = sweep.objective(trial, seed=seed)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except KeyboardInterrupt:
+            # Interrupted, not broken: failed in the storage and its parameters retried on resume.
+            _tell(sweep, trial, TrialState.FAIL)
+            mark_dead(sweep.study, sweep.storage.get_trial(trial._trial_id), "was interrupted (Ctrl-C)")
+            raise
+        except Exception as caught:  # the study survives a failing trial
+            state, error = TrialState.FAIL, caught
+    _tell(sweep, trial, state, value)
+    sweep.ran.append(trial.number)
+    if error is not None:
+        print(f"trial #{trial.number} failed: {error.__class__.__name__}: {error}"
+              + ("" if isinstance(error, UserError) else " (traceback: artifact error/traceback.txt of its run)"),
+              file=sys.stderr)
+    log_progress(sweep, trial.number)
+    if bar is not None:
+        bar.update(1)
+        with contextlib.suppress(ValueError):
+            bar.set_postfix_str(f"best {sweep.spec.metric}={sweep.study.best_value:.4f}")
+
+
+def _tell(sweep: Sweep, trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
+    try:
+        if state == TrialState.COMPLETE:
+            sweep.study.tell(trial, value)
+        else:
+            sweep.study.tell(trial, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as error:
+        # Failed meanwhile by another worker (its heartbeat looked stale): its retry stands.
+        print(f"trial #{trial.number}: {error}", file=sys.stderr)
+
+
+def log_progress(sweep: Sweep, number: int) -> None:
+    """The parent's live chart: this trial's objective, the best so far, and the counts by state,
+    at step = trial number (the optimisation history while the study runs)."""
+    trials = sweep.study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    name = sweep.spec.metric.replace("/", "_")
+    metrics = {f"trials/{s.name.lower()}": sum(t.state == s for t in trials)
+               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if trial is not None and trial.state == TrialState.COMPLETE:
+        metrics[f"trial/{name}"] = trial.value
+    with contextlib.suppress(ValueError):
+        metrics[f"best/{name}"] = sweep.study.best_value
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        sink.log_batch(sweep.parent_id, metrics=metrics, step=number)
+
+
+def _work(sweep: Sweep, deadline: float | None, bar) -> None:
+    """Start trials until the budget (all workers together) or this worker's deadline is reached."""
+    while True:
+        sweep.settle()
+        trial = _start_trial(sweep, deadline)
+        if trial is None:
+            return
+        _run_trial(sweep, trial, bar)
+
+
+def _wait_for_running(sweep: Sweep, deadline: float | None) -> bool:
+    """Wait until the trials running now (other workers') end or are failed as dead.
+
+    Returns:
+        True when a dead trial's retry left room for more trials within the deadline.
+    """
+    waiting_for = {t.number for t in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    poll = min(5.0, max(0.5, sweep.heartbeat_s / 2))
+    while waiting_for:
+        sweep.settle()
+        trials = sweep.study.get_trials(deepcopy=False)
+        if sweep.budget.has_room(trials) and (deadline is None or time.monotonic() < deadline) \
+                and any(t.state == TrialState.WAITING for t in trials):
+            return True
+        if not {t.number for t in trials if t.state == TrialState.RUNNING} & waiting_for:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def run_worker(sweep: Sweep, n_jobs: int = 1) -> None:
+    """This worker's trials (``n_jobs`` threads), then its wait for the trials of others."""
+    deadline = None if sweep.timeout is None else time.monotonic() + sweep.timeout
+    total = sweep.budget.n_trials
+    trials = sweep.study.get_trials(deepcopy=False)
+    bar = tqdm(total=total, initial=sweep.budget.finished(trials) if total else 0, unit="trial",
+               desc=f"study {sweep.study.study_name}", disable=not sweep.progress)
+    try:
+        while True:
+            threads = [threading.Thread(target=_work, args=(sweep, deadline, bar), daemon=True)
+                       for _ in range(n_jobs - 1)]
+            for thread in threads:
+                thread.start()
+            try:
+                _work(sweep, deadline, bar)
+            except BaseException:
+                sweep.stop.set()  # the other threads end after their current trial
+                raise
+            finally:
+                for thread in threads:
+                    thread.join()
+            if not _wait_for_running(sweep, deadline):
+                return
+    finally:
+        bar.close()
+
+
+def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: int):
+    """The study in its storage (created on first use), its setting recorded or checked, its
+    own points enqueued once. Returns (RDB storage, study)."""
+    rdb = open_storage(storage_url, heartbeat_s, on_stale=stale_trial_callback)
+    study = optuna.create_study(study_name=study_name, storage=rdb, sampler=build_sampler(spec),
+                                pruner=build_pruner(spec), direction=spec.direction, load_if_exists=True)
+    with study_lock(rdb, study_name):
+        # optuna-dashboard labels the objective axis with this ("Objective 0" otherwise).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+        check_same_setting(study, spec, storage_url)
+        if not study.user_attrs.get("mlflow_experiment"):
+            study.set_user_attr("mlflow_experiment", spec.experiment)
+            study.set_user_attr("description", spec.description)
+        if not study.get_trials(deepcopy=False):
+            for params in spec.enqueue:
+                study.enqueue_trial(params, skip_if_exists=True)
+    return rdb, study
+
+
+def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
+    """This worker's trials, with the parent's system metrics sampled meanwhile (a joining worker
+    under its own node id, system/<host>-<pid>/...)."""
+    monitor = sink.system_metrics_monitor(sweep.parent_id, node_id=None if created else
+                                          f"{socket.gethostname()}-{os.getpid()}")
+    try:
+        run_worker(sweep, n_jobs=n_jobs)
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            if not any(t.state == TrialState.RUNNING for t in sweep.study.get_trials(deepcopy=False)):
+                MlflowClient().set_terminated(sweep.parent_id, "KILLED")
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def run_study(spec: StudySpec, storage: str | None = None, study_name: str | None = None,
+              n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
+              heartbeat_s: int = DEFAULT_HEARTBEAT_S, progress: bool = True, register: bool = True) -> dict:
+    """Run (or resume, or join) the study of ``spec``: its trials nested under the study's parent run.
+
+    The setting is checked before any trial (one ``ConfigError``). Any number of workers may run
+    this at once on one storage: together they finish exactly ``n_trials``; the worker that sees
+    the study finished summarises it.
+
+    Returns:
+        A summary: parent run id, study name, trials and states, the trials this worker ran,
+        whether it summarised; when it did and a trial completed: the best trial's number,
+        params and value, its run id, the test accuracy of the best trial and its result.
+    """
+    storage_url = resolve_storage(storage)
+    study_name = study_name or spec.study
+    n_trials = n_trials if n_trials is not None else spec.n_trials
+    build_sampler(spec), build_pruner(spec)  # a bad sampler or pruner option: before anything
+    data = check_study_setting(spec)
+    store.setup_tracking()
+    rdb, study = open_study(spec, storage_url, study_name, heartbeat_s)
+    fail_dead_trials(study, dead_here_callback)
+    parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
+    objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress)
+    sweep = Sweep(spec, study, rdb, TrialBudget(n_trials), timeout if timeout is not None else spec.timeout,
+                  heartbeat_s, parent_id, objective, progress)
+    sink.log_batch(parent_id, tags={"budget.n_trials": n_trials, "budget.timeout": sweep.timeout})
+    _run_here(sweep, created, n_jobs)
+    trials = study.get_trials(deepcopy=False)
+    summary = {"parent_run_id": parent_id, "study": study.study_name, "trials": len(trials),
+               "states": {s.name: sum(t.state == s for t in trials) for s in TrialState},
+               "ran_here": len(sweep.ran), "finished": TrialBudget.finished(trials), "summarised": False}
+    if claim_summary(study, parent_id, sweep.lock()):
+        summary.update(summarise(study, spec, parent_id, register=register, progress=progress))
+        summary["summarised"] = True
+    return summary

@@ -1,0 +1,105 @@
+"""Samplers and pruners by name, and the sampler rebuilt per trial with a seed of its own.
+
+No MLflow here.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from ..core.errors import ConfigError
+from ..specs.studies import Dimension, StudySpec
+
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
+    "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed),
+}
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "none": lambda **kw: optuna.pruners.NopPruner(),
+    "median": lambda **kw: optuna.pruners.MedianPruner(**kw),
+    "successive_halving": lambda **kw: optuna.pruners.SuccessiveHalvingPruner(**kw),
+    "hyperband": lambda **kw: optuna.pruners.HyperbandPruner(**kw),
+}
+
+
+def trial_seed(study_seed: int | None, number: int) -> int | None:
+    """The sampler seed of trial ``number``: a function of the study's seed and the number only."""
+    if study_seed is None:
+        return None
+    return int(np.random.SeedSequence([int(study_seed), int(number)]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """The study file's sampler, built afresh for each trial with ``trial_seed(seed, number)``.
+
+    Every worker builds the sampler from the study file with the same seed: sampled as is,
+    parallel workers (and a resume) would draw the same random start-up points. Trial numbers
+    are unique in the storage, so seeding by them keeps one worker's seeded study reproducible
+    while no two trials share a seed. What the sampler learns comes from the study's trials in
+    the storage, not from the sampler object, so nothing is lost by rebuilding it.
+    """
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None):
+        self._make = make
+        self._seed = seed
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+        self._lock = threading.Lock()
+
+    def seed_of(self, number: int) -> int | None:
+        return trial_seed(self._seed, number)
+
+    def _sampler(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        with self._lock:
+            if trial.number not in self._by_trial:
+                self._by_trial[trial.number] = self._make(self.seed_of(trial.number))
+            return self._by_trial[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        with self._lock:
+            self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:  # seeds come from trial numbers
+        pass
+
+
+def build_sampler(spec: StudySpec) -> TrialSeededSampler:
+    options = {k: v for k, v in spec.sampler.items() if k not in ("name", "seed")}
+    factory = SAMPLERS[spec.sampler["name"]]
+    return TrialSeededSampler(lambda seed: factory(seed, **options), spec.sampler.get("seed"))
+
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    try:
+        return PRUNERS[spec.pruner["name"]](**{k: v for k, v in spec.pruner.items() if k != "name"})
+    except (TypeError, ValueError) as error:  # an option Optuna refuses (studies.py checks the names)
+        raise ConfigError(f"{spec.path}: pruner: {error}") from None
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Dimension]) -> dict[str, Any]:
+    """Ask the trial for one value per space dimension."""
+    params = {}
+    for name, dim in space.items():
+        if dim.type == "categorical":
+            params[name] = trial.suggest_categorical(name, list(dim.choices))
+        elif dim.type == "int":
+            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+        else:
+            params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log, step=dim.step)
+    return params

@@ -1,0 +1,154 @@
+"""Trials across workers: the budget, who runs a trial, dead trials, heartbeats, the best per group.
+
+A worker records itself on each trial it runs (user attribute ``worker``: host, pid, the
+process's start time and the trial's number), so that any worker on the same host can tell a
+dead trial at once; elsewhere the trial's heartbeat tells. No MLflow here: what a dead trial's
+MLflow run becomes is the driver's business (``on_dead``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import warnings
+from typing import Any, Callable
+
+import optuna
+import psutil
+from optuna.trial import FrozenTrial, TrialState
+
+USER_ATTR_RUN_ID = "mlflow_run_id"
+USER_ATTR_WORKER = "worker"  # {"host", "pid", "pid_started", "trial"}: who runs a trial
+USER_ATTR_SEED = "sampler_seed"
+MAX_RETRY = 2  # a trial whose process dies is retried at most twice
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials whose parameters were enqueued again (by any later retry)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
+class TrialBudget:
+    """``n_trials`` in total, across workers and resumes.
+
+    Finished means complete, pruned or failed, except a failed trial whose parameters were
+    retried (a killed process): its retry counts instead. A worker may start a trial only while
+    finished + running trials are fewer than ``n_trials`` (checked under the study lock).
+    """
+
+    def __init__(self, n_trials: int | None):
+        self.n_trials = n_trials
+
+    @staticmethod
+    def finished(trials: list[FrozenTrial]) -> int:
+        retried = retried_numbers(trials)
+        return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   or (t.state == TrialState.FAIL and t.number not in retried))
+
+    def has_room(self, trials: list[FrozenTrial]) -> bool:
+        if self.n_trials is None:
+            return True
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        return self.finished(trials) + running < self.n_trials
+
+    def remaining(self, trials: list[FrozenTrial]) -> int | None:
+        return None if self.n_trials is None else max(0, self.n_trials - self.finished(trials))
+
+
+def this_worker() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the process's start time (pids are reused)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": round(psutil.Process().create_time(), 2)}
+
+
+def is_dead_here(worker: dict[str, Any]) -> bool:
+    """Whether the worker ran on this host and its process is gone (or the pid is another's)."""
+    if worker.get("host") != socket.gethostname():
+        return False
+    try:
+        return abs(psutil.Process(int(worker["pid"])).create_time() - float(worker["pid_started"])) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a dead or interrupted trial's parameters again (at most ``MAX_RETRY`` times)."""
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def own_record(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's ``worker`` record, when it is its own (a retry inherits its predecessor's)."""
+    worker = trial.user_attrs.get(USER_ATTR_WORKER) or {}
+    return worker if worker.get("trial") == trial.number else {}
+
+
+def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, FrozenTrial], None]) -> list[int]:
+    """Fail the running trials whose process is gone: at once on this host, by heartbeat elsewhere
+    (the storage calls its stale-trial callback for those).
+
+    Args:
+        study: the study.
+        on_dead: called with each trial failed here (its MLflow run, its retry).
+
+    Returns:
+        The numbers of the trials failed here.
+    """
+    storage = study._storage
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = own_record(trial)
+        if not worker or not is_dead_here(worker):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial.number)
+                on_dead(study, storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return failed
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every ``interval`` seconds while it runs (a thread)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{trial_id}")
+
+    def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a database hiccup: the next beat retries
+                self.storage.record_heartbeat(self.trial_id)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def best_per_group(trials: list[FrozenTrial], key: str | None, direction: str) -> dict[str, FrozenTrial]:
+    """The best complete trial (by the objective) of each value of ``key`` (all: one group "best").
+
+    Selection reads the objective, a validation metric: the study compares pooling types, fc
+    widths or layers by the test accuracy of each group's best trial, computed once after this.
+    """
+    sign = 1.0 if direction in ("maximize", optuna.study.StudyDirection.MAXIMIZE) else -1.0
+    best: dict[str, FrozenTrial] = {}
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE:
+            continue
+        group = str(trial.params.get(key)) if key else "best"
+        if group not in best or sign * trial.value > sign * best[group].value:
+            best[group] = trial
+    return best

@@ -1,0 +1,142 @@
+"""The MLflow tracking store: which one, checked before use, experiments and runs in it.
+
+The tracking URI is MLFLOW_TRACKING_URI when set, else the absolute
+``sqlite:////<repo>/mlruns/mlflow.db`` (a relative SQLite path would resolve per process, and
+``mlflow run`` children, ``mlflow ui`` and ``mlflow models serve`` could end up on different
+databases). Artifacts of the experiments created here live beside the database.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from ..core.errors import ConfigError  # noqa: E402
+from ..core.stores import check_database_folder, project_store_folder, redact, sqlite_path  # noqa: E402
+
+HEALTH_TIMEOUT_S = 5.0  # a tracking server that does not answer /health in this time is down
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(project_store_folder() / 'mlflow.db').as_posix()}"
+
+
+def tracking_uri() -> str:
+    """The URI ``setup_tracking`` uses (MLFLOW_TRACKING_URI, else the project's), unchecked."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a tracking URI that cannot work, with one line saying why (before MLflow tries).
+
+    Raises:
+        ConfigError: a malformed SQLite URL, a SQLite folder that does not exist or cannot be
+            written (see ``check_database_folder``), or an HTTP server that does not answer.
+    """
+    if uri.startswith("sqlite:") and sqlite_path(uri) is None:
+        raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: expected sqlite:////absolute/path/mlflow.db "
+                          "(four slashes for an absolute path)")
+    database = sqlite_path(uri)
+    if database is not None:
+        check_database_folder(database, f"MLFLOW_TRACKING_URI={uri}")
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as response:
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            reason = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = str(getattr(error, "reason", error))
+        # MLflow's client would retry for minutes before saying so.
+        raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: no MLflow tracking server answers at {health} "
+                          f"({reason}); start it (scenesweep services start) or correct the address")
+
+
+def setup_tracking() -> str:
+    """Point MLflow (and every child process) at the project's store; returns the URI.
+
+    Raises:
+        ConfigError: the store cannot be used (see ``check_tracking_uri``), or opening it failed
+            (a database MLflow cannot read, a server that refuses).
+    """
+    uri = tracking_uri()
+    check_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        # A new SQLite store is created by scenesweep.tracking.sqlite_store (MLflow's store, opened
+        # under a file lock so that two workers starting at once do not race on its schema, with
+        # the Default experiment's artifacts beside the database), as in every MLflow process here.
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # OperationalError, a newer schema, ...
+        first = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: cannot open the tracking store "
+                          f"({error.__class__.__name__}: {first})") from None
+    return uri
+
+
+def artifact_root(uri: str | None = None) -> str | None:
+    """Artifacts beside a SQLite database (<dir>/artifacts); the server's default otherwise."""
+    database = sqlite_path(uri or mlflow.get_tracking_uri())
+    if database is not None:
+        return (database.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created (with artifacts beside the store) when missing."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    root = artifact_root()
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it first.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None,
+              system_metrics: bool = True) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under ``mlflow run``, re-attach to) a run; ends it FAILED on an exception.
+
+    Under ``mlflow run`` the environment carries MLFLOW_RUN_ID: the project's run is reused and
+    the experiment it was launched in is kept.
+    """
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    kwargs: dict[str, Any] = {"log_system_metrics": system_metrics, "tags": dict(tags or {})}
+    if launched:
+        run = mlflow.start_run(run_id=launched, **kwargs)
+        MlflowClient().set_tag(launched, "mlflow.runName", run_name)
+        warn_if_not_in_family(run, experiment)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, **kwargs)
+    with run:
+        yield run
+
+
+def warn_if_not_in_family(run, experiment: str) -> None:
+    """``mlflow run`` chose the experiment (--experiment-name, else "Default"): runs cannot move,
+    so say where this one is and how to file the next one with its family."""
+    client = MlflowClient()
+    actual = client.get_experiment(run.info.experiment_id).name
+    if actual != experiment:
+        client.set_tag(run.info.run_id, "scenesweep.family_experiment", experiment)
+        print(f"warning: this run is in experiment {actual!r}, not {experiment!r}: "
+              f"launch it with mlflow run ... --experiment-name {experiment}", file=sys.stderr)
