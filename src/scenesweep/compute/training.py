@@ -167,8 +167,3 @@ def evaluate_test_split(prepared: Prepared, head: BaseEstimator) -> tuple[dict[s
     metrics = {"test/acc": float(np.mean(predicted == y_test)), "test/loss": head.loss(X_test, y_test)}
     labels = np.arange(len(prepared.dataset.classes))
     return metrics, confusion_matrix(y_test, predicted, labels=labels)
-
-
-def run(config: RunConfig, on_epoch: EpochCallback | None = None, progress: bool = True) -> RunResult:
-    """One complete run: prepare, fit, select on val, score test once."""
-    return fit_head(prepare(config, progress), config, on_epoch=on_epoch, evaluate_test=True)

@@ -56,7 +56,7 @@ def run_params(run) -> dict[str, str]:
     return params
 
 
-def download(client: MlflowClient, run_id: str, path: str, target: Path) -> Path | None:
+def download(run_id: str, path: str, target: Path) -> Path | None:
     """An artifact file or folder of a run, copied under ``target``; None when it is missing."""
     try:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,

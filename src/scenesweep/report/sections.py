@@ -56,7 +56,7 @@ class Page:
         return f"![{alt}]({path.relative_to(self.out).as_posix()})"
 
     def artifact(self, run, path: str) -> Path | None:
-        return download(self.client, run.info.run_id, path, self.downloads / run.info.run_id)
+        return download(run.info.run_id, path, self.downloads / run.info.run_id)
 
 
 def title_prefix(found: Found) -> str:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # training pulls in torch and torchvision (5 s): `scenesweep 
     from ..compute.training import Prepared, RunResult
 
 
-def param_value(name: str, value: Any) -> str:
+def param_value(value: Any) -> str:
     """Numbers stay plain numbers (the UI's parallel coordinates and charts read them)."""
     if isinstance(value, bool):
         return str(value).lower()
@@ -36,7 +36,7 @@ def log_batch(run_id: str, metrics: dict[str, float] | None = None, params: dict
     """One ``log_batch`` call (40 ms for 1000 points on SQLite against seconds one by one)."""
     now = int(time.time() * 1000)
     client = MlflowClient()
-    params = {k: param_value(k, v) for k, v in (params or {}).items()}
+    params = {k: param_value(v) for k, v in (params or {}).items()}
     if params:
         # `mlflow run` has already logged the MLproject's parameters as given (e.g. '' for "the
         # study file's value", '32.0'): params are immutable, so a resolved value that differs
