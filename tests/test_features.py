@@ -119,3 +119,34 @@ def test_a_deleted_conv_entry_is_reported_absent_not_hit(flat_scenes, tmp_path):
     # Another layer needs the convolutions again: they run (a miss), not a phantom hit.
     other = prepare(cfg.replace(layer="fc6"), progress=False).features
     assert other.conv_state == "miss"
+
+
+def _conv_features(dataset, compile_flag, monkeypatch, tmp_path, batch_size=8):
+    monkeypatch.setenv("SCENESWEEP_COMPILE", compile_flag)
+    model = feat.backbone.build_backbone("vgg16", "random", "max", seed=0)
+    out, timing = feat.extract_conv(model, dataset, 32, "vgg16", batch_size, feat.torch.device("cpu"), "bf16",
+                                    progress=False, cache_dir=tmp_path)
+    return out.reshape(len(out), -1), timing
+
+
+def test_the_compiled_conv_part_matches_eager_bf16(flat_scenes, tmp_path, monkeypatch):
+    """torch.compile (inductor, freezing) on the convolutions: the same features as eager bf16
+    within its tolerance, the short last batch padded (42 images, batches of 8), and the
+    compiled artefact kept in the cache folder for the next process."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    eager, eager_timing = _conv_features(dataset, "0", monkeypatch, tmp_path)
+    compiled, timing = _conv_features(dataset, "1", monkeypatch, tmp_path)
+    assert eager_timing["compiled"] == 0.0 and timing["compiled"] == 1.0
+    assert compiled.shape == eager.shape == (42, 512)
+    cosine = np.sum(compiled * eager, axis=1) / (np.linalg.norm(compiled, axis=1) * np.linalg.norm(eager, axis=1))
+    assert cosine.min() >= 0.9999, cosine.min()
+    assert (tmp_path / "inductor").is_dir() and any((tmp_path / "inductor").iterdir())
+
+
+def test_batches_of_any_size_give_the_same_features(flat_scenes, tmp_path, monkeypatch):
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    by8, timing = _conv_features(dataset, "0", monkeypatch, tmp_path, batch_size=8)
+    by5, _ = _conv_features(dataset, "0", monkeypatch, tmp_path, batch_size=5)
+    np.testing.assert_allclose(by8, by5, rtol=0.02, atol=1e-3)
+    assert timing["decode_s"] > 0 and timing["batches"] >= 1

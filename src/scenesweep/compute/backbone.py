@@ -220,35 +220,36 @@ def to_inference(model: nn.Module, device: torch.device, precision: str, layer: 
     """The network set up for extraction (features, serving): the convolutional part in the
     precision's dtype and channels_last (whole-model bf16 beats autocast on CPU, which re-casts
     the weights every call; channels_last lets oneDNN pick its fastest convolutions), and the
-    fc layers that ``layer`` needs (all with None) on the device in fp32, in eval mode."""
-    model.features.to(device=device, dtype=compute_dtype(precision), memory_format=torch.channels_last)
+    fc layers that ``layer`` needs (with None: fc6 and fc7) on the device in the same dtype, in
+    eval mode. Only the fc layers are set up when the conv part already is."""
+    dtype = compute_dtype(precision)
+    model.features.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     model.avgpool.to(device)
     for index in (LAYER_FC_MODULES[layer] if layer is not None else (FC6, FC7)):
-        model.classifier[index].to(device=device, dtype=torch.float32)
+        model.classifier[index].to(device=device, dtype=dtype)
     return model.eval()
 
 
 def from_conv(model: nn.Module, conv_out: torch.Tensor, layer: str) -> torch.Tensor:
-    """Feature layer from the conv output, in eval mode (dropout off).
+    """Feature layer from the conv output, in eval mode (dropout off), as float32.
 
-    (N, 512, h, w) -> pool5 (N, 25088) -> fc6/relu6/fc7/relu7 (N, fc_width).
+    (N, 512, h, w) -> pool5 (N, 25088) -> fc6/relu6/fc7/relu7 (N, fc_width); fc6 and fc7 run
+    in their weights' dtype (the extraction precision).
     """
+    if layer not in LAYERS:
+        raise ConfigError(f"layer={layer!r}: expected one of {', '.join(LAYERS)}")
     x = torch.flatten(model.avgpool(conv_out), 1)  # adaptive pool to 7x7: (N, 512*7*7)
     if layer == "pool5":
-        return x
+        return x.float()
     fc6, fc7 = model.classifier[FC6], model.classifier[FC7]
-    x = fc6(x)
-    if layer == "fc6":
-        return x
-    x = torch.relu(x)
-    if layer == "relu6":
-        return x
-    x = fc7(x)
-    if layer == "fc7":
-        return x
+    x = fc6(x.to(fc6.weight.dtype))
+    if layer != "fc6":
+        x = torch.relu(x)
+    if layer in ("fc7", "relu7"):
+        x = fc7(x)
     if layer == "relu7":
-        return torch.relu(x)
-    raise ConfigError(f"layer={layer!r}: expected one of {', '.join(LAYERS)}")
+        x = torch.relu(x)
+    return x.float()
 
 
 @dataclasses.dataclass(frozen=True)

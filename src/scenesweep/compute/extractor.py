@@ -1,0 +1,195 @@
+"""Running the convolutional part over a dataset near the machine's limit.
+
+* Images are decoded, resized and centre-cropped (the weights' own transform, on PIL images) into
+  uint8 (B, S, S, 3) batches by a background thread, so decoding overlaps the forward pass (Pillow
+  releases the GIL while it decodes and resizes); on CUDA the batch goes through pinned memory
+  with a non-blocking copy.
+* The uint8 -> float conversion, the ImageNet normalisation (in fp32, as torchvision does) and
+  the cast to the compute dtype happen in the same graph as the convolutions: an NHWC uint8 batch
+  permuted to NCHW is already channels_last, and the compiler fuses it all into one kernel.
+* The convolutional part is compiled (``torch.compile``, inductor with freezing) when a C++
+  compiler is present and the extraction is large enough to pay back the compile; the compiled
+  artefact is kept in inductor's FX graph cache under the feature cache (``<cache>/inductor``),
+  so a second process compiles again in seconds. A short last batch is padded to the full size
+  (a new shape would recompile). When compiling is unavailable or fails, it runs eagerly and
+  says so in one line.
+
+This module imports neither MLflow, Optuna nor click.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from torch import nn
+
+from . import backbone
+from .data import Dataset, read_image
+
+# Compile when the extraction is at least this many 224-px-equivalent images: below it, the first
+# compile (15 to 20 s on 2 cores; 3 to 5 s from the FX graph cache) costs more than it saves.
+COMPILE_MIN_IMAGES_224 = 400
+COMPILE_ENV = "SCENESWEEP_COMPILE"  # "0": never compile, "1": always (tests), unset: when it pays
+PREFETCH_BATCHES = 2  # decoded batches waiting for the forward pass
+
+
+def transform_sizes(arch: str, image_size: int) -> tuple[int, int]:
+    """(resize, crop) of the weights' own transform at ``image_size`` (256 -> 224 at 224)."""
+    transform = backbone.preprocessing(arch, image_size)
+    return transform.resize_size[0], transform.crop_size[0]
+
+
+def load_pixels(path: Path, resize: int, crop: int) -> np.ndarray:
+    """One image file -> (crop, crop, 3) uint8: RGB (grayscale repeated), resized so that its
+    shorter side is ``resize`` (bilinear, antialiased), centre-cropped: the weights' transform
+    before its float conversion and normalisation."""
+    image = read_image(path)
+    image = TF.resize(image, [resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return np.asarray(TF.center_crop(image, [crop, crop]), dtype=np.uint8)
+
+
+def batches(dataset: Dataset, order: np.ndarray, batch_size: int, resize: int, crop: int,
+            pin: bool = False) -> Iterator[tuple[torch.Tensor, int, float]]:
+    """(uint8 batch (B, S, S, 3), images in it, seconds spent decoding it), decoded by a thread.
+
+    The last batch is padded (repeating its last image) to ``batch_size``: the second value
+    says how many images are real.
+    """
+    work: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for start in range(0, len(order), batch_size):
+                began = time.perf_counter()
+                chunk = [int(i) for i in order[start:start + batch_size]]
+                pixels = np.stack([load_pixels(dataset.absolute(i), resize, crop) for i in chunk])
+                if len(chunk) < batch_size:
+                    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(chunk), axis=0)])
+                batch = torch.from_numpy(pixels)
+                if pin:
+                    batch = batch.pin_memory()
+                item = (batch, len(chunk), time.perf_counter() - began)
+                while not stop.is_set():
+                    try:
+                        work.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as error:  # a bad image: raised in the consumer, with its message
+            work.put(error)
+            return
+        work.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True, name="decode")
+    thread.start()
+    try:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+class Normalised(nn.Module):
+    """uint8 (B, S, S, 3) -> the conv part's output (B, 512, S/32, S/32) in float32.
+
+    The permute makes an NCHW view with channels_last strides (no copy); the normalisation is
+    fp32, as torchvision's transform does it, then cast to the compute dtype.
+    """
+
+    def __init__(self, features: nn.Module, dtype: torch.dtype, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.features = features
+        self.dtype = dtype
+        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
+        self.register_buffer("shift", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift  # (B, 3, S, S), channels_last
+        return self.features(x.to(self.dtype)).float()  # (B, 512, S/32, S/32)
+
+
+def compiler_available() -> bool:
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+
+
+def should_compile(images: int, image_size: int) -> bool:
+    """Whether compiling pays for this extraction (``SCENESWEEP_COMPILE`` overrides: 0 or 1)."""
+    forced = os.environ.get(COMPILE_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and compiler_available()
+    return compiler_available() and images * (image_size / 224) ** 2 >= COMPILE_MIN_IMAGES_224
+
+
+def runner(model: nn.Module, arch: str, device: torch.device, precision: str, compile_graph: bool,
+           cache_dir: Path | None) -> tuple[nn.Module, str]:
+    """The conv part behind its normalisation, compiled when asked and possible.
+
+    Returns:
+        (the module to call, "compiled" or "eager").
+    """
+    backbone.to_inference(model, device, precision)
+    transform = backbone.preprocessing(arch, 224)
+    module = Normalised(model.features, backbone.compute_dtype(precision), tuple(transform.mean),
+                        tuple(transform.std)).to(device).eval()
+    if not compile_graph:
+        return module, "eager"
+    if cache_dir is not None:
+        # Inductor's FX graph cache under the feature cache: a second process skips the compile.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights as constants: conv + ReLU fused, layouts chosen once
+    return torch.compile(module, dynamic=False), "compiled"
+
+
+def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_size: int, resize: int,
+                crop: int, device: torch.device, on_batch=None) -> tuple[np.ndarray, list[float], list[int], float]:
+    """Every batch through ``module``: (N, 512, h, w) float32, per-batch seconds (wall time from
+    one batch's end to the next's, decoding included), images per batch, seconds decoding."""
+    outputs, seconds, counts, decoding = [], [], [], 0.0
+    with torch.inference_mode():
+        began = time.perf_counter()
+        for pixels, real, decode_s in batches(dataset, order, batch_size, resize, crop, pin=device.type == "cuda"):
+            out = module(pixels.to(device, non_blocking=True))[:real].cpu()  # (B, 512, S/32, S/32)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            seconds.append(now - began)
+            began = now
+            counts.append(real)
+            decoding += decode_s
+            outputs.append(out.numpy())
+            if on_batch is not None:
+                on_batch(real)
+    return np.concatenate(outputs), seconds, counts, decoding
+
+
+def compile_or_eager(model: nn.Module, arch: str, device: torch.device, precision: str, images: int,
+                     image_size: int, cache_dir: Path | None) -> tuple[nn.Module, str]:
+    """``runner`` compiled when it pays, eager otherwise or when compiling fails (one line says why)."""
+    if not should_compile(images, image_size):
+        return runner(model, arch, device, precision, False, cache_dir)
+    try:
+        return runner(model, arch, device, precision, True, cache_dir)
+    except Exception as error:  # no compiler, an unsupported op: eager is correct, only slower
+        print(f"note: torch.compile unavailable ({error.__class__.__name__}: {str(error).splitlines()[0][:120]}); "
+              "extracting eagerly", file=sys.stderr)
+        return runner(model, arch, device, precision, False, cache_dir)
