@@ -116,10 +116,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        X_t = torch.as_tensor(np.asarray(X, dtype=np.float32))  # (N, D)
-        y_t = torch.as_tensor(y_index, dtype=torch.long)
-        if device.type == "cuda":
-            X_t, y_t = X_t.pin_memory(), y_t.pin_memory()
+        # On CUDA the features sit on the device as one tensor: a batch is an index, not a copy.
+        X_t = torch.as_tensor(np.asarray(X, dtype=np.float32)).to(device)  # (N, D)
+        y_t = torch.as_tensor(y_index, dtype=torch.long).to(device)
         self.model_ = build_mlp(X_t.shape[1], parse_hidden(self.hidden), self.dropout, len(self.classes_)).to(device)
         optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr, weight_decay=self.weight_decay,
                                      fused=device.type in ("cpu", "cuda"))
@@ -129,13 +128,14 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         batch_counts: list[int] = []
         for epoch in tqdm(range(1, self.epochs + 1), desc="train head", unit="epoch", disable=not self.progress):
             self.model_.train()
-            order = torch.randperm(len(X_t), generator=generator)
-            total_loss, correct = 0.0, 0
+            order = torch.randperm(len(X_t), generator=generator).to(device)
+            # Summed on the device, read once per epoch: no synchronisation per step.
+            total_loss = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 began = time.perf_counter()
-                xb = X_t[idx].to(device, non_blocking=True)  # (B, D)
-                yb = y_t[idx].to(device, non_blocking=True)  # (B,)
+                xb, yb = X_t[idx], y_t[idx]  # (B, D), (B,)
                 logits = self.model_(xb)  # (B, n_classes)
                 loss = loss_fn(logits, yb)
                 optimizer.zero_grad(set_to_none=True)
@@ -145,9 +145,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                     torch.cuda.synchronize(device)
                 batch_seconds.append(time.perf_counter() - began)
                 batch_counts.append(len(idx))
-                total_loss += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == yb).sum())
-            metrics = {"train/loss": total_loss / len(order), "train/acc": correct / len(order)}
+                total_loss += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == yb).sum()
+            metrics = {"train/loss": float(total_loss) / len(order), "train/acc": int(correct) / len(order)}
             if eval_set is not None:
                 metrics.update({f"val/{k}": v for k, v in self.evaluate(*eval_set).items()})
             self.history_.append({"epoch": epoch, **metrics})
