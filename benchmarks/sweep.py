@@ -187,7 +187,7 @@ def match_records(children: list, records: list[FeatureTiming]) -> dict[str, Fea
     so each child takes the next unused record with its ``cache_key``."""
     matched, used = {}, set()
     for child in children:
-        key = child.data.params.get("cache_key")
+        key = child.data.tags.get("cache_key") or child.data.params.get("cache_key")
         for index, record in enumerate(records):
             if index not in used and record.key == key:
                 matched[child.info.run_id] = record

@@ -53,3 +53,21 @@ def test_selection_never_sees_the_test_split(shared_cache):
     result = fit_head(prepared)
     assert not [k for k in result.metrics if k.startswith("test/")]
     assert set(prepared.split.test).isdisjoint(set(prepared.split.train) | set(prepared.split.val))
+
+
+@pytest.mark.parametrize("C", [0.05, 1.0, 20.0])
+def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
+    """More features than samples (pool5): fitted in the span of the samples, the SVM gives
+    liblinear's own decision values, only quicker."""
+    from sklearn.preprocessing import normalize
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 500)).astype(np.float32)
+    y = np.repeat(np.arange(3), 20)
+    X[:, :3] += 3 * np.eye(3)[y]
+    head = SVMHead(C=C).fit(X[:45], y[:45])
+    reference = LinearSVC(C=C, dual=C < 1.0, max_iter=5000).fit(normalize(X[:45]), y[:45])
+    np.testing.assert_allclose(head.decision_function(X[45:]), reference.decision_function(normalize(X[45:])),
+                               atol=1e-3)
+    assert head.coef_.shape == (3, 500)
