@@ -373,18 +373,20 @@ class SvmResult:
 
 
 def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, data: str,
-              train_per_class: int | None) -> SvmResult:
+              train_per_class: int | None, image_size: int = IMAGE_SIZE, naive: int | None = None) -> SvmResult:
     """N-trial sweep_svm on a fresh cache against N single runs with the trials' parameters.
 
     The first single run goes before the sweep and the others after it, so that a change of
     load on a shared machine does not fall on one side only: trial 0 of a fresh study is the
-    study's first enqueued point, known before the study runs; later trials are sampled.
+    study's first enqueued point, known before the study runs; later trials are sampled. With
+    ``naive`` only that many single runs are timed (each extracts every image from nothing, so
+    they cost alike) and the N single runs are their mean times N.
     """
     from scenesweep.runs.sweep import run_study
     from scenesweep.specs.studies import load_study
     from scenesweep.runs.single import track_single_run
 
-    overrides: dict[str, Any] = {"data": data, "image_size": IMAGE_SIZE}
+    overrides: dict[str, Any] = {"data": data, "image_size": image_size}
     if train_per_class is not None:
         overrides["train_per_class"] = train_per_class
     spec = load_study(SWEEPS / "svm_c.yaml", overrides)
@@ -417,9 +419,11 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
         del singles[0]
     for child in children:
         number = int(child.data.tags["trial_number"])
-        if number not in singles:
+        if number not in singles and (naive is None or len(singles) < naive):
             single(number, trials[number].params)
-    ordered = [singles[int(c.data.tags["trial_number"])] for c in children]
+    ordered = [singles[int(c.data.tags["trial_number"])] for c in children if int(c.data.tags["trial_number"]) in singles]
+    if naive is not None:  # the timed ones stand for all N
+        ordered = [(statistics.mean(o[0] for o in ordered), statistics.mean(o[1] for o in ordered))] * len(children)
     first = spec.trial_config(trials[int(children[0].data.tags["trial_number"])].params)
     images = len(summary["result"].prepared.dataset.paths)
     order = ("single run 0 before the sweep, the others after it" if first_known and 0 in singles and len(children) > 1
@@ -430,7 +434,7 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
 
 def report_svm(r: SvmResult, data_label: str) -> None:
     trials_s = sum(r.sweep_children_s)
-    say(f"1. sweep_svm (sweeps/svm_c.yaml), {plural(r.n, 'trial')}, {data_label} ({r.images} images), {IMAGE_SIZE} px, "
+    say(f"1. sweep_svm (sweeps/svm_c.yaml), {plural(r.n, 'trial')}, {data_label} ({r.images} images), "
         f"fresh cache; order: {r.order}")
     say(table(["", "wall s", "per trial s", "of which features s"], [
         ["sweep (one study, shared cache)", f"{r.sweep_s:.1f}", f"{r.sweep_s / r.n:.1f}", f"{r.sweep_extract_s:.1f}"],
@@ -809,6 +813,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the same for any batch, so this sets the batches per epoch (default 12)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats of the logging measurement (default 10, 5 with --quick)")
+    parser.add_argument("--scenes", default=None, metavar="DIR",
+                        help="also: a 50-trial sweep_svm at 224 px on this folder (benchmarks/make_scenes.py) "
+                             "against 50 naive single runs (--naive-runs of them timed)")
+    parser.add_argument("--scenes-trials", type=int, default=50, help="trials of the --scenes sweep")
+    parser.add_argument("--naive-runs", type=int, default=2, help="single runs timed for the --scenes ratio")
     parser.add_argument("--quick", action="store_true", help="smoke test, under about two minutes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary stores and caches (prints where)")
     args = parser.parse_args(argv)
@@ -857,6 +866,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 svm = bench_svm(tmp, storage, instrument, args.trials, "digits", None)
                 report_svm(svm, "all of digits (100 per class to train+val)")
+
+            if args.scenes:
+                scenes = bench_svm(tmp, storage, instrument, args.scenes_trials, str(Path(args.scenes).resolve()),
+                                   None, image_size=224, naive=args.naive_runs)
+                report_svm(scenes, f"{args.scenes} at 224 px ({args.naive_runs} naive runs timed, x"
+                                   f"{scenes.n / max(1, args.naive_runs):.0f})")
+                say(f"   -> {scenes.n}-trial sweep_svm against {scenes.n} naive runs at 224 px: {scenes.ratio:.1f}x\n")
 
             fc = bench_fc(tmp, storage, instrument, args.fc_trials, str(subset), subset_tpc)
             report_fc(fc, subset_label)

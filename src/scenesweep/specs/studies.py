@@ -20,7 +20,10 @@ from ..core.config import HEADS, PARAMETER_BY_NAME, REGISTERED_MODEL, make_confi
 from ..core.errors import ConfigError, file_error
 
 STUDY_KEYS = {"study", "experiment", "description", "tunes", "fixed", "space", "objective", "sampler",
-              "pruner", "n_trials", "timeout", "enqueue", "register"}
+              "pruner", "n_trials", "timeout", "enqueue", "register", "tuning"}
+# What a study's tuning trials (all but its own enqueued settings) may run differently: settings
+# that change how fast a trial runs, not what it measures (a larger batch, another device).
+TUNING_KEYS = ("batch_size", "device")
 SPACE_TYPES = ("float", "int", "categorical")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
@@ -59,10 +62,12 @@ class StudySpec:
     timeout: float | None
     enqueue: tuple[dict[str, Any], ...]
     register: str
+    tuning: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def trial_config(self, params: dict[str, Any]):
-        """The full run configuration of a trial: fixed settings plus the trial's params."""
-        return make_config(self.tunes, {**self.fixed, **params})
+    def trial_config(self, params: dict[str, Any], tuning: bool = False):
+        """The full run configuration of a trial: fixed settings plus the trial's params, plus the
+        file's ``tuning`` settings for a tuning trial (one that is not the study's own setting)."""
+        return make_config(self.tunes, {**self.fixed, **(self.tuning if tuning else {}), **params})
 
 
 
@@ -250,6 +255,24 @@ def _enqueue(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> list
     return enqueue
 
 
+def _tuning(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> dict[str, Any]:
+    """Settings of the tuning trials (not the enqueued ones): ``tuning: {batch_size: 64}``."""
+    tuning = raw.get("tuning") or {}
+    if not isinstance(tuning, dict):
+        raise file_error(path, "tuning: expected a mapping of run parameters, e.g. {batch_size: 64}")
+    for name in tuning:
+        if name not in TUNING_KEYS:
+            raise file_error(path, f"tuning.{name}: expected one of {', '.join(TUNING_KEYS)} (settings that do "
+                                   "not change what a trial measures)")
+        if name in space:
+            raise file_error(path, f"tuning.{name}: searched by this study (space.{name})")
+    try:
+        make_config(head, {**fixed, **tuning})
+    except ConfigError as error:
+        raise file_error(path, f"tuning: {error}") from None
+    return dict(tuning)
+
+
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
     """Read and validate a study file; ``overrides`` replace fixed settings (CLI/MLproject).
 
@@ -286,4 +309,5 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
                      sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLER_OPTIONS, "tpe"),
                      pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNER_OPTIONS, "none"),
                      n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
-                     register=str(raw.get("register", REGISTERED_MODEL) or ""))
+                     register=str(raw.get("register", REGISTERED_MODEL) or ""),
+                     tuning=_tuning(path, raw, head, fixed, space))
