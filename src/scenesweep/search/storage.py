@@ -21,6 +21,10 @@ from optuna.trial import FrozenTrial
 from ..core.errors import ConfigError
 from ..core.stores import check_database_folder, project_store_folder, redact, sqlite_creation_lock, sqlite_path
 
+# Optuna's own INFO lines ("A new study created", "Trial 3 finished") repeat what the sweep
+# prints and logs; warnings still show.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
 DEFAULT_HEARTBEAT_S = 30
 STORAGE_ENV = "OPTUNA_STORAGE"  # Optuna's own variable (its CLI reads it too)
 # PostgreSQL: a few connections per worker, checked before use (a restarted server drops them).
