@@ -23,6 +23,11 @@ INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "ml
                   "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
 
 
+def is_own_setting(trial: optuna.Trial) -> bool:
+    """Whether the trial runs one of the study's enqueued settings (or a retry of one)."""
+    return "fixed_params" in trial.study._storage.get_trial(trial._trial_id).system_attrs
+
+
 def trial_run_name(spec: StudySpec, number: int, params: dict[str, Any]) -> str:
     """'sweep_svm #7 C=0.012 layer=relu7'."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
@@ -71,7 +76,7 @@ class Objective:
         trial.set_user_attr(USER_ATTR_RUN_ID, run.info.run_id)
         return run.info.run_id
 
-    def _fit(self, trial: optuna.Trial, run_id: str, config) -> RunResult:
+    def _fit(self, trial: optuna.Trial, run_id: str, config, prunable: bool = True) -> RunResult:
         """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics."""
         with self._lock:
             prepared = prepare(config, progress=self.progress, data=self.data)
@@ -86,7 +91,7 @@ class Objective:
         def on_epoch(epoch: int, metrics: dict) -> None:
             log_epoch(epoch, metrics)
             trial.report(metrics[metric], epoch)
-            if trial.should_prune():
+            if prunable and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={metrics[metric]:.4f}")
 
         result = fit_head(prepared, config, on_epoch=on_epoch)
@@ -95,10 +100,14 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial, seed: int | None = None) -> float:
         params = suggest(trial, self.spec.space)
-        config = self.spec.trial_config(params)
+        # The study's own settings (enqueued: the reference study's points) run in full, as the
+        # file fixes them; tuning trials take the file's tuning settings and may be pruned.
+        own = is_own_setting(trial)
+        config = self.spec.trial_config(params, tuning=not own)
         run_id = self._create_run(trial, params, seed)
+        self.client.set_tag(run_id, "trial_kind", "own setting" if own else "tuning")
         try:
-            value = self._fit(trial, run_id, config).metrics[self.spec.metric]
+            value = self._fit(trial, run_id, config, prunable=not own).metrics[self.spec.metric]
             if not math.isfinite(value):
                 raise ValueError(f"{self.spec.metric} is {value}")
         except optuna.TrialPruned as pruned:
