@@ -127,12 +127,11 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
         fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 4, hidden: "64", dropout: 0.0,
                 batch_size: 4, cache_dir: "{tmp_path / 'cache'}"}}
         space:
-          lr: {{type: float, low: 1.0e-9, high: 1.0e-1, log: true}}
+          lr: {{type: float, low: 1.0e-9, high: 2.0e-9, log: true}}
         pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
         n_trials: 2
         enqueue:
           - {{lr: 0.001}}
-          - {{lr: 1.0e-9}}
         register: ""
         """)
     result = sweep(study)
@@ -142,6 +141,36 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
     _, children = parents_and_children()
     pruned = [c for c in children if c.data.tags["trial_number"] == "1"][0]
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"].startswith("pruned at epoch")
+
+
+def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_declares(flat_scenes, tmp_path):
+    """Enqueued settings (the reference study's points) are never pruned and keep the fixed batch
+    size; tuning trials run at the file's tuning batch size and are pruned."""
+    study = write_study(tmp_path, f"""
+        study: own_and_tuning
+        experiment: pooling
+        tunes: mlp
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 4, hidden: "64", dropout: 0.0,
+                batch_size: 8, cache_dir: "{tmp_path / 'cache'}"}}
+        space:
+          lr: {{type: float, low: 1.0e-9, high: 2.0e-9, log: true}}
+        pruner: {{name: median, n_startup_trials: 2, n_warmup_steps: 0}}
+        tuning: {{batch_size: 4}}
+        n_trials: 4
+        enqueue:
+          - {{lr: 0.001}}
+          - {{lr: 1.0e-9}}
+        register: ""
+        """)
+    result = sweep(study)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = load("own_and_tuning").trials
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.COMPLETE]  # the bad one too
+    assert TrialState.PRUNED in [t.state for t in trials[2:]]
+    _, children = parents_and_children()
+    by_number = {int(c.data.tags["trial_number"]): c for c in children}
+    assert [by_number[n].data.tags["trial_kind"] for n in range(4)] == ["own setting"] * 2 + ["tuning"] * 2
+    assert [by_number[n].data.params["batch_size"] for n in range(4)] == ["8", "8", "4", "4"]
 
 
 def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):
