@@ -3,8 +3,10 @@
 A tiny pooling study (2 trials, 3 epochs each) runs into the temporary store; ``scenesweep ui``
 and ``scenesweep dashboard`` serve it on free ports of 127.0.0.1; headless Chromium, driven by
 Playwright, checks what a user looks at: the experiment lists the study's parent run with its
-trials nested, a trial's page shows its metrics and the per-epoch val/acc chart, two trials
-compare side by side, and the dashboard shows the study and a trial's MLflow run id. Both
+trials nested and the Dataset column naming the data folder for every run, a trial's page shows
+its metrics and the per-epoch val/acc chart, two trials compare side by side, the parent's
+metrics page charts best/val_acc per trial (the study's live chart), and the dashboard shows
+the study and a trial's MLflow run id and note. Both
 servers are then stopped with Ctrl-C, as a user would.
 
 Screenshots are saved in the test's temporary folder. With SCENESWEEP_DOCS_SCREENSHOTS=<folder>
@@ -182,14 +184,27 @@ def check_experiment_page(page, base_url: str, shots: Path) -> None:
     close_assistant_panel(page)
     expand_parent_run(page)
     # Hide what is empty for sweeps; show the objective, test accuracy and the searched params.
-    show_columns(page, ("Dataset", "Source", "Models", "val/acc", "best/val/acc", "test/acc",
+    show_columns(page, ("Source", "Models", "val/acc", "best/val/acc", "test/acc",
                         "pooling", "lr", "dropout", "hidden"))
     page.locator(".ag-header-cell").filter(has=page.get_by_text("val/acc", exact=True)).wait_for()
     widen_run_name_column(page)
     trial_row = page.locator(".ag-center-cols-container .ag-row").nth(1)
     assert re.search(r"0\.\d+", trial_row.inner_text()), trial_row.inner_text()  # metrics show as numbers
+    check_dataset_column(page)
     save_screenshot(page, shots / "1-experiment.png")
     save_docs_screenshot(page, "mlflow-study.png")
+
+
+def check_dataset_column(page) -> None:
+    """The Dataset column names the data folder ('scenes', with the split's digest) for the
+    parent and every trial, instead of '-': mlflow.log_input of the train/validation/test splits."""
+    page.locator(".ag-header-cell").filter(has=page.get_by_text("Dataset", exact=True)).first.wait_for()
+    cells = page.locator(".ag-center-cols-container .ag-row [col-id*='dataset' i]")
+    if cells.count() == 0:  # the column id differs between UI versions: read the rows' text instead
+        cells = page.locator(".ag-center-cols-container .ag-row")
+    expect(cells.first).to_contain_text("scenes")
+    texts = [cells.nth(i).inner_text() for i in range(min(cells.count(), 3))]
+    assert all("scenes" in text for text in texts), texts  # the parent and both trials
 
 
 def check_trial_page(page, shots: Path) -> None:
@@ -229,6 +244,17 @@ def check_parent_run_description(page, base_url: str, shots: Path) -> None:
     save_screenshot(page, shots / "5-parent-run.png", full_page=True)
 
 
+def check_parent_live_chart(page, shots: Path) -> None:
+    """On the parent's metrics page, best/val_acc is a chart over steps = trial numbers (0, 1):
+    the study's optimisation history, logged as each trial ended."""
+    page.get_by_text("Model metrics", exact=True).click()
+    page.get_by_placeholder("Search metric charts").fill("best/val_acc")
+    page.get_by_text(re.compile(r"sweep_pooling study \(best/val_acc\)$")).first.wait_for()
+    page.get_by_text("Step", exact=True).first.wait_for()
+    expect(page.locator(".js-plotly-plot .point")).to_have_count(2)  # trials 0 and 1
+    save_screenshot(page, shots / "8-parent-best-val-acc-chart.png")
+
+
 def check_dashboard(page, base_url: str, shots: Path) -> None:
     page.goto(f"{base_url}/dashboard")
     page.get_by_text("sweep_pooling", exact=False).first.click()
@@ -236,7 +262,10 @@ def check_dashboard(page, base_url: str, shots: Path) -> None:
     save_screenshot(page, shots / "6-dashboard-study.png")
     page.goto(page.url.rstrip("/") + "/trials")
     page.get_by_text("mlflow_run_id").first.wait_for()  # each trial links to its MLflow run
-    save_screenshot(page, shots / "7-dashboard-trials.png")
+    # ... and its note says where: a link to the run in the MLflow UI.
+    page.get_by_role("link", name=re.compile(r"^[0-9a-f]{32}$")).first.wait_for()
+    page.get_by_text(re.compile(r"Trial #\d of `?sweep_pooling")).first.wait_for()
+    save_screenshot(page, shots / "7-dashboard-trials.png", full_page=True)
 
 
 def test_a_study_reads_well_in_the_mlflow_ui_and_optuna_dashboard(flat_scenes, browser_page, tmp_path):
@@ -261,6 +290,7 @@ def test_a_study_reads_well_in_the_mlflow_ui_and_optuna_dashboard(flat_scenes, b
         check_trial_page(browser_page, shots)
         check_compare_view(browser_page, ui_url, shots)
         check_parent_run_description(browser_page, ui_url, shots)
+        check_parent_live_chart(browser_page, shots)
         out, err = press_ctrl_c(ui, "ui", tmp_path)
         assert ui.returncode == 0 and "Traceback" not in err, err
         assert f"MLflow UI ready: {ui_url}" in out and "stopped the MLflow UI" in out

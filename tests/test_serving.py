@@ -301,3 +301,82 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_mlflow_models_predict_and_pyfunc_load_model_on_the_champion(store, champion, tmp_path):
+    """MLflow's own clients on the alias: `mlflow models predict` (a JSON request file, as for
+    the REST server) and `mlflow.pyfunc.load_model(...).predict(frame)` agree with each other."""
+    paths = store.test_paths[:4]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(split(*[b64(p) for p in paths])))
+    output = tmp_path / "predictions.json"
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run([str(bin_dir / "mlflow"), "models", "predict", "-m", CHAMPION_URI, "-i", str(request),
+                             "-t", "json", "-o", str(output), "--env-manager", "local"],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = pd.DataFrame(json.loads(output.read_text())["predictions"])
+    frame = pd.DataFrame({"image": [b64(p) for p in paths]})
+    expected = mlflow.pyfunc.load_model(CHAMPION_URI).predict(frame)
+    assert list(predicted["label"]) == list(expected["label"])
+    assert list(predicted["class_index"]) == list(expected["class_index"])
+    np.testing.assert_allclose(score_matrix(predicted), score_matrix(expected), rtol=1e-6, atol=1e-9)
+
+
+def backbone_file(model_uri: str) -> Path:
+    """The logged model's backbone.pt where the store keeps it (a local artifact store)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    return Path(url2pathname(urlparse(location).path)) / "artifacts" / "backbone.pt"
+
+
+def test_a_version_stores_its_backbone_in_the_extraction_precision_and_shares_it(store):
+    """bf16 features: a bf16 backbone (half the bytes) that serves the same scores as fp32 would;
+    the next model with the same weights takes no new disk for them (one file, hard-linked)."""
+    from scenesweep.models import logged
+
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(MODEL, "1")
+    first = backbone_file(version.tags["model_uri"])
+    spec = json.loads((first.parent / "spec.json").read_text())
+    precision = store.result.prepared.features.precision
+    assert spec["backbone_precision"] == logged.storage_precision(precision) == ("bf16" if precision == "bf16" else "fp32")
+    state = torch.load(first, map_location="cpu", weights_only=True)
+    assert {t.dtype for t in state.values()} == {backbone.compute_dtype(spec["backbone_precision"])}
+    assert logged.state_digest(state) == spec["backbone_sha256"]
+    parameters = sum(t.numel() for t in state.values())
+    assert first.stat().st_size < parameters * state["features.0.weight"].element_size() * 1.01
+    with mlflow.start_run():
+        uri = log_image_classifier(store.result, name="model_again")
+    again = backbone_file(uri)
+    assert again != first and again.samefile(first)  # one file on disk for both models
+    assert first.stat().st_nlink >= 3  # both models and the store's shared copy
+    paths = store.test_paths[:3]
+    np.testing.assert_array_equal(score_matrix(mlflow.pyfunc.load_model(uri).predict(table(paths))),
+                                  score_matrix(mlflow.pyfunc.load_model(CHAMPION_URI).predict(table(paths))))
+
+
+def test_bf16_stored_backbone_serves_the_scores_of_the_fp32_stored_one(store, monkeypatch):
+    """Where the features were bf16 and the hardware runs bf16 the served model rounds fp32
+    weights to bf16 anyway: the two stored precisions give the same scores, bit for bit.
+    Served in fp32 instead (a machine without native bf16), they differ by rounding only."""
+    from scenesweep.compute.features import cpu_has_native_bf16
+    from scenesweep.models import logged, pyfunc
+
+    if store.result.prepared.features.precision != "bf16":
+        pytest.skip("features were extracted in fp32 here: the backbone is stored in fp32")
+    paths = store.test_paths
+    with monkeypatch.context() as patch, mlflow.start_run():
+        patch.setattr(logged, "storage_precision", lambda precision: "fp32")
+        fp32_uri = log_image_classifier(store.result, name="model_fp32")
+    fp32_scores = score_matrix(mlflow.pyfunc.load_model(fp32_uri).predict(table(paths)))
+    bf16_scores = score_matrix(mlflow.pyfunc.load_model(CHAMPION_URI).predict(table(paths)))
+    if cpu_has_native_bf16():
+        np.testing.assert_array_equal(bf16_scores, fp32_scores)
+    monkeypatch.setattr(pyfunc, "serving_precision", lambda trained, device: "fp32")
+    fp32_served = {name: score_matrix(mlflow.pyfunc.load_model(uri).predict(table(paths)))
+                   for name, uri in (("fp32", fp32_uri), ("bf16", CHAMPION_URI))}
+    np.testing.assert_allclose(fp32_served["bf16"], fp32_served["fp32"], atol=0.02 * np.abs(fp32_scores).max())
+    assert (fp32_served["bf16"].argmax(axis=1) == fp32_served["fp32"].argmax(axis=1)).mean() >= 0.9

@@ -5,6 +5,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from conftest import REPO, run_cli, run_mlflow_project
 
@@ -57,6 +58,24 @@ def test_mlflow_run_svm_logs_everything_a_user_compares(store, tmp_path):
     requirements = open(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{logged[0].artifact_location}/requirements.txt", dst_path=str(tmp_path))).read()
     assert "scikit-learn==" in requirements and "torch==2.14.1" in requirements
+    # The splits as MLflow datasets (the runs table's Dataset column): train / validation / test.
+    inputs = {next(t.value for t in i.tags if t.key == MLFLOW_DATASET_CONTEXT): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    for context, part in (("training", "train"), ("validation", "val"), ("test", "test")):
+        dataset = inputs[context]
+        assert dataset.name == "digits" and dataset.digest.startswith(params["dataset_fingerprint"][:8] + "-")
+        assert json.loads(dataset.source)["uri"] == manifest["root"]
+        assert json.loads(dataset.profile)["images"] == sum(i["split"] == part for i in manifest["images"]) > 0
+    # Per-class results of the test evaluation, beside the confusion matrix.
+    assert "per_class.json" in files and "confusion_matrix.json" in files
+    table = client.load_table(run.info.experiment_id, "per_class.json", run_ids=[run.info.run_id])
+    assert list(table["class"]) == [f"digit_{d}" for d in range(10)]
+    assert set(table.columns) >= {"precision", "recall", "f1", "support"}
+    assert table["support"].sum() == int(params["n_test"])
+    assert metrics["test/f1_macro"] == pytest.approx(table["f1"].mean())
+    assert metrics["test/acc_balanced"] == pytest.approx(table["recall"].mean())
+    assert abs(metrics["test/acc_balanced"] - metrics["test/acc"]) < 0.05  # the digits are balanced
     # The logged head loads back and predicts like the fitted one.
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/head")
     example = np.random.default_rng(0).random((3, 4096), dtype=np.float32)

@@ -184,7 +184,10 @@ class ImageClassifier(PythonModel):
         if missing:
             raise MlflowException(f"backbone.pt lacks {', '.join(sorted(missing))} needed for layer {self.layer}")
         model.load_state_dict(state, strict=False, assign=True)
-        # As in extraction: the conv part in the extraction precision, channels_last; fc6/fc7 in fp32.
+        # As in extraction: the conv part and fc6/fc7 in the extraction precision, channels_last.
+        # The stored weights are in that precision already (bf16 for bf16 features, see
+        # models.logged.storage_precision); a bf16 backbone served where bf16 is not native
+        # runs in fp32 on the same (bf16-rounded) weights.
         self.model = backbone.to_inference(model, self.device, self.precision, self.layer)
         self.dtype = backbone.compute_dtype(self.precision)
         self.transform = backbone.preprocessing(spec["arch"], spec["image_size"])

@@ -11,6 +11,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from ..core.config import PARAMETER_BY_NAME
 from ..specs.experiments import TAG_EXPERIMENT, TAG_SETTING, Experiment, is_demo_setting
 
 
@@ -41,15 +42,35 @@ def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str)
                               max_results=1000)
 
 
+def resolved_params(run) -> dict[str, str]:
+    """A run's parameters as they were resolved, not as they were typed.
+
+    Under ``mlflow run`` a run's own params are the MLproject's values as given (for a sweep,
+    ``''``: "the study file's value"); what was used differs and is logged as
+    ``resolved.<name>``. A sweep's parent logs its study file's fixed settings (with the
+    command line's) as ``fixed.<name>``. Both are taken as ``<name>`` (``resolved.`` last, it is
+    what ran); a ``''`` left over (a parent logged before it logged its resolved setting) is the
+    study file's value where it fixes one, else the parameter's default.
+    """
+    params = dict(run.data.params)
+    for prefix in ("fixed.", "resolved."):
+        for key, value in run.data.params.items():
+            if key.startswith(prefix):
+                params[key[len(prefix):]] = value
+    for name, value in list(params.items()):
+        parameter = PARAMETER_BY_NAME.get(name)
+        if value in ("", "''") and parameter is not None and parameter.default != "":
+            default = parameter.default
+            params[name] = str(default).lower() if isinstance(default, bool) else str(default)
+    return params
+
+
 def run_setting(run, experiment: Experiment) -> str:
-    """'demo' or 'real': the tag set by ``scenesweep run``, else judged from the run's params."""
+    """'demo' or 'real': the tag set by ``scenesweep run``, else judged from the run's resolved params."""
     tagged = run.data.tags.get(TAG_SETTING)
     if tagged in ("demo", "real"):
         return tagged
-    params = run.data.params
-    # A sweep's parent logs its fixed settings as fixed.<name>; a missing one took the default.
-    values = {k[len("fixed."):]: v for k, v in params.items() if k.startswith("fixed.")} or params
-    return "demo" if is_demo_setting(values, experiment.uses_data) else "real"
+    return "demo" if is_demo_setting(resolved_params(run), experiment.uses_data) else "real"
 
 
 def _same_study_file(tag: str, experiment: Experiment) -> bool:

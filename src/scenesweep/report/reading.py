@@ -12,7 +12,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from ..core.config import LAYERS, POOLINGS
-from .finding import Found
+from .finding import Found, resolved_params
 
 STABILITY_EPOCHS = 5  # stability: spread of val/acc over the last epochs
 STABLE_SPREAD = 0.02  # a spread up to 2 percentage points counts as stable
@@ -47,13 +47,8 @@ def setting_text(found: Found, params: dict[str, str]) -> str:
 
 
 def run_params(run) -> dict[str, str]:
-    """Run parameters, with a sweep parent's fixed.<name> and 'resolved.<name>' taken as the name."""
-    params = dict(run.data.params)
-    for key, value in list(params.items()):
-        for prefix in ("fixed.", "resolved."):
-            if key.startswith(prefix):
-                params[key[len(prefix):]] = value
-    return params
+    """Run parameters as resolved (``finding.resolved_params``): what the setting line shows."""
+    return resolved_params(run)
 
 
 def download(run_id: str, path: str, target: Path) -> Path | None:

@@ -1,4 +1,9 @@
-"""One trial of a study as a nested MLflow run: the Objective Optuna's trials are handed to."""
+"""One trial of a study as a nested MLflow run: the Objective Optuna's trials are handed to.
+
+Each trial's run gets its params, the splits it read (``log_inputs``: the runs table's Dataset
+column), its metrics (per epoch, and final in one ``log_batch``) and, on CUDA, its peak GPU
+memory and utilisation; the trial gets an optuna-dashboard note linking its MLflow run.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,16 +12,19 @@ import threading
 import traceback
 from typing import Any
 
+import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna_dashboard import save_note
 
+from ..compute.features import resolve_device
 from ..compute.training import DATA_PARAMETERS, RunResult, fit_head, prepare
 from ..core.errors import UserError
 from ..search.sampling import suggest
 from ..search.trials import USER_ATTR_RUN_ID, this_worker
 from ..specs.studies import StudySpec
-from ..tracking import sink
+from ..tracking import provenance, sink
 
 # Tags a trial's run takes from its parent: who ran it, from what source and commit.
 INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
@@ -32,6 +40,20 @@ def trial_run_name(spec: StudySpec, number: int, params: dict[str, Any]) -> str:
     """'sweep_svm #7 C=0.012 layer=relu7'."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return f"{spec.study} #{number} {shown}"
+
+
+def trial_note(study_name: str, number: int, params: dict[str, Any], experiment_id: str, run_id: str,
+               parent_run_id: str) -> str:
+    """The trial's optuna-dashboard note (Markdown): its MLflow run and the study's parent, linked."""
+    uri = mlflow.get_tracking_uri()
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    lines = [f"## Trial #{number} of `{study_name}`", "", shown, "",
+             f"MLflow run: {provenance.ui_link(run_id, provenance.run_ui_path(experiment_id, run_id), uri)} "
+             f"(experiment id `{experiment_id}`, run id `{run_id}`)", "",
+             f"Study's parent run: "
+             f"{provenance.ui_link(parent_run_id, provenance.run_ui_path(experiment_id, parent_run_id), uri)}"]
+    hint = provenance.ui_hint(uri)
+    return "\n".join(lines + (["", hint] if hint else [])) + "\n"
 
 
 class Objective:
@@ -61,6 +83,9 @@ class Objective:
                                if k in INHERITED_TAGS}
         self._hardware: dict[str, str] | None = None
         self._lock = threading.Lock()  # one extraction at a time when n_jobs > 1
+        if self.data is not None:
+            # The study's splits on its parent (each worker may log them: nothing is added twice).
+            sink.log_datasets(parent_run_id, *self.data)
 
     def _create_run(self, trial: optuna.Trial, params: dict[str, Any], seed: int | None) -> str:
         worker = this_worker()
@@ -74,10 +99,24 @@ class Objective:
                                          + ", ".join(f"{k}={v}" for k, v in params.items())
                                          + f"; objective {self.spec.direction} {self.spec.metric}."})
         trial.set_user_attr(USER_ATTR_RUN_ID, run.info.run_id)
+        with contextlib.suppress(Exception):  # a note is a convenience, never why a trial fails
+            save_note(trial, trial_note(self.study_name, trial.number, params, self.experiment_id, run.info.run_id,
+                                        self.parent_run_id))
         return run.info.run_id
 
     def _fit(self, trial: optuna.Trial, run_id: str, config, prunable: bool = True) -> RunResult:
-        """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics."""
+        """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics;
+        on CUDA the trial's peak GPU memory and utilisation (logged when pruned or failed too)."""
+        gpu: dict[str, float] = {}
+        try:
+            with provenance.gpu_usage(str(resolve_device(config.device))) as gpu:
+                return self._fit_measured(trial, run_id, config, prunable)
+        finally:
+            if gpu:
+                with contextlib.suppress(Exception):
+                    sink.log_batch(run_id, metrics=gpu)
+
+    def _fit_measured(self, trial: optuna.Trial, run_id: str, config, prunable: bool) -> RunResult:
         with self._lock:
             prepared = prepare(config, progress=self.progress, data=self.data)
         if self._hardware is None:
@@ -85,6 +124,7 @@ class Objective:
         sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
                                        "dataset_fingerprint": prepared.dataset.fingerprint},
                        tags={**sink.cache_tags(prepared.features), **self._hardware, **sink.unit_tags(config)})
+        sink.log_datasets(run_id, prepared.dataset, prepared.split)
         log_epoch = sink.epoch_logger(run_id)
         metric = self.spec.metric
 

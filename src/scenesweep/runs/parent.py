@@ -4,6 +4,11 @@ The study records its parent's run id (user attribute ``mlflow_parent_run_id``);
 worker, on this machine or another, and every resume attaches its trials to that run. Under
 ``mlflow run`` the project's run (MLFLOW_RUN_ID) becomes the parent of a new study; when the
 study has its parent already, the project's run becomes a ``sweep=worker`` run pointing to it.
+
+The parent logs the study's setting as resolved (every run parameter that is not searched, e.g.
+``data``, ``weights``, ``image_size``): under ``mlflow run``, whose own params hold the
+MLproject's values as typed (``''`` for "the study file's"), a value that differs goes under
+``resolved.<name>``, as for single runs.
 """
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     if not client.get_experiment(experiment).tags.get("mlflow.note.content"):
         # The experiments list shows it in its Description column.
         client.set_experiment_tag(experiment, "mlflow.note.content", spec.description)
-    sink.log_batch(run_id, params={"study_name": study.study_name, "tunes": spec.tunes,
+    setting = {k: v for k, v in spec.trial_config({}).values.items() if k not in spec.space}
+    sink.log_batch(run_id, params={**setting, "study_name": study.study_name, "tunes": spec.tunes,
                                    "objective": f"{spec.direction} {spec.metric}",
                                    "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
                                    **{f"fixed.{k}": v for k, v in spec.fixed.items()},

@@ -2,7 +2,9 @@
 
 On the study's parent run: the trials table and Optuna's plots, the best trial's params and
 value, the best child tagged, the one test evaluation (the best trial refitted, features from
-the cache), its curves and confusion matrix, and the registered model. The parent run ends here.
+the cache), its curves, confusion matrix and per-class results, and the registered model; the
+study's optuna-dashboard note links the parent run and the registered version. The parent run
+ends here.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as oplt
+from optuna_dashboard import save_note
 
 from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare
 from ..models.registry import register_result
@@ -84,13 +87,22 @@ def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResu
     return result
 
 
-def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: FrozenTrial, result: RunResult) -> None:
+def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: FrozenTrial, result: RunResult,
+              new_best: bool = True) -> None:
+    """The best trial's test evaluation on the parent; ``new_best``: not summarised before (a
+    resume whose best trial did not change does not append its per-class rows again)."""
     sink.log_batch(parent_id, metrics={f"best/{spec.metric}": best.value,
                                        **{k: v for k, v in result.metrics.items() if k.startswith("test/")},
                                        "best/val/acc_refit": result.metrics["val/acc"]},
                    params={f"best.{k}": v for k, v in best.params.items()})
-    plots.log_figure(plots.confusion_figure(result.confusion, result.prepared.dataset.classes,
+    classes = result.prepared.dataset.classes
+    plots.log_figure(plots.confusion_figure(result.confusion, classes,
                                             f"{spec.study}: best trial #{best.number}, test"), "plots/confusion_matrix.png")
+    result.metrics.update(sink.log_per_class(parent_id, result.confusion, classes,
+                                             extra_columns={"trial": best.number}, table=new_best))
+    if not MlflowClient().get_run(parent_id).inputs.dataset_inputs:
+        # A study that searches a data parameter (seed, train_per_class): the best trial's splits.
+        sink.log_datasets(parent_id, result.prepared.dataset, result.prepared.split)
     if result.history:
         plots.log_figure(plots.curves_figure({"": result.history}, f"best trial #{best.number}"), "plots/curves.png")
     mlflow.log_dict(result.prepared.config.as_dict(), "best_config.yaml")
@@ -101,6 +113,34 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
         + f"; test/acc = {result.metrics['test/acc']:.4f} (computed once, for this trial)\n\n"
         f"{spec.description}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
         f"Command: `{provenance.command_line()}`"))
+
+
+def study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: dict[str, Any],
+               model_name: str | None) -> str:
+    """The study's optuna-dashboard note (Markdown): its parent run and registered version, linked."""
+    uri = mlflow.get_tracking_uri()
+    lines = [f"## Study `{study.study_name}`", "",
+             f"MLflow parent run: {provenance.ui_link(parent_id, provenance.run_ui_path(experiment_id, parent_id), uri)}"
+             f" (experiment id `{experiment_id}`, run id `{parent_id}`)", ""]
+    if "best_trial" in summary:
+        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
+        lines += [f"Best trial #{summary['best_trial']}: {summary['best_value']:.4f} ({params}); "
+                  f"test/acc = {summary['test_acc']:.4f}", ""]
+    elif summary.get("error"):
+        lines += [summary["error"], ""]
+    version = summary.get("registered_version")
+    if model_name and version:
+        path = provenance.model_version_ui_path(model_name, version)
+        lines += [f"Registered: {provenance.ui_link(f'{model_name} version {version}', path, uri)} "
+                  f"(`models:/{model_name}/{version}`)", ""]
+    hint = provenance.ui_hint(uri)
+    return "\n".join(lines + [hint] if hint else lines).rstrip() + "\n"
+
+
+def _save_study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: dict[str, Any],
+                     model_name: str | None) -> None:
+    with contextlib.suppress(Exception):  # a note is a convenience, never why a summary fails
+        save_note(study, study_note(study, parent_id, experiment_id, summary, model_name))
 
 
 def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenTrial], states: dict) -> dict:
@@ -128,16 +168,20 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
         log_trials_table(study)
         log_optuna_plots(study, spec)
         states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+        # The names and steps of the parent's live chart (runs.sweep.log_progress).
         sink.log_batch(parent_id, metrics={"trials/complete": states["COMPLETE"], "trials/pruned": states["PRUNED"],
-                                           "trials/failed": states["FAIL"]}, step=max(t.number for t in trials))
+                                           "trials/fail": states["FAIL"]}, step=max(t.number for t in trials))
         if not states["COMPLETE"]:
-            return _summarise_failure(study, parent_id, trials, states)
+            failure = _summarise_failure(study, parent_id, trials, states)
+            _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
+            return failure
         best = study.best_trial
         best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID, "")
         _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
         mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})
         result = evaluate_best(spec, best, progress)
-        _log_best(study, spec, parent_id, best, result)
+        summarised_before = (previous.get("best_trial"), previous.get("parent")) == (best.number, parent_id)
+        _log_best(study, spec, parent_id, best, result, new_best=not summarised_before)
         summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                    "best_run_id": best_run_id, "test_acc": result.metrics["test/acc"], "result": result}
         version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
@@ -146,6 +190,8 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
                 "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id})
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
+        _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},
+                         spec.register if register else None)
     return summary
 
 

@@ -6,22 +6,34 @@ numbers and dicts (and per-epoch metrics through ``on_epoch``) and these functio
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
+import pandas as pd
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ..compute.backbone import LayerRow, format_layer_table
 from ..core.config import PARAMETER_BY_NAME, RunConfig
 from . import plots, provenance
 
 if TYPE_CHECKING:  # training pulls in torch and torchvision (5 s): `scenesweep ui` needs neither
+    from ..compute.data import Dataset, Split
     from ..compute.features import Features
     from ..compute.training import Prepared, RunResult
+
+# The MLflow input context of each split: the runs table's Dataset column shows it beside the name.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+PER_CLASS_TABLE = "per_class.json"
 
 
 def param_value(value: Any) -> str:
@@ -96,6 +108,85 @@ def log_dataset(run_id: str, prepared: Prepared) -> None:
     MlflowClient().log_dict(run_id, manifest, "dataset/manifest.json")
 
 
+class ImageFolderSource(DatasetSource):
+    """The data folder a dataset was read from (source type ``local``, as MLflow's own)."""
+
+    def __init__(self, uri: str):
+        self._uri = uri
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "local"
+
+    def load(self, dst_path=None) -> str:
+        return self._uri
+
+    @staticmethod
+    def _can_resolve(raw_source) -> bool:
+        return False  # built here only, never picked by MLflow's source registry
+
+    @classmethod
+    def _resolve(cls, raw_source) -> ImageFolderSource:
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, str]:
+        return {"uri": self._uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict) -> ImageFolderSource:
+        return cls(source_dict["uri"])
+
+
+class ImageSplitDataset(MetaDataset):
+    """One split of an image folder as an MLflow dataset: metadata only (the images stay in the
+    folder; ``dataset/manifest.json`` lists them), with a profile of its size."""
+
+    def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict[str, Any]):
+        schema = Schema([ColSpec(DataType.string, "path"), ColSpec(DataType.string, "label")])
+        super().__init__(source=source, name=name, digest=digest, schema=schema)
+        self._profile = profile
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def split_digest(dataset: Dataset, indices: np.ndarray) -> str:
+    """'<fingerprint[:8]>-<images[:8]>': the dataset's content (the ``dataset_fingerprint`` param's
+    first 8 characters) and which of its images the split holds. Equal digests: the same images."""
+    images = hashlib.sha256(f"{dataset.fingerprint}:{','.join(map(str, np.sort(indices).tolist()))}".encode())
+    return f"{dataset.fingerprint[:8]}-{images.hexdigest()[:8]}"
+
+
+def dataset_inputs(dataset: Dataset, split: Split) -> list[DatasetInput]:
+    """The train, validation and test splits as MLflow dataset inputs (contexts training,
+    validation, test), named after the data folder, source the data folder."""
+    source = ImageFolderSource(str(dataset.root))
+    inputs = []
+    for part, context in DATASET_CONTEXTS.items():
+        indices = getattr(split, part)
+        labels = dataset.labels[indices]
+        profile = {"images": int(len(indices)), "classes": int(len(np.unique(labels))),
+                   "dataset_fingerprint": dataset.fingerprint, "split_fingerprint": split.fingerprint,
+                   "layout": dataset.layout, "manifest": "dataset/manifest.json"}
+        entity = ImageSplitDataset(source, dataset.root.name, split_digest(dataset, indices), profile)
+        inputs.append(DatasetInput(entity._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
+def log_datasets(run_id: str, dataset: Dataset, split: Split) -> None:
+    """``log_inputs`` of the three splits into ``run_id`` (the runs table's Dataset column).
+    Logging the same splits again into a run adds nothing."""
+    MlflowClient().log_inputs(run_id, datasets=dataset_inputs(dataset, split))
+
+
 def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_point: str) -> None:
     """Everything a run logs before fitting: config, dataset, cache, hardware."""
     features = prepared.features
@@ -110,6 +201,7 @@ def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_po
                     **hardware_tags(features.device), **unit_tags(config)})
     MlflowClient().log_dict(run_id, config.as_dict(), "config.yaml")
     log_dataset(run_id, prepared)
+    log_datasets(run_id, prepared.dataset, prepared.split)
 
 
 def final_metrics(result: RunResult) -> dict[str, float]:
@@ -119,8 +211,53 @@ def final_metrics(result: RunResult) -> dict[str, float]:
     return {**{k: v for k, v in result.metrics.items() if k not in per_epoch}, **timing_metrics(result.timings)}
 
 
+def per_class_results(confusion: np.ndarray, classes: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows = true class),
+    and the summary metrics ``test/f1_macro`` and ``test/acc_balanced``.
+
+    As scikit-learn's ``precision_recall_fscore_support`` with ``zero_division=0``: a class never
+    predicted has precision 0, a class without test images recall 0. The macro F1 averages the
+    classes present in the test split or predicted (scikit-learn's default labels), the balanced
+    accuracy the recall of the classes present in the test split (``balanced_accuracy_score``).
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)  # (K, K)
+    hits = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    table = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1,
+                          "support": support.astype(np.int64), "predicted": predicted.astype(np.int64)})
+    seen = (support > 0) | (predicted > 0)
+    metrics = {"test/f1_macro": float(f1[seen].mean()) if seen.any() else 0.0,
+               "test/acc_balanced": float(recall[support > 0].mean()) if (support > 0).any() else 0.0}
+    return table, metrics
+
+
+def log_per_class(run_id: str, confusion: np.ndarray, classes: tuple[str, ...],
+                  extra_columns: dict[str, Any] | None = None, table: bool = True) -> dict[str, float]:
+    """``test/f1_macro``, ``test/acc_balanced`` and the per-class table (``per_class.json``, a
+    ``log_table`` table: one row per class; ``extra_columns`` e.g. the trial number).
+
+    Args:
+        table: log the table too (``log_table`` appends to a table logged before: a summary
+            that has logged it for the same trial already passes False).
+
+    Returns:
+        The summary metrics.
+    """
+    rows, metrics = per_class_results(confusion, classes)
+    for name, value in (extra_columns or {}).items():
+        rows.insert(0, name, value)
+    log_batch(run_id, metrics=metrics)
+    if table:
+        MlflowClient().log_table(run_id, data=rows, artifact_file=PER_CLASS_TABLE)
+    return metrics
+
+
 def log_result(run_id: str, result: RunResult, title: str) -> None:
-    """Final metrics, timings, plots: everything a run logs after fitting."""
+    """Final metrics, timings, plots, per-class results: everything a run logs after fitting."""
     log_batch(run_id, metrics=final_metrics(result), step=len(result.history))
     classes = result.prepared.dataset.classes
     client = MlflowClient()
@@ -129,6 +266,7 @@ def log_result(run_id: str, result: RunResult, title: str) -> None:
                          "plots/confusion_matrix.png", run_id)
         client.log_dict(run_id, {"classes": list(classes), "matrix": result.confusion.tolist()},
                         "confusion_matrix.json")
+        log_per_class(run_id, result.confusion, classes)
     if result.history:
         plots.log_figure(plots.curves_figure({"": result.history}, title), "plots/curves.png", run_id)
 
