@@ -6,6 +6,7 @@ import os
 import pwd
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -186,8 +187,10 @@ def stop_postgres(directory: Path) -> bool:
     return True
 
 
-def restart_postgres(directory: Path) -> None:
-    """Stop and start PostgreSQL alone, on the same address (the MLflow server reconnects)."""
+def restart_postgres(directory: Path, down_s: float = 0.0) -> None:
+    """Stop and start PostgreSQL alone, on the same address (the MLflow server reconnects);
+    ``down_s``: seconds it stays down in between (an outage, as a failover or a reboot makes)."""
     state = read_state(directory)
     stop_postgres(directory)
+    time.sleep(down_s)
     start_postgres(directory, state["host"], state["pg_port"])

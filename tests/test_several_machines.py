@@ -1,0 +1,439 @@
+"""Sweeps on shared services, as on several machines: PostgreSQL for Optuna, an MLflow server.
+
+One real PostgreSQL cluster and one real ``mlflow server`` (proxied artifacts) serve the module
+(tests/services_fixture.py). Workers are real ``scenesweep sweep`` processes with
+``MLFLOW_TRACKING_URI=http://...`` and ``OPTUNA_STORAGE=postgresql://...``, as the exports of
+``scenesweep services start`` set them. Each test has its own study, experiment and (where a
+test needs a new database) its own empty schema in the ``optuna`` database, so the tests do not
+depend on each other's order. Tiny data: 3 classes, 32 px, 10 training images per class, pool5.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import psycopg
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
+
+from scenesweep.services import servers
+from scenesweep.services import shared_stores as services
+
+from conftest import CLASSES, REPO, run_cli
+from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
+
+pytestmark = pytest.mark.slow
+
+
+# --- the services, as a worker machine sees them ---------------------------------------------
+
+@pytest.fixture
+def remote(postgres_services, monkeypatch):
+    """This test's processes talk to the services only: the server and the optuna database."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_services.tracking_uri)
+    monkeypatch.setenv("OPTUNA_STORAGE", postgres_services.storage_url)
+    import mlflow
+
+    mlflow.set_tracking_uri(postgres_services.tracking_uri)
+    return postgres_services
+
+
+def password(services) -> str:
+    return urllib.parse.urlsplit(services.storage_url).password
+
+
+def fresh_schema(services) -> str:
+    """A new, empty schema in the optuna database, and the storage URL that uses it: for the
+    workers, a database that has never seen Optuna (its tables are created by whoever comes first)."""
+    schema = f"fresh_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(services.storage_url, connect_timeout=10, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    return f"{services.storage_url}?options={urllib.parse.quote(f'-csearch_path={schema}')}"
+
+
+def write_study(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(body).replace("STUDY", name))
+    return path
+
+
+def svm_study(tmp_path, flat_scenes, name, n_trials, register=""):
+    return write_study(tmp_path, name, f"""
+        study: STUDY
+        experiment: STUDY
+        tunes: svm
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, image_size: 32,
+                cache_dir: "{tmp_path / 'cache'}"}}
+        space:
+          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
+        sampler: {{name: tpe, seed: 0}}
+        n_trials: {n_trials}
+        register: "{register}"
+        """)
+
+
+def mlp_study(tmp_path, flat_scenes, name, n_trials, epochs):
+    """Trials long enough to be killed in the middle of one (``epochs`` of a 64-wide head)."""
+    return write_study(tmp_path, name, f"""
+        study: STUDY
+        experiment: STUDY
+        tunes: mlp
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, image_size: 32, hidden: "64",
+                epochs: {epochs}, cache_dir: "{tmp_path / 'cache'}"}}
+        space:
+          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
+        n_trials: {n_trials}
+        register: ""
+        """)
+
+
+class Worker(subprocess.Popen):
+    """A ``scenesweep sweep`` process whose output goes to files (pipes read one worker at a time
+    could fill up and block a worker that holds the study lock)."""
+
+    def __init__(self, command: list[str], env: dict, logs: Path):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = (logs / f"{uuid.uuid4().hex[:8]}.{n}" for n in ("out", "err"))
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            super().__init__(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+
+    def output(self) -> tuple[str, str]:
+        return self.out_path.read_text(), self.err_path.read_text()
+
+
+def start_workers(count: int, study: Path, *args: str, heartbeat: str = "30", env: dict | None = None) -> list[Worker]:
+    command = [sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress", "--heartbeat", heartbeat,
+               *args]
+    return [Worker(command, {**os.environ, **(env or {})}, study.parent / "logs") for _ in range(count)]
+
+
+def finish(workers: list[Worker], timeout: float = 600) -> list[tuple[str, str]]:
+    """Wait for every worker (all killed when one outlasts ``timeout``); their (stdout, stderr)."""
+    deadline = time.monotonic() + timeout
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+        pytest.fail("workers still running after %d s; their stderr:\n" % timeout
+                    + "\n".join(w.output()[1][-3000:] for w in workers))
+    return [worker.output() for worker in workers]
+
+
+def load(name: str, storage: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def trials_of(name: str, storage: str) -> list:
+    try:
+        return load(name, storage).trials
+    except KeyError:  # not created yet
+        return []
+
+
+def experiment_runs(name: str) -> list:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no experiment {name!r} on the server"
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def parent_and_children(name: str):
+    runs = experiment_runs(name)
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    return runs, parents, children
+
+
+def assert_no_password(services, runs, outputs=()) -> None:
+    """The password is in no run tag, param or note, and in no line a worker printed."""
+    secret = password(services)
+    for run in runs:
+        for kind, values in (("tag", run.data.tags), ("param", run.data.params)):
+            leaked = [key for key, value in values.items() if secret in str(value) or secret in key]
+            assert not leaked, f"run {run.info.run_name}: the password is in its {kind}(s) {leaked}"
+    for out, err in outputs:
+        leaked = [line for line in (out + err).splitlines() if secret in line]
+        assert not leaked, f"a worker printed the password: {leaked[0].replace(secret, '***')}"
+
+
+def assert_nothing_running(runs) -> None:
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def wait_for_running_trial(name: str, storage: str, pids: set[int], number: int | None = None,
+                           timeout: float = 300):
+    """A trial RUNNING (trial ``number``, else any) with its MLflow run, run by one of ``pids``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in trials_of(name, storage):
+            if number is not None and trial.number != number:
+                continue
+            worker = trial.user_attrs.get("worker") or {}
+            if trial.state == TrialState.RUNNING and "mlflow_run_id" in trial.user_attrs \
+                    and worker.get("pid") in pids:
+                return trial
+        time.sleep(0.3)
+    pytest.fail(f"no trial of {name} ran within {timeout} s")
+
+
+# --- many workers, one study -------------------------------------------------------------------
+
+def test_three_workers_on_a_fresh_database_share_one_study_exactly(remote, flat_scenes, tmp_path):
+    """Three workers started together on a database Optuna has never seen all come up (the schema
+    is created once); together they finish exactly n_trials, no parameter set twice; the study
+    is one parent run holding every trial, each nested and tagged with its worker; one model
+    version is registered; nothing stays RUNNING and the password is nowhere."""
+    storage = fresh_schema(remote)
+    name = f"three_{uuid.uuid4().hex[:6]}"
+    model = f"sc-{name}"
+    study = svm_study(tmp_path, flat_scenes, name, n_trials=9, register=model)
+    workers = start_workers(3, study, env={"OPTUNA_STORAGE": storage})
+    outputs = finish(workers)
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-4000:]
+
+    trials = load(name, storage).trials
+    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 9
+    runs, parents, children = parent_and_children(name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert load(name, storage).user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert len(children) == 9 and {c.data.tags[MLFLOW_PARENT_RUN_ID] for c in children} == {parent.info.run_id}
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in trials}
+    assert set(by_run) == {c.info.run_id for c in children}
+    for child in children:
+        worker = by_run[child.info.run_id].user_attrs["worker"]
+        assert child.data.tags["host"] == worker["host"] and child.data.tags["pid"] == str(worker["pid"])
+        assert child.data.tags["trial_number"] == str(by_run[child.info.run_id].number)
+        assert child.info.status == "FINISHED"
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:/"), child.info.artifact_uri
+    assert {c.data.tags["pid"] for c in children} <= {str(w.pid) for w in workers}
+    # One worker summarised and registered.
+    assert sum("best trial #" in out for out, _ in outputs) == 1
+    assert parent.data.tags["best_trial"] == str(load(name, storage).best_trial.number)
+    versions = MlflowClient().search_model_versions(f"name='{model}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert versions[0].run_id == parent.info.run_id
+    assert parent.data.tags["optuna.storage"].startswith("postgresql://scenesweep:***@")
+    assert_nothing_running(runs)
+    assert_no_password(remote, runs, outputs)
+
+
+def test_a_worker_killed_mid_trial_is_failed_and_retried_by_the_others(remote, flat_scenes, tmp_path):
+    """SIGKILL one of three workers while it runs a trial: the two others fail that trial at once
+    (same host, its pid is gone), end its run FAILED, retry its parameters; exactly n_trials
+    complete and nothing stays RUNNING."""
+    storage = remote.storage_url
+    name = f"killed_{uuid.uuid4().hex[:6]}"
+    study = mlp_study(tmp_path, flat_scenes, name, n_trials=4, epochs=300)
+    workers = start_workers(3, study, heartbeat="5")
+    try:
+        victim_trial = wait_for_running_trial(name, storage, {w.pid for w in workers})
+        victim = next(w for w in workers if w.pid == victim_trial.user_attrs["worker"]["pid"])
+        time.sleep(1.0)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+        survivors = [w for w in workers if w is not victim]
+        outputs = finish(survivors)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for worker, (_, err) in zip(survivors, outputs):
+        assert worker.returncode == 0, err[-4000:]
+    assert victim.returncode == -signal.SIGKILL
+
+    trials = load(name, storage).trials
+    killed = trials[victim_trial.number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params and retries[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4 and len(trials) == 5
+    runs, parents, children = parent_and_children(name)
+    by_id = {r.info.run_id: r for r in runs}
+    killed_run = by_id[killed.user_attrs["mlflow_run_id"]]
+    assert killed_run.info.status == "FAILED"
+    assert f"{victim.pid}" in killed_run.data.tags["error"] and "retried" in killed_run.data.tags["error"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 5
+    assert_nothing_running(runs)
+    assert_no_password(remote, runs, outputs)
+
+
+def test_a_dead_worker_on_another_machine_is_found_by_its_heartbeat(remote, flat_scenes, tmp_path):
+    """A trial whose worker ran elsewhere (its host is not this one, so no pid can be checked)
+    is failed once its heartbeat is stale, its run ends FAILED, its parameters are retried."""
+    storage = remote.storage_url
+    name = f"elsewhere_{uuid.uuid4().hex[:6]}"
+    study = mlp_study(tmp_path, flat_scenes, name, n_trials=2, epochs=300)
+    (lone,) = start_workers(1, study, heartbeat="3")
+    try:
+        wait_for_running_trial(name, storage, {lone.pid}, number=0)
+        time.sleep(1.0)
+        lone.send_signal(signal.SIGKILL)
+    finally:
+        lone.kill()
+        lone.wait(30)
+    frozen = load(name, storage).trials[0]
+    assert frozen.state == TrialState.RUNNING
+    rdb = optuna.storages.RDBStorage(storage)
+    rdb.set_trial_user_attr(frozen._trial_id, "worker", {**frozen.user_attrs["worker"], "host": "another-machine"})
+    rdb.engine.dispose()
+    workers = start_workers(2, study, heartbeat="3")
+    outputs = finish(workers)
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-4000:]
+    trials = load(name, storage).trials
+    assert trials[0].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].params == frozen.params
+    runs, parents, _ = parent_and_children(name)
+    killed = {r.info.run_id: r for r in runs}[frozen.user_attrs["mlflow_run_id"]]
+    assert killed.info.status == "FAILED"
+    assert "another-machine" in killed.data.tags["error"] and "heartbeat went stale" in killed.data.tags["error"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert_nothing_running(runs)
+
+
+@pytest.mark.parametrize("down_s", [0, 6], ids=["restart", "6s-outage"])
+def test_a_database_restart_mid_sweep_is_survived(remote, flat_scenes, tmp_path, down_s):
+    """PostgreSQL restarts (fast shutdown: every session cut, the study lock's included) while
+    two workers run trials, at once or after an outage of a few seconds: the workers wait and
+    retry, and the study completes with exactly n_trials, nothing RUNNING."""
+    storage = remote.storage_url
+    name = f"restart_{uuid.uuid4().hex[:6]}"
+    study = mlp_study(tmp_path, flat_scenes, name, n_trials=4, epochs=100)
+    workers = start_workers(2, study, heartbeat="10")
+    try:
+        deadline = time.monotonic() + 300
+        while not any(t.state == TrialState.COMPLETE for t in trials_of(name, storage)):
+            assert time.monotonic() < deadline, "no trial completed within 300 s"
+            assert all(w.poll() is None for w in workers), [w.output()[1][-3000:] for w in workers]
+            time.sleep(0.5)
+        wait_for_running_trial(name, storage, {w.pid for w in workers})
+        if down_s:
+            services.restart_postgres(remote.dir, down_s=down_s)
+        else:
+            remote.restart_postgres()
+        outputs = finish(workers)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-4000:]
+    trials = load(name, storage).trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4, [t.state for t in trials]
+    runs, parents, children = parent_and_children(name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert_nothing_running(runs)
+    assert_no_password(remote, runs, outputs)
+
+
+# --- the registry through the server ---------------------------------------------------------
+
+def hidden_from(folder: Path, command: list[str]) -> list[str]:
+    """``command`` run where ``folder`` reads as empty (a private mount namespace with a tmpfs
+    over it), when this machine allows it (root, unshare); else ``command`` as it is."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        return command
+    probe = subprocess.run([unshare, "--mount", "true"], capture_output=True)
+    if probe.returncode:
+        return command
+    return [unshare, "--mount", "sh", "-c", 'mount -t tmpfs scenesweep-hidden "$0" && exec "$@"', str(folder),
+            *command]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_path):
+    """A model registered through the server is promoted, predicted with and served from a
+    folder that cannot see the services' artifact directory: artifacts come through the proxy."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    model = "scene-classifier"
+    trained = run_cli("svm", "--data", str(flat_scenes), "--train_per_class", "10", "--layer", "pool5",
+                      "--image_size", "32", "--cache_dir", str(tmp_path / "cache"), "--register", model,
+                      "--no-progress", cwd=elsewhere)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    client = MlflowClient()
+    (version,) = client.search_model_versions(f"name='{model}'")
+    assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
+
+    def cli(*args):
+        command = hidden_from(remote.dir, [sys.executable, "-m", "scenesweep", *args])
+        return subprocess.run(command, capture_output=True, text=True, cwd=elsewhere, env=dict(os.environ),
+                              timeout=300)
+
+    promoted = cli("promote", "--name", model)
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert client.get_registered_model(model).aliases.get("champion") == version.version
+    images = sorted(flat_scenes.glob("*/*"))[:: 7]
+    predicted = cli("predict", *map(str, images), "--json")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = json.loads(predicted.stdout)
+    assert [r["file"] for r in rows] == list(map(str, images)) and {r["label"] for r in rows} <= set(CLASSES)
+
+    port = servers.free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(hidden_from(remote.dir, [str(bin_dir / "mlflow"), "models", "serve", "-m",
+                                                           f"models:/{model}@champion", "--env-manager", "local",
+                                                           "-h", "127.0.0.1", "-p", str(port)]),
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere, env=env,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not serving after 120 s: " + log_path.read_text()[-3000:]
+            time.sleep(1)
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]}}
+        status, answer = post(f"{base}/invocations", body)
+        assert status == 200, answer
+        assert [p["label"] for p in answer["predictions"]] == [r["label"] for r in rows]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert not list(elsewhere.iterdir()), f"files written in the client's folder: {list(elsewhere.iterdir())}"
