@@ -74,6 +74,8 @@ def test_both_databases_accept_the_printed_url_and_nothing_else(postgres_service
     for url, name in ((postgres_services.storage_url, "optuna"), (postgres_services.mlflow_database_url, "mlflow")):
         with psycopg.connect(url, connect_timeout=5) as connection:
             assert connection.execute("SELECT current_database()").fetchone()[0] == name
+            # Room for many workers (each holds up to 4 connections, the MLflow server 15).
+            assert int(connection.execute("SHOW max_connections").fetchone()[0]) >= 300
     psql = services.postgres_bin() / "psql"
     result = subprocess.run([str(psql), postgres_services.storage_url, "-XAtc", "SELECT current_user"],
                             capture_output=True, text=True, timeout=30)

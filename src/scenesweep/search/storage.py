@@ -58,10 +58,15 @@ def is_disconnect(error: BaseException) -> bool:
     """Whether ``error`` says the database went away (the connection was cut or refused, the
     server is shutting down or starting up), not that the statement was wrong. Optuna wraps
     SQLAlchemy's errors in ``StorageInternalError``: its cause is looked at."""
-    for candidate in (error, error.__cause__):
+    candidate, seen = error, 0
+    while candidate is not None and seen < 4:
         if isinstance(candidate, sqlalchemy.exc.DBAPIError) and (
                 candidate.connection_invalidated or isinstance(candidate, sqlalchemy.exc.OperationalError)):
             return True
+        # A session whose connection died mid-transaction: a new session (the retry) is clean.
+        if isinstance(candidate, sqlalchemy.exc.PendingRollbackError):
+            return True
+        candidate, seen = candidate.__cause__ or candidate.__context__, seen + 1
     return False
 
 
@@ -110,7 +115,9 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "get_trial_id_from_study_id_trial_number", "get_trial_param", "set_trial_state_values",
               "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial",
               "get_all_trials", "get_best_trial", "get_trial_user_attrs", "get_trial_system_attrs",
-              "record_heartbeat", "_get_stale_trial_ids"):
+              "record_heartbeat", "_get_stale_trial_ids",
+              # ... and the private ones Optuna's _CachedStorage (what a Study holds) calls directly.
+              "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
     setattr(ResilientRDBStorage, _name, _resilient(getattr(optuna.storages.RDBStorage, _name)))
 del _name
 

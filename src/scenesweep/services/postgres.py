@@ -152,6 +152,9 @@ def _ensure_role_and_databases(directory: Path, port: int, password: str) -> Non
                   "creating the scenesweep role and databases", stdin=sql, secret=password)
 
 
+MAX_CONNECTIONS = 300  # about 70 workers
+
+
 def start_postgres(directory: Path, host: str, port: int) -> int:
     """Start DIR/pg's cluster on host:port (initdb first when new) and make sure the role and
     both databases exist. Returns the postmaster's pid; does nothing when it runs already."""
@@ -167,8 +170,10 @@ def start_postgres(directory: Path, host: str, port: int) -> int:
     log.touch(mode=0o600)
     _chown_to_owner(log)
     # Bound to --host only; the port is chosen per start, so it goes on the command line.
+    # Connections: each worker holds at most 4 (search.storage.POSTGRES_ENGINE) and the MLflow
+    # server up to 15 (SQLAlchemy's 5 + 10): the default 100 would cap a study at ~20 workers.
     _run_as_owner([str(postgres_bin() / "pg_ctl"), "-D", str(paths["pg"]), "-l", str(log), "-w", "-t", "60", "-s",
-                   "-o", f"-c listen_addresses={host} -p {port}", "start"],
+                   "-o", f"-c listen_addresses={host} -p {port} -c max_connections={MAX_CONNECTIONS}", "start"],
                   f"starting PostgreSQL on {host}:{port} (log: {log})")
     _ensure_role_and_databases(directory, port, password)
     running = postmaster_info(directory)
