@@ -1,13 +1,5 @@
 """Optuna studies tracked in MLflow, against temporary stores: the README's promises for sweeps."""
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -15,39 +7,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from scenesweep.core.config import run_parameters
-from scenesweep.search.storage import default_storage
 from scenesweep.specs.studies import load_study
 
-from conftest import REPO, run_cli, run_mlflow_project
+from conftest import REPO, run_mlflow_project
+from sweep_helpers import all_runs, load, parents_and_children, sweep, write_study
 
 pytestmark = pytest.mark.slow
 STUDY_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
-
-
-def all_runs():
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-
-
-def parents_and_children():
-    runs = all_runs()
-    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
-    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    return parents, children
-
-
-def load(study_name="sweep_svm"):
-    return optuna.load_study(study_name=study_name, storage=default_storage())
-
-
-def sweep(study_file, *args, **kwargs):
-    return run_cli("sweep", str(study_file), "--no-progress", *args, **kwargs)
-
-
-def write_study(tmp_path, text, name="study.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.name)
@@ -196,134 +162,6 @@ def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):
     assert parents[0].data.tags["best_trial"] == "1"
 
 
-def test_running_again_resumes_up_to_n_trials_in_total(flat_scenes, tmp_path):
-    args = ("--data", str(flat_scenes), "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"),
-            "--no-register")
-    first = sweep(REPO / "sweeps" / "svm_c.yaml", "--n_trials", "2", *args)
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = sweep(REPO / "sweeps" / "svm_c.yaml", "--n_trials", "3", *args)
-    assert second.returncode == 0, second.stderr[-4000:]
-    trials = load("sweep_svm").trials
-    assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
-    # The resume drew new parameters: it did not replay the first run's start-up points.
-    assert trials[2].params != trials[1].params
-    # One study, one parent run: the resume attached its trial to it.
-    parents, children = parents_and_children()
-    assert len(parents) == 1 and len(children) == 3
-    assert parents[0].info.status == "FINISHED"
-    assert {c.data.tags[MLFLOW_PARENT_RUN_ID] for c in children} == {parents[0].info.run_id}
-
-
-def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes, tmp_path):
-    study = write_study(tmp_path, f"""
-        study: killed
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, hidden: "64", epochs: 300,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
-        n_trials: 1
-        register: ""
-        """)
-    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", "1",
-                               "--no-progress"], cwd=REPO, env=dict(os.environ),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                trials = load("killed").trials
-            except KeyError:
-                trials = []
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the trial never started")
-        time.sleep(1.5)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait(30)
-    killed_params = load("killed").trials[0].params
-    time.sleep(2.5)  # past the grace period (2 heartbeats)
-    result = sweep(study, "--heartbeat", "1")
-    assert result.returncode == 0, result.stderr[-4000:]
-    trials = load("killed").trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].params == killed_params and trials[1].system_attrs["failed_trial"] == 0
-    runs = all_runs()
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    killed_run = [r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"]][0]
-    assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["error"]
-    # The killed worker's parent is the study's: the resume attached to it and finished it.
-    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-
-
-def start_workers(count, study, *args, heartbeat="30"):
-    command = [sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress", "--heartbeat", heartbeat, *args]
-    return [subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(count)]
-
-
-def test_three_workers_share_one_study_exactly(flat_scenes, tmp_path):
-    """Three workers at once: exactly n_trials finish, no two draw the same parameters, one
-    parent run holds every trial (each tagged with the worker that ran it), one model version."""
-    study = write_study(tmp_path, f"""
-        study: shared
-        experiment: svm
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
-        sampler: {{name: tpe, seed: 0}}
-        n_trials: 9
-        register: scene-classifier
-        """)
-    workers = start_workers(3, study)
-    outputs = [w.communicate(timeout=900) for w in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-4000:]
-    trials = load("shared").trials
-    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.params["C"] for t in trials}) == 9  # no repeated start-up points
-    parents, children = parents_and_children()
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 9 and {c.data.tags[MLFLOW_PARENT_RUN_ID] for c in children} == {parents[0].info.run_id}
-    by_run = {t.user_attrs["mlflow_run_id"]: t for t in trials}
-    assert set(by_run) == {c.info.run_id for c in children}
-    for child in children:
-        worker = by_run[child.info.run_id].user_attrs["worker"]
-        assert child.data.tags["pid"] == str(worker["pid"]) and child.data.tags["host"] == worker["host"]
-        assert child.info.status == "FINISHED"
-    assert {c.data.tags["pid"] for c in children} <= {str(w.pid) for w in workers}
-    # One worker summarised: one best trial, one registered version.
-    assert sum("best trial #" in out for out, _ in outputs) == 1
-    assert [str(v.version) for v in MlflowClient().search_model_versions("name='scene-classifier'")] == ["1"]
-    assert parents[0].data.tags["best_trial"] == str(load("shared").best_trial.number)
-
-
-def test_a_seeded_study_is_reproducible_with_one_worker(flat_scenes, tmp_path, monkeypatch):
-    study = write_study(tmp_path, f"""
-        study: seeded
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
-        sampler: {{name: random, seed: 7}}
-        n_trials: 3
-        register: ""
-        """)
-    draws = []
-    for name in ("first", "second"):
-        result = sweep(study, "--storage", f"sqlite:///{tmp_path / (name + '.db')}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        loaded = optuna.load_study(study_name="seeded", storage=f"sqlite:///{tmp_path / (name + '.db')}")
-        draws.append([t.params["C"] for t in loaded.trials])
-    assert draws[0] == draws[1] and len(set(draws[0])) == 3
-
-
 def test_a_study_name_given_on_the_command_line_tags_every_trial(flat_scenes, tmp_path):
     result = sweep(REPO / "sweeps" / "svm_c.yaml", "--n_trials", "2", "--study_name", "my_study",
                    "--data", str(flat_scenes), "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"),
@@ -356,112 +194,6 @@ def test_a_study_where_every_trial_fails_exits_non_zero(flat_scenes, tmp_path):
     assert not [r for r in all_runs() if r.info.status == "RUNNING"]
 
 
-def kill_during_trial(study, number, *args, heartbeat="1"):
-    """Start a worker, SIGKILL it while trial ``number`` runs; returns that trial's params."""
-    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", heartbeat,
-                               "--no-progress", *args], cwd=REPO, env=dict(os.environ),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    name = yaml.safe_load(study.read_text())["study"]
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                trials = load(name).trials
-            except KeyError:
-                trials = []
-            if len(trials) > number and trials[number].state == TrialState.RUNNING \
-                    and "mlflow_run_id" in trials[number].user_attrs:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"trial {number} never started")
-        time.sleep(1.0)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait(30)
-    return load(name).trials[number].params
-
-
-def long_mlp_study(tmp_path, flat_scenes, name, n_trials):
-    return write_study(tmp_path, f"""
-        study: {name}
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, hidden: "64", epochs: 300,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
-        n_trials: {n_trials}
-        register: ""
-        """, name=f"{name}.yaml")
-
-
-def test_a_trial_killed_in_the_last_slot_is_retried_at_once_on_this_host(flat_scenes, tmp_path):
-    """The study already has n_trials (the killed one included) and the heartbeat is fresh: the
-    resume fails it at once (its pid is gone), retries its parameters, and leaves nothing RUNNING."""
-    study = long_mlp_study(tmp_path, flat_scenes, "last_slot", 1)
-    # A 300 s heartbeat: waiting for it to go stale (600 s) would outlast sweep()'s timeout.
-    killed_params = kill_during_trial(study, 0, heartbeat="300")
-    result = sweep(study, "--heartbeat", "300")
-    assert result.returncode == 0, result.stderr[-4000:]
-    trials = load("last_slot").trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].params == killed_params
-    assert not [r.info.run_name for r in all_runs() if r.info.status == "RUNNING"]
-
-
-def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path):
-    """A trial whose worker ran on another machine (its pid cannot be checked here) is failed
-    once its heartbeat goes stale, retried, and its run ends FAILED: the sweep waits it out."""
-    study = long_mlp_study(tmp_path, flat_scenes, "elsewhere", 1)
-    # Heartbeats every 10 s: the trial is not stale yet when the resume starts, so it waits.
-    kill_during_trial(study, 0, heartbeat="10")
-    storage = optuna.storages.RDBStorage(default_storage())
-    frozen = load("elsewhere").trials[0]
-    storage.set_trial_user_attr(frozen._trial_id, "worker", {**frozen.user_attrs["worker"], "host": "another-machine"})
-    result = sweep(study, "--heartbeat", "10")
-    assert result.returncode == 0, result.stderr[-4000:]
-    trials = load("elsewhere").trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    runs = {r.info.run_id: r for r in all_runs()}
-    killed = runs[trials[0].user_attrs["mlflow_run_id"]]
-    assert killed.info.status == "FAILED" and "another-machine" in killed.data.tags["error"]
-    assert "heartbeat went stale" in killed.data.tags["error"]
-    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
-
-
-def test_two_mlflow_runs_at_once_on_a_fresh_store(flat_scenes, tmp_path, monkeypatch):
-    """Two `mlflow run -e sweep_svm` started together on a new SQLite store both come up (the
-    schema is created once), share the study, and write their artifacts beside that store."""
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{fresh / 'mlflow.db'}")
-    before = set((REPO / "mlruns").iterdir()) if (REPO / "mlruns").is_dir() else set()
-    params = {"data": flat_scenes, "train_per_class": 10, "n_trials": 4, "cache_dir": tmp_path / "cache"}
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow_bin, "run", ".", "-e", "sweep_svm", "--env-manager", "local", "--experiment-name", "svm"]
-    for key, value in params.items():
-        command += ["-P", f"{key}={value}"]
-    runs = [subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [r.communicate(timeout=900) for r in runs]
-    for run, (_, err) in zip(runs, outputs):
-        assert run.returncode == 0, err[-4000:]
-    study = optuna.load_study(study_name="sweep_svm", storage=f"sqlite:///{fresh / 'optuna.db'}")
-    assert len(study.trials) == 4
-    client = MlflowClient(tracking_uri=f"sqlite:///{fresh / 'mlflow.db'}")
-    everything = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
-    parents = [r for r in everything if r.data.tags.get("sweep") == "parent"]
-    workers = [r for r in everything if r.data.tags.get("sweep") == "worker"]
-    assert {r.info.status for r in everything} == {"FINISHED"}
-    assert len(parents) == 1 and len(workers) == 1
-    assert workers[0].data.tags["study_parent_run_id"] == parents[0].info.run_id
-    for run in everything:
-        assert run.info.artifact_uri.startswith((fresh / "artifacts").as_uri()), run.info.artifact_uri
-    after = set((REPO / "mlruns").iterdir()) if (REPO / "mlruns").is_dir() else set()
-    assert after == before, "artifacts were written into the checkout's mlruns/"
-
-
 @pytest.mark.parametrize("body, fragment", [
     ("study: s\ntunes: svm\nspace: {C: {type: float, low: 0.1, high: 1}}\nn_trials: 1\nbogus: 1\n", "unknown key(s) bogus"),
     ("study: s\ntunes: svm\nspace: {lr: {type: float, low: 0.1, high: 1}}\nn_trials: 1\n", "space key 'lr' is not a parameter of 'svm'"),
@@ -482,12 +214,3 @@ def test_bad_study_files_are_refused_before_any_trial(body, fragment, tmp_path):
     assert not all_runs()
 
 
-def test_a_study_does_not_resume_under_another_setting(flat_scenes, tmp_path):
-    args = ("--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"), "--no-register", "--n_trials", "1")
-    first = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), *args)
-    assert first.returncode == 0, first.stderr[-4000:]
-    other = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), "--image_size", "48", *args)
-    assert other.returncode == 2 and "image_size: 32 -> 48" in other.stderr and "--study_name" in other.stderr
-    renamed = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(flat_scenes), "--image_size", "48",
-                    "--study_name", "sweep_svm_48px", *args)
-    assert renamed.returncode == 0, renamed.stderr[-4000:]

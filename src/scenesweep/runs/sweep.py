@@ -78,27 +78,42 @@ def dead_here_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)")
 
 
-def study_setting(spec: StudySpec) -> dict[str, str]:
-    """The fixed settings a study's trials were measured under (data, weights, image size, ...)."""
+def study_setting(spec: StudySpec, dataset_fingerprint: str | None = None) -> dict[str, str]:
+    """The fixed settings a study's trials were measured under (data, weights, image size, ...),
+    and the dataset's content (``dataset``: its fingerprint) when it was loaded."""
     config = spec.trial_config({})
-    return {k: str(v) for k, v in config.values.items() if k not in spec.space and k not in SETTING_FREE}
+    setting = {k: str(v) for k, v in config.values.items() if k not in spec.space and k not in SETTING_FREE}
+    if dataset_fingerprint:
+        setting["dataset"] = dataset_fingerprint
+    return setting
 
 
-def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str) -> None:
+def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str,
+                       dataset_fingerprint: str | None = None) -> None:
     """Record the setting of a new study; refuse to resume one made under another setting.
 
     Resuming a digits demo study with ``data=15-Scene`` would mix trials measured on two
     datasets (and could run no new trial at all): say so and how to start a new study instead.
+    The dataset is compared by content when both sides know it: workers on other machines keep
+    the same images under other paths (``--data /mnt/15-Scene`` joins a study started with
+    ``--data ~/data/15-Scene``).
 
     Raises:
         ConfigError: naming the settings that differ.
     """
-    setting = study_setting(spec)
+    setting = study_setting(spec, dataset_fingerprint)
     recorded = study.user_attrs.get("setting")
     if recorded is None:
         study.set_user_attr("setting", setting)
         return
     differ = {k: (recorded.get(k), v) for k, v in setting.items() if recorded.get(k) != v}
+    if "dataset" in recorded and "dataset" in setting:
+        differ.pop("data", None)  # same content wherever it lies: the same dataset
+        if "dataset" in differ:
+            differ["dataset"] = tuple(str(value)[:12] + "..." for value in differ["dataset"])
+            differ["data"] = (recorded.get("data"), setting.get("data"))
+    elif "dataset" not in recorded:
+        differ.pop("dataset", None)  # a study recorded before datasets were named by content
     if differ:
         shown = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(differ.items()))
         raise ConfigError(f"study {study.study_name!r} in {redact(storage_url)} was run under other "
@@ -278,7 +293,8 @@ def run_worker(sweep: Sweep, n_jobs: int = 1) -> None:
         bar.close()
 
 
-def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: int):
+def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: int,
+               dataset_fingerprint: str | None = None):
     """The study in its storage (created on first use), its setting recorded or checked, its
     own points enqueued once. Returns (RDB storage, study)."""
     rdb = open_storage(storage_url, heartbeat_s, on_stale=stale_trial_callback)
@@ -289,7 +305,7 @@ def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])
-        check_same_setting(study, spec, storage_url)
+        check_same_setting(study, spec, storage_url, dataset_fingerprint)
         if not study.user_attrs.get("mlflow_experiment"):
             study.set_user_attr("mlflow_experiment", spec.experiment)
             study.set_user_attr("description", spec.description)
@@ -336,7 +352,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     build_sampler(spec), build_pruner(spec)  # a bad sampler or pruner option: before anything
     data = check_study_setting(spec)
     store.setup_tracking()
-    rdb, study = open_study(spec, storage_url, study_name, heartbeat_s)
+    rdb, study = open_study(spec, storage_url, study_name, heartbeat_s, data[0].fingerprint if data else None)
     fail_dead_trials(study, dead_here_callback)
     parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
     objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress)
