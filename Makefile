@@ -26,8 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlflow run . -e sweep_svm --env-manager local --experiment-name svm
 
+# One pytest worker per core (pytest-xdist), each test file on one worker: the files' module
+# fixtures (a PostgreSQL cluster, an MLflow server) start once per file.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

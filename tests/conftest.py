@@ -15,6 +15,13 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (make test runs two workers): the cores are shared between the workers, so
+# each worker's processes get their share of threads (torch reads this when it starts) rather
+# than every process spinning one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 CLASSES = ("coast", "forest", "street")
 
 

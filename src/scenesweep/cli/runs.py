@@ -64,17 +64,19 @@ def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: s
     and value, trials.csv, plots/optuna_*.png, test accuracy of the best trial (computed once),
     and registers its servable model.
     """
-    from ..runs.summary import summary_lines
-    from ..runs.sweep import run_study
     from ..specs.studies import load_study
 
+    # The file and the numbers first: a bad one is answered before torch and MLflow load (seconds).
     spec = load_study(study_file, given(overrides))
-    summary = run_study(spec, storage=storage or None, study_name=study_name or None,
-                        n_trials=optional_number("n_trials", n_trials, int),
-                        timeout=optional_number("timeout", timeout, float),
-                        n_jobs=optional_number("n_jobs", n_jobs, int) or 1,
-                        heartbeat_s=optional_number("heartbeat", heartbeat, int) or 30,
-                        progress=progress, register=register)
+    budget = dict(n_trials=optional_number("n_trials", n_trials, int),
+                  timeout=optional_number("timeout", timeout, float),
+                  n_jobs=optional_number("n_jobs", n_jobs, int) or 1,
+                  heartbeat_s=optional_number("heartbeat", heartbeat, int) or 30)
+    from ..runs.summary import summary_lines
+    from ..runs.sweep import run_study
+
+    summary = run_study(spec, storage=storage or None, study_name=study_name or None, progress=progress,
+                        register=register, **budget)
     for line in summary_lines(summary, spec):
         click.echo(line)
     if summary.get("error"):
