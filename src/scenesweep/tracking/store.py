@@ -74,6 +74,10 @@ def setup_tracking() -> str:
     uri = tracking_uri()
     check_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # On a tracking server MLflow prints "View run ... at: URL" on stdout for every run it ends,
+    # after one more request to read the run: 2 lines and a round trip per trial of a sweep, on
+    # the stdout that holds the summary. The parent run's link and the dashboard notes say where.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     try:
         # A new SQLite store is created by scenesweep.tracking.sqlite_store (MLflow's store, opened
