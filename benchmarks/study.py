@@ -618,8 +618,10 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     device = floor.resolve_device(args.device)
     floors: dict[str, StageFloor] = {}
     default_storage = f"sqlite:///{(store / 'optuna.db').as_posix()}"
-    seen_runs: set[str] = set()
-    seen_trials: set[tuple[str, int]] = set()
+    # A reused --workdir (--keep, then other --experiments on the same cache): what is already in
+    # its stores belongs to earlier invocations, not to this one's first stage.
+    seen_runs: set[str] = set(all_runs(client))
+    seen_trials: set[tuple[str, int]] = set(all_trials(default_storage))
     work: list[WorkRun] = []
     began_all = time.perf_counter()
     try:
