@@ -542,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
          "decoding included)", f"{extractor_ips:.1f}", f"{extractor_fraction:.2f}"]]))
     print(f"   extractor: median {timing.get('batch_median_s', float('nan')) * 1e3:.0f} ms per batch, "
           f"p95 {timing.get('batch_p95_s', float('nan')) * 1e3:.0f} ms, over {timing.get('batches', 0):.0f} "
-          f"batches (warm-up left out); its images/s is what runs log as time/extract_images_per_s\n")
+          f"batches (warm-up left out); its images/s is what runs log as time/extract_images_per_s")
+    print(f"   decoding {timing.get('decode_s', float('nan')):.1f} s (its thread), forward passes "
+          f"{timing.get('compute_s', float('nan')):.1f} s, waiting for decoded batches "
+          f"{timing.get('wait_s', float('nan')):.1f} s, in {timing.get('total_s', float('nan')):.1f} s: "
+          f"{timing.get('decode_overlap', float('nan')):.0%} of the decoding hidden behind the forward pass "
+          f"(time/extract_decode_overlap)\n")
 
     # Summary ------------------------------------------------------------------------------
     base, cl = speed["fp32"], speed["fp32 channels_last"]

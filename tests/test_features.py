@@ -150,3 +150,8 @@ def test_batches_of_any_size_give_the_same_features(flat_scenes, tmp_path, monke
     by5, _ = _conv_features(dataset, "0", monkeypatch, tmp_path, batch_size=5)
     np.testing.assert_allclose(by8, by5, rtol=0.02, atol=1e-3)
     assert timing["decode_s"] > 0 and timing["batches"] >= 1
+    # Where the time went: the decoding thread and the forward passes ran at once, so together
+    # they may exceed the wall time, never the other way round by more than the loop's own cost.
+    assert timing["compute_s"] > 0 and timing["wait_s"] >= 0
+    assert timing["compute_s"] + timing["wait_s"] <= timing["total_s"] + 1e-6
+    assert 0.0 <= timing["decode_overlap"] <= 1.0

@@ -6,7 +6,6 @@ its own SQLite store, and promoted to @champion; `mlflow models serve` then serv
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from scenesweep.compute.imagenet import imagenet_categories, top_classes
 from scenesweep.models.registry import promote
 from scenesweep.models.logged import log_image_classifier
 from scenesweep.models.pyfunc import InputError
+from scenesweep.services import servers
 from scenesweep.compute.training import fit_head, prepare
 
 from conftest import CLASSES, run_cli
@@ -294,12 +294,7 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
         status, answer = post(f"{base}/invocations", {"dataframe_records": [{"image": b64(paths[0])}]})
         assert status == 200 and answer["predictions"][0]["label"] == expected["label"][0]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        servers.stop(server)  # its whole process group (the server and its uvicorn worker)
         log.close()
 
 

@@ -434,12 +434,7 @@ def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_p
         assert status == 200, answer
         assert [p["label"] for p in answer["predictions"]] == [r["label"] for r in rows]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        servers.stop(server)  # its whole process group (the server and its uvicorn worker)
     assert not list(elsewhere.iterdir()), f"files written in the client's folder: {list(elsewhere.iterdir())}"
 
 

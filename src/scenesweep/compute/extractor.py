@@ -161,25 +161,39 @@ def runner(model: nn.Module, arch: str, device: torch.device, precision: str, co
 
 
 def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_size: int, resize: int,
-                crop: int, device: torch.device, on_batch=None) -> tuple[np.ndarray, list[float], list[int], float]:
+                crop: int, device: torch.device, on_batch=None) -> tuple[np.ndarray, list[float], list[int], dict]:
     """Every batch through ``module``: (N, 512, h, w) float32, per-batch seconds (wall time from
-    one batch's end to the next's, decoding included), images per batch, seconds decoding."""
-    outputs, seconds, counts, decoding = [], [], [], 0.0
+    one batch's end to the next's, decoding included), images per batch, and where the time went:
+    ``decode_s`` (the decoding thread's seconds), ``compute_s`` (the forward passes', copies
+    included) and ``wait_s`` (the forward pass waiting for a decoded batch)."""
+    outputs, seconds, counts = [], [], []
+    spent = {"decode_s": 0.0, "compute_s": 0.0, "wait_s": 0.0}
     with torch.inference_mode():
         began = time.perf_counter()
         for pixels, real, decode_s in batches(dataset, order, batch_size, resize, crop, pin=device.type == "cuda"):
+            computing = time.perf_counter()
+            spent["wait_s"] += computing - began
             out = module(pixels.to(device, non_blocking=True))[:real].cpu()  # (B, 512, S/32, S/32)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
+            spent["compute_s"] += now - computing
             seconds.append(now - began)
             began = now
             counts.append(real)
-            decoding += decode_s
+            spent["decode_s"] += decode_s
             outputs.append(out.numpy())
             if on_batch is not None:
                 on_batch(real)
-    return np.concatenate(outputs), seconds, counts, decoding
+    return np.concatenate(outputs), seconds, counts, spent
+
+
+def overlap(decode_s: float, compute_s: float, total_s: float) -> float:
+    """The share of the decoding that ran hidden behind the forward pass: 1.0 when the extraction
+    took no longer than its forward passes, 0.0 when decoding and computing took turns."""
+    if decode_s <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, (decode_s + compute_s - total_s) / decode_s)))
 
 
 def compile_or_eager(model: nn.Module, arch: str, device: torch.device, precision: str, images: int,
