@@ -71,3 +71,31 @@ def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
     np.testing.assert_allclose(head.decision_function(X[45:]), reference.decision_function(normalize(X[45:])),
                                atol=1e-3)
     assert head.coef_.shape == (3, 500)
+
+
+def test_the_mlp_fit_flushes_denormals_on_the_cpu_and_restores_them():
+    """Denormal floats (below 1.2e-38) are flushed to zero while the head trains on the CPU (a
+    head that learns little fills Adam's state with them, and x86 is many times slower on them),
+    and are back to normal afterwards, also when a callback (a pruner) stops the fit."""
+    import torch
+
+    from scenesweep.compute.heads import flushing_denormals
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0
+    with flushing_denormals(torch.device("cpu")):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        assert (tiny * 1.0).item() == 0.0  # during the fit
+        raise Stop
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 16)).astype(np.float32), np.repeat([0, 1], 20)
+    with pytest.raises(Stop):
+        MLPHead(hidden="8", epochs=3, batch_size=8, device="cpu").fit(X, y, on_epoch=stop)
+    assert (tiny * 1.0).item() != 0.0

@@ -8,9 +8,10 @@ This module imports neither MLflow, Optuna nor click.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -103,6 +104,26 @@ def build_mlp(in_features: int, hidden: tuple[int, ...], dropout: float, n_class
     return nn.Sequential(*layers)
 
 
+@contextlib.contextmanager
+def flushing_denormals(device: torch.device) -> Iterator[None]:
+    """CPU arithmetic with denormal floats flushed to zero, for the duration of a fit.
+
+    A head that learns little (near-collinear features, dead ReLUs) drives gradients and Adam's
+    second moments towards 1e-38 and below, where x86 arithmetic on denormals is many times
+    slower: measured on the pool5 head (random-weight VGG16, the 15-Scene-shaped folder, batch 8,
+    2 cores) an epoch went from 12.6 s to 33 s by epoch 6 and 172 ms per step over 40 epochs
+    against the bare loop's 72 ms; flushed, every epoch stays at 11 to 12 s with the same losses
+    to 4 decimals (values below 1.2e-38 do not move a float32 weight).
+    """
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 class MLPHead(ClassifierMixin, BaseEstimator):
     """The study's new classifier head trained with Adam and cross-entropy on cached features.
 
@@ -141,6 +162,16 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.history_: list[dict] = []
         batch_seconds: list[float] = []
         batch_counts: list[int] = []
+        with flushing_denormals(device):
+            self._train(X_t, y_t, optimizer, loss_fn, generator, device, eval_set, on_epoch, batch_seconds,
+                        batch_counts)
+        self.train_timing_ = batch_timing_stats(batch_seconds, batch_counts)
+        return self
+
+    def _train(self, X_t: torch.Tensor, y_t: torch.Tensor, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+               generator: torch.Generator, device: torch.device, eval_set, on_epoch: EpochCallback | None,
+               batch_seconds: list[float], batch_counts: list[int]) -> None:
+        """Every epoch: the steps over a shuffled order, then the epoch's metrics and callback."""
         for epoch in tqdm(range(1, self.epochs + 1), desc="train head", unit="epoch", disable=not self.progress):
             self.model_.train()
             order = torch.randperm(len(X_t), generator=generator).to(device)
@@ -168,8 +199,6 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             self.history_.append({"epoch": epoch, **metrics})
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-        self.train_timing_ = batch_timing_stats(batch_seconds, batch_counts)
-        return self
 
     def _logits(self, X: np.ndarray) -> torch.Tensor:
         device = next(self.model_.parameters()).device
