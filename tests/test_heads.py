@@ -1,4 +1,8 @@
 """Heads behave as scikit-learn estimators and learn the demo data."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -73,29 +77,18 @@ def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
     assert head.coef_.shape == (3, 500)
 
 
-def test_the_mlp_fit_flushes_denormals_on_the_cpu_and_restores_them():
-    """Denormal floats (below 1.2e-38) are flushed to zero while the head trains on the CPU (a
-    head that learns little fills Adam's state with them, and x86 is many times slower on them),
-    and are back to normal afterwards, also when a callback (a pruner) stops the fit."""
-    import torch
-
-    from scenesweep.compute.heads import flushing_denormals
-
-    tiny = torch.tensor([1e-39], dtype=torch.float32)
-    assert (tiny * 1.0).item() != 0.0
-    with flushing_denormals(torch.device("cpu")):
-        assert (tiny * 1.0).item() == 0.0
-    assert (tiny * 1.0).item() != 0.0
-
-    class Stop(Exception):
-        pass
-
-    def stop(epoch, metrics):
-        assert (tiny * 1.0).item() == 0.0  # during the fit
-        raise Stop
-
-    rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(40, 16)).astype(np.float32), np.repeat([0, 1], 20)
-    with pytest.raises(Stop):
-        MLPHead(hidden="8", epochs=3, batch_size=8, device="cpu").fit(X, y, on_epoch=stop)
-    assert (tiny * 1.0).item() != 0.0
+def test_denormals_are_flushed_in_every_thread_of_a_scenesweep_process():
+    """Denormal floats (below 1.2e-38) read as zero in a process that ran scenesweep's compute
+    code: in torch's worker threads too (a head that learns little fills Adam's state with them,
+    and x86 is many times slower on them), in a pool that an extraction started before the head
+    trains (the flag is per thread: only threads created after it is set inherit it)."""
+    code = (
+        "import torch\n"
+        "from scenesweep.compute import heads\n"
+        "torch.randn(2048, 2048) @ torch.randn(2048, 2048)  # the thread pool runs\n"
+        "tiny = torch.full((1 << 22,), 1e-39)  # large enough to be split between threads\n"
+        "print(int((tiny * 1.0).count_nonzero()), int((tiny.view(64, -1) @ torch.ones(tiny.numel() // 64, 1)).count_nonzero()))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "0"], result.stdout

@@ -23,6 +23,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from ..core.config import FC_WIDTH_PRETRAINED, LAYERS, POOLINGS
 from ..core.errors import ConfigError, UserError
+from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 
 # Name -> factory of the module that replaces each 2x2/stride-2 max-pool.
 POOLING_LAYERS = {

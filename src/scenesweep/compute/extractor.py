@@ -32,6 +32,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import nn
 
+from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone
 from .data import Dataset, read_image
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
 from ..core.errors import ConfigError, UserError
+from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone, extractor
 from .data import Dataset
 

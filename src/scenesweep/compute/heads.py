@@ -8,10 +8,9 @@ This module imports neither MLflow, Optuna nor click.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import parse_hidden
+from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from .features import batch_timing_stats, resolve_device
 
 EpochCallback = Callable[[int, dict], None]
@@ -104,26 +104,6 @@ def build_mlp(in_features: int, hidden: tuple[int, ...], dropout: float, n_class
     return nn.Sequential(*layers)
 
 
-@contextlib.contextmanager
-def flushing_denormals(device: torch.device) -> Iterator[None]:
-    """CPU arithmetic with denormal floats flushed to zero, for the duration of a fit.
-
-    A head that learns little (near-collinear features, dead ReLUs) drives gradients and Adam's
-    second moments towards 1e-38 and below, where x86 arithmetic on denormals is many times
-    slower: measured on the pool5 head (random-weight VGG16, the 15-Scene-shaped folder, batch 8,
-    2 cores) an epoch went from 12.6 s to 33 s by epoch 6 and 172 ms per step over 40 epochs
-    against the bare loop's 72 ms; flushed, every epoch stays at 11 to 12 s with the same losses
-    to 4 decimals (values below 1.2e-38 do not move a float32 weight).
-    """
-    if device.type != "cpu" or not torch.set_flush_denormal(True):
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 class MLPHead(ClassifierMixin, BaseEstimator):
     """The study's new classifier head trained with Adam and cross-entropy on cached features.
 
@@ -162,9 +142,10 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.history_: list[dict] = []
         batch_seconds: list[float] = []
         batch_counts: list[int] = []
-        with flushing_denormals(device):
-            self._train(X_t, y_t, optimizer, loss_fn, generator, device, eval_set, on_epoch, batch_seconds,
-                        batch_counts)
+        # Denormals are flushed process-wide (compute/numerics.py): a head that learns little
+        # would otherwise slow down epoch after epoch.
+        self._train(X_t, y_t, optimizer, loss_fn, generator, device, eval_set, on_epoch, batch_seconds,
+                    batch_counts)
         self.train_timing_ = batch_timing_stats(batch_seconds, batch_counts)
         return self
 
