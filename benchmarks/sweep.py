@@ -409,11 +409,15 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
     spec = load_study(SWEEPS / "svm_c.yaml", overrides)
     start = len(instrument.records)
     began = time.perf_counter()
-    summary = run_study(spec, storage=storage, n_trials=n_trials, progress=False, register=False)
+    # One study per data and size: the digits study and the --scenes one share the storage, and a
+    # study refuses to resume under another setting.
+    study_name = f"{spec.study}@{Path(data).name}-{image_size}px"
+    summary = run_study(spec, storage=storage, study_name=study_name, n_trials=n_trials, progress=False,
+                        register=False)
     sweep_s = time.perf_counter() - began
     sweep_records = instrument.since(start)
     children = child_runs(summary["parent_run_id"])
-    trials = {t.number: t for t in load_trials(spec.study, storage)}
+    trials = {t.number: t for t in load_trials(study_name, storage)}
     if first_known and trials[0].params != spec.enqueue[0]:
         say(f"   (trial 0 ran {trials[0].params}, not the enqueued {spec.enqueue[0]}: single run 0 repeated)")
         del singles[0]
