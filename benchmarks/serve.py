@@ -124,7 +124,7 @@ def train_and_register(data: Path, cache: Path, image_size: int, name: str) -> t
     client = MlflowClient()
     version = client.get_model_version(name, "1")
     info = {"val_acc": float(version.tags["val_acc"]), "test_acc": float(version.tags["test_acc"]),
-            "precision": client.get_run(version.run_id).data.params["precision_resolved"]}
+            "precision": client.get_run(version.run_id).data.params["resolved.precision"]}
     dataset, split = load_data(make_config("svm", values))
     return info, [dataset.absolute(int(i)) for i in split.test]
 

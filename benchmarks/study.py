@@ -407,7 +407,7 @@ def describe_runs(stage: str, runs: list, trials_by_run: dict, client, data_dir:
                 n_images = split_sizes(param(run, "data", data_dir), int(param(run, "train_per_class", 100)),
                                        float(param(run, "val_fraction", 0.2)))["n_images"]
             images = n_images
-            precision = param(run, "precision_resolved") or param(run, "precision", "auto")
+            precision = param(run, "resolved.precision") or param(run, "precision", "auto")
             extract_key = (param(run, "arch", "vgg16"), int(param(run, "image_size", 224)), batch_size, precision)
         epochs = steps = 0
         head_key = None

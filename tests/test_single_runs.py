@@ -43,6 +43,10 @@ def test_mlflow_run_svm_logs_everything_a_user_compares(store, tmp_path):
         assert name in metrics, name
     assert metrics["test/acc"] > 0.7
     assert tags["cache"] == "miss" and tags["hardware.cpu"] and tags["hardware.torch"] == "2.14.1"
+    # Enough to tell two machines of one brand apart: model, the flags that decide speed, torch's view.
+    for name in ("cpu_vendor", "cpu_family", "cpu_model", "cpu_flags", "cpu_amx", "cpu_capability"):
+        assert tags[f"hardware.{name}"], name
+    assert params["resolved.precision"] in ("fp32", "bf16") and params["precision_reason"]
     assert any(k.startswith("system/") for k in metrics), "system metrics are on"
     files = artifact_paths(client, run.info.run_id)
     for expected in ("config.yaml", "dataset/manifest.json", "layer_table.md", "plots/confusion_matrix.png"):

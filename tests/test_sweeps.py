@@ -1,5 +1,7 @@
 """Optuna studies tracked in MLflow, against temporary stores: the README's promises for sweeps."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -137,6 +139,50 @@ def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_decla
     by_number = {int(c.data.tags["trial_number"]): c for c in children}
     assert [by_number[n].data.tags["trial_kind"] for n in range(4)] == ["own setting"] * 2 + ["tuning"] * 2
     assert [by_number[n].data.params["batch_size"] for n in range(4)] == ["8", "8", "4", "4"]
+
+
+def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_trial(flat_scenes, tmp_path):
+    """No head trained twice: the summary scores the head the best trial fitted (here a tuning
+    trial at its own batch size), and only refits, at that trial's settings, when it is gone."""
+    from scenesweep.compute.training import evaluate_test_split, prepare
+    from scenesweep.runs.summary import evaluate_trial
+    from scenesweep.runs.sweep import run_study
+    from scenesweep.search.kept_heads import kept_head
+
+    study = write_study(tmp_path, f"""
+        study: kept_head
+        experiment: pooling
+        tunes: mlp
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 8, hidden: "32", dropout: 0.0, layer: pool5,
+                batch_size: 8, cache_dir: "{tmp_path / 'cache'}"}}
+        space:
+          lr: {{type: float, low: 0.01, high: 0.02}}
+        tuning: {{batch_size: 4}}
+        n_trials: 2
+        enqueue:
+          - {{lr: 1.0e-9}}
+        register: ""
+        """)
+    spec = load_study(study)
+    summary = run_study(spec, progress=False)
+    best = load("kept_head").best_trial
+    assert best.number == 1 and summary["best_trial"] == 1  # the tuning trial learnt, the own one did not
+    client = MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["best_head"].startswith("kept") and "best/val/acc_refit" not in parent.data.metrics
+    head, why = kept_head(best)
+    assert head is not None, why
+    assert head.batch_size == 4  # trained at the tuning batch size, as the trial ran
+    prepared = prepare(spec.trial_config(best.params, tuning=True), progress=False)
+    test, _ = evaluate_test_split(prepared, head)
+    assert parent.data.metrics["test/acc"] == pytest.approx(test["test/acc"])
+    assert client.get_run(best.user_attrs["mlflow_run_id"]).data.tags["head_kept"] == "true"
+    # Only the best trial's head stays in the cache.
+    assert [p.name for p in (tmp_path / "cache" / "heads" / summary["parent_run_id"]).iterdir()] == ["trial-1.pkl"]
+    # Gone (another machine's worker kept it): refitted at the trial's own settings, and said so.
+    Path(best.user_attrs["kept_head"]["path"]).unlink()
+    refit = evaluate_trial(spec, best, "the best trial", progress=False)
+    assert refit.refitted and refit.head.batch_size == 4
 
 
 def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):

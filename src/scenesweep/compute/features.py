@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
 from ..core.errors import ConfigError, UserError
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
-from . import backbone, extractor
+from . import backbone, extractor, precision
 from .data import Dataset
 
 CACHE_FORMAT = 2  # 2: fc6/fc7 computed in the extraction precision
@@ -54,20 +54,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls run at twice fp32 speed."""
+    """Whether oneDNN runs bf16 natively here (AVX-512 BF16 or AMX): it can, not that it is faster
+    (without AMX, bf16 convolutions ran 0.69x fp32); ``precision`` measures which is."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+def choose_precision(config: RunConfig, device: torch.device) -> precision.PrecisionChoice:
+    """The extraction precision of ``config``: as given, or for "auto" the faster one measured on
+    this machine at the run's image size and batch (kept in the cache folder)."""
+    return precision.choose_extraction(config.precision, lambda: backbone.architecture(config.arch).features,
+                                       config.arch, config.image_size, config.batch_size, device, config.cache_path)
 
 
 def batch_timing_stats(seconds: list[float], images: list[int], warmup: int = WARMUP_BATCHES) -> dict[str, float]:
@@ -158,8 +157,8 @@ class FeatureCache:
         meta = {**meta, "key": key, "shape": list(array.shape), "dtype": str(array.dtype),
                 "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
         array_path, meta_path = self.paths(key)
-        _atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
-        _atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
+        atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
         self._remember(key, array)
         return meta
 
@@ -170,7 +169,9 @@ class FeatureCache:
             self._memo.popitem(last=False)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, synced, then renamed to ``path``:
+    a reader sees the old file or the whole new one, never half of it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -207,7 +208,8 @@ class Features:
             "absent" (the layer entry was a hit and no conv entry exists any more: none needed).
         extract_timing: per-batch statistics of the conv extraction (measured when the conv
             entry was computed, possibly by an earlier run: see conv_state).
-        precision, device: what the extraction ran with.
+        precision, device: what the extraction ran with; precision_reason: why that precision
+            (measured, cached or given: see ``compute.precision``).
     """
 
     values: np.ndarray
@@ -218,6 +220,7 @@ class Features:
     extract_timing: dict[str, float]
     precision: str
     device: str
+    precision_reason: str = ""
 
     @property
     def conv_hit(self) -> bool:
@@ -299,7 +302,8 @@ def built_backbone(config: RunConfig, device: torch.device, precision: str) -> t
 def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True) -> Features:
     """Features of ``config.layer`` for every image, from the cache when it holds them."""
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    choice = choose_precision(config, device)
+    precision = choice.precision
     cache = feature_cache(config.cache_path)
     conv_key = _digest(conv_key_parts(config, dataset, precision))
     key = _digest(layer_key_parts(config, conv_key))
@@ -313,7 +317,7 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True)
         conv_meta = cache.meta(conv_key)
         timing = (conv_meta or meta).get("timing", {})
         return Features(values, key, conv_key, True, "hit" if conv_meta is not None else "absent", timing,
-                        precision, str(device))
+                        precision, str(device), choice.reason)
     if conv_stored is not None:
         conv_out, conv_meta = conv_stored
         conv_state = "hit"
@@ -328,4 +332,5 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True)
         model = built_backbone(config, device, precision)
     values = layer_from_conv(model, conv_out, config.layer, device, precision)
     cache.save(key, values, {"parts": layer_key_parts(config, conv_key), "timing": conv_meta.get("timing", {})})
-    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device))
+    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device),
+                    choice.reason)

@@ -18,11 +18,12 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
 
 from .backbone import check_weights
-from ..core.config import RunConfig
+from ..core.config import RunConfig, parse_hidden
 from ..core.errors import ConfigError
 from .data import Dataset, Split, load_dataset, split_dataset
 from .features import Features, compute_features, resolve_device
 from .heads import EpochCallback, make_head
+from .precision import PrecisionChoice, choose_head
 
 
 @dataclasses.dataclass
@@ -50,6 +51,8 @@ class RunResult:
         history: per-epoch dicts (mlp only): epoch, train/loss, train/acc, val/loss, val/acc.
         timings: 'extract' and 'train' per-batch statistics (see ``batch_timing_stats``).
         confusion: (n_classes, n_classes) test confusion matrix, rows = true class.
+        head_precision: what an mlp head trained in, and why (None for the svm).
+        refitted: the head was trained again to be scored (its trial's own head was not at hand).
     """
 
     prepared: Prepared
@@ -58,6 +61,8 @@ class RunResult:
     history: list[dict]
     timings: dict[str, dict[str, float]]
     confusion: np.ndarray | None = None
+    head_precision: PrecisionChoice | None = None
+    refitted: bool = False
 
 
 # Run parameters that decide which images and which split a run reads.
@@ -123,9 +128,19 @@ def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split
     return Prepared(config, dataset, split, features)
 
 
-def head_params(config: RunConfig, progress: bool = False) -> dict:
-    """The head's hyperparameters from a config (the rest of the config is ignored)."""
-    return {**config.values, "progress": progress}
+def head_params(config: RunConfig, progress: bool = False, precision: str | None = None) -> dict:
+    """The head's hyperparameters from a config (the rest of the config is ignored); ``precision``:
+    the resolved one (the config's may be "auto")."""
+    return {**config.values, "progress": progress, "precision": precision or config.precision}
+
+
+def choose_head_precision(prepared: Prepared, config: RunConfig) -> PrecisionChoice | None:
+    """What an mlp head trains in: as given, or the faster of fp32 and bf16 autocast measured on
+    this machine for the head's widths and batch (kept in the cache folder); None for the svm."""
+    if config.head != "mlp":
+        return None
+    widths = (prepared.features.values.shape[1], *parse_hidden(config.hidden), len(prepared.dataset.classes))
+    return choose_head(config.precision, widths, config.batch_size, resolve_device(config.device), config.cache_path)
 
 
 def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: EpochCallback | None = None,
@@ -140,16 +155,14 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
         progress: show a progress bar over epochs.
     """
     config = config or prepared.config
-    head = make_head(config.head, **head_params(config, progress))
+    head_precision = choose_head_precision(prepared, config)
+    head = make_head(config.head, **head_params(config, progress, head_precision and head_precision.precision))
     X_train, y_train = prepared.part("train")
     X_val, y_val = prepared.part("val")
     began = time.perf_counter()
     head.fit(X_train, y_train, eval_set=(X_val, y_val), on_epoch=on_epoch)
     fit_seconds = time.perf_counter() - began
-    metrics = {}
-    for name, (X, y) in (("train", (X_train, y_train)), ("val", (X_val, y_val))):
-        metrics[f"{name}/acc"] = float(np.mean(head.predict(X) == y))
-        metrics[f"{name}/loss"] = head.loss(X, y)
+    metrics = fit_metrics(prepared, head)
     confusion = None
     if evaluate_test:
         test_metrics, confusion = evaluate_test_split(prepared, head)
@@ -157,7 +170,25 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
     timings = {"extract": prepared.features.extract_timing,
                "train": getattr(head, "train_timing_", {}) or {"fit_s": fit_seconds}}
     timings["train"]["fit_s"] = fit_seconds
-    return RunResult(prepared, head, metrics, list(getattr(head, "history_", [])), timings, confusion)
+    return RunResult(prepared, head, metrics, list(getattr(head, "history_", [])), timings, confusion,
+                     head_precision)
+
+
+def fit_metrics(prepared: Prepared, head: BaseEstimator) -> dict[str, float]:
+    """Accuracy and loss of a fitted head on the train and validation splits."""
+    metrics = {}
+    for name in ("train", "val"):
+        X, y = prepared.part(name)
+        metrics[f"{name}/acc"] = float(np.mean(head.predict(X) == y))
+        metrics[f"{name}/loss"] = head.loss(X, y)
+    return metrics
+
+
+def score_head(prepared: Prepared, head: BaseEstimator) -> RunResult:
+    """A head fitted before (a trial's, kept) as a result: its train/val metrics on ``prepared``,
+    its history and training timings as it recorded them."""
+    timings = {"extract": prepared.features.extract_timing, "train": dict(getattr(head, "train_timing_", {}) or {})}
+    return RunResult(prepared, head, fit_metrics(prepared, head), list(getattr(head, "history_", [])), timings)
 
 
 def evaluate_test_split(prepared: Prepared, head: BaseEstimator) -> tuple[dict[str, float], np.ndarray]:

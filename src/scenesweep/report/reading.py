@@ -12,6 +12,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from ..core.config import LAYERS, POOLINGS
+from ..core.machine import hardware_summary
 from .finding import Found, resolved_params
 
 STABILITY_EPOCHS = 5  # stability: spread of val/acc over the last epochs
@@ -22,17 +23,11 @@ GROUP_ORDER = {"pooling": POOLINGS, "layer": LAYERS}
 
 
 def hardware_text(tags: dict[str, str]) -> str:
-    """'Intel Xeon ..., 2 logical cores, torch 2.14.1 (2 threads), device cpu' from hardware.* tags."""
+    """The machine a run ran on, in one line, from its ``hardware.*`` tags (CPU model and speed
+    flags, torch's CPU capability, cores, threads, memory, device; the GPU on CUDA)."""
     if not tags.get("hardware.cpu"):
         return "not recorded"
-    parts = []
-    if tags.get("hardware.gpu"):
-        parts.append(f"{tags['hardware.gpu']} ({tags.get('hardware.gpu_memory_gib', '?')} GiB)")
-    parts.append(f"{tags['hardware.cpu']}, {tags.get('hardware.cpu_cores_logical', '?')} logical cores, "
-                 f"{tags.get('hardware.memory_gib', '?')} GiB")
-    parts.append(f"torch {tags.get('hardware.torch', '?')} ({tags.get('hardware.torch_threads', '?')} threads), "
-                 f"device {tags.get('hardware.device', '?')}")
-    return "; ".join(parts)
+    return hardware_summary({k[len("hardware."):]: v for k, v in tags.items() if k.startswith("hardware.")})
 
 
 def setting_text(found: Found, params: dict[str, str]) -> str:

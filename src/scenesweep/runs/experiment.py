@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from mlflow.tracking import MlflowClient
 
-from ..compute.training import evaluate_test_split, fit_head, prepare
+
 from ..core.config import REGISTERED_MODEL
 from ..core.errors import RunFailedError
 from ..search.storage import resolve_storage
@@ -24,7 +24,7 @@ from ..tracking import sink, store
 from . import kinds
 from .kinds import Outcome
 from .single import track_single_run
-from .summary import summary_lines
+from .summary import evaluate_trial, summary_lines
 from .sweep import run_study
 
 
@@ -54,7 +54,8 @@ def _run_single(plan_: Plan, progress: bool, register: bool) -> Outcome:
 def _run_study(plan_: Plan, progress: bool, register: bool) -> Outcome:
     spec = plan_.spec
     summary = run_study(spec, study_name=plan_.study_name, n_trials=plan_.options.get("n_trials"),
-                        timeout=plan_.options.get("timeout"), progress=progress, register=register)
+                        timeout=plan_.options.get("timeout"), progress=progress, register=register,
+                        keep_best_per=plan_.options.get("test_per"))
     parent_id = summary["parent_run_id"]
     tags = plan_.tags()
     test_per = plan_.options.get("test_per")
@@ -84,12 +85,12 @@ def _test_metrics(spec: StudySpec, trial, run_id: str, why: str, known: dict, pr
     if run_id in known:
         sink.log_batch(run_id, metrics=known[run_id], tags={"test_evaluated": f"{why} (the study's best trial)"})
         return known[run_id]
-    config = spec.trial_config(trial.params)
-    result = fit_head(prepare(config, progress=progress), config)
-    test, _ = evaluate_test_split(result.prepared, result.head)
+    result = evaluate_trial(spec, trial, f"trial #{trial.number}, the {why}", progress)
+    test = {k: v for k, v in result.metrics.items() if k.startswith("test/")}
     if run_id:
-        sink.log_batch(run_id, metrics={**test, "val/acc_refit": result.metrics["val/acc"]},
-                       tags={"test_evaluated": why}, step=len(result.history))
+        refit = {"val/acc_refit": result.metrics["val/acc"]} if result.refitted else {}
+        sink.log_batch(run_id, metrics={**test, **refit}, step=len(result.history),
+                       tags={"test_evaluated": why, "test_head": "refitted" if result.refitted else "kept"})
     return test
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 import traceback
 from typing import Any
@@ -21,19 +22,15 @@ from optuna_dashboard import save_note
 from ..compute.features import resolve_device
 from ..compute.training import DATA_PARAMETERS, RunResult, fit_head, prepare
 from ..core.errors import UserError
+from ..search.kept_heads import heads_folder, keep_if_best
 from ..search.sampling import suggest
-from ..search.trials import USER_ATTR_RUN_ID, this_worker
+from ..search.trials import USER_ATTR_RUN_ID, is_own_setting, this_worker
 from ..specs.studies import StudySpec
 from ..tracking import provenance, sink
 
 # Tags a trial's run takes from its parent: who ran it, from what source and commit.
 INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
                   "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
-
-
-def is_own_setting(trial: optuna.Trial) -> bool:
-    """Whether the trial runs one of the study's enqueued settings (or a retry of one)."""
-    return "fixed_params" in trial.study._storage.get_trial(trial._trial_id).system_attrs
 
 
 def trial_run_name(spec: StudySpec, number: int, params: dict[str, Any]) -> str:
@@ -66,16 +63,19 @@ class Objective:
         data: the dataset and split checked before the first trial, reused by every trial whose
             data parameters are the study's fixed ones (None: each trial loads its own).
         progress: show progress bars (extraction).
+        keep_best_per: besides the best trial's head, keep the best head of each value of this
+            parameter (an experiment that scores each pooling type's best trial on test).
     """
 
     def __init__(self, spec: StudySpec, study_name: str, parent_run_id: str, experiment_id: str,
-                 data=None, progress: bool = True):
+                 data=None, progress: bool = True, keep_best_per: str | None = None):
         self.spec = spec
         self.study_name = study_name
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
         self.data = None if set(DATA_PARAMETERS) & set(spec.space) else data
         self.progress = progress
+        self.keep_best_per = keep_best_per
         self.client = MlflowClient()
         # MlflowClient.create_run adds none of the tags fluent runs get: the UI would show
         # "Created by -" and no source for every trial. Trials share their parent's.
@@ -122,7 +122,8 @@ class Objective:
         if self._hardware is None:
             self._hardware = sink.hardware_tags(prepared.features.device)
         sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
-                                       "dataset_fingerprint": prepared.dataset.fingerprint},
+                                       "dataset_fingerprint": prepared.dataset.fingerprint,
+                                       **sink.precision_params(prepared.features)},
                        tags={**sink.cache_tags(prepared.features), **self._hardware, **sink.unit_tags(config)})
         sink.log_datasets(run_id, prepared.dataset, prepared.split)
         log_epoch = sink.epoch_logger(run_id)
@@ -135,8 +136,20 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={metrics[metric]:.4f}")
 
         result = fit_head(prepared, config, on_epoch=on_epoch)
-        sink.log_batch(run_id, metrics=sink.final_metrics(result), step=len(result.history))
+        sink.log_batch(run_id, metrics=sink.final_metrics(result), params=sink.head_precision_params(result),
+                       step=len(result.history))
         return result
+
+    def _keep_head(self, trial: optuna.Trial, run_id: str, value: float, result: RunResult, config) -> None:
+        """The head, when the trial is the best so far: the summary scores the test split with it."""
+        try:
+            kept = keep_if_best(trial, value, result.head, heads_folder(config.cache_path, self.parent_run_id),
+                                self.spec.direction, self.keep_best_per)
+        except OSError as error:  # the summary refits this trial instead, and says so
+            print(f"note: trial #{trial.number}'s head was not kept ({error.strerror or error})", file=sys.stderr)
+            return
+        if kept:
+            self.client.set_tag(run_id, "head_kept", "true")
 
     def __call__(self, trial: optuna.Trial, seed: int | None = None) -> float:
         params = suggest(trial, self.spec.space)
@@ -147,9 +160,11 @@ class Objective:
         run_id = self._create_run(trial, params, seed)
         self.client.set_tag(run_id, "trial_kind", "own setting" if own else "tuning")
         try:
-            value = self._fit(trial, run_id, config, prunable=not own).metrics[self.spec.metric]
+            result = self._fit(trial, run_id, config, prunable=not own)
+            value = result.metrics[self.spec.metric]
             if not math.isfinite(value):
                 raise ValueError(f"{self.spec.metric} is {value}")
+            self._keep_head(trial, run_id, value, result, config)
         except optuna.TrialPruned as pruned:
             self.client.set_tag(run_id, "pruned", str(pruned) or "true")
             self.client.set_terminated(run_id, "KILLED")

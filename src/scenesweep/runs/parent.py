@@ -20,6 +20,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
+from ..compute.features import resolve_device
 from ..core.stores import redact
 from ..specs.studies import Dimension, StudySpec
 from ..tracking import provenance, sink, store
@@ -60,7 +61,9 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     tags = {"study": study.study_name, "study_file": str(spec.path), "optuna.storage": redact(storage_url),
             "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{spec.study} study",
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
-                                   f"Command: `{provenance.command_line()}`\n\n{spec.description}"}
+                                   f"Command: `{provenance.command_line()}`\n\n{spec.description}",
+            # The machine of the worker that created it (each trial tags its own).
+            **sink.hardware_tags(str(resolve_device(spec.trial_config({}).device)))}
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched:
         run_id, experiment = launched, client.get_run(launched).info.experiment_id

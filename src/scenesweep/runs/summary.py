@@ -9,6 +9,7 @@ ends here.
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import time
 import warnings
@@ -25,9 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as oplt
 from optuna_dashboard import save_note
 
-from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare
+from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare, score_head
 from ..models.registry import register_result
-from ..search.trials import USER_ATTR_RUN_ID, TrialBudget, is_dead_here, this_worker
+from ..search.kept_heads import kept_head
+from ..search.trials import USER_ATTR_RUN_ID, TrialBudget, is_dead_here, is_own_setting, this_worker
 from ..specs.studies import StudySpec
 from ..tracking import plots, provenance, sink
 
@@ -78,10 +80,23 @@ def _tag_children(client: MlflowClient, parent_id: str, experiment_id: str, tria
 
 
 def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResult:
-    """The one test evaluation: the best trial's configuration refitted (features from the cache)."""
-    config = spec.trial_config(best.params)
+    """The one test evaluation of ``best``: its kept head scored (``result.refitted`` False), else
+    its configuration (with its tuning settings, for a tuning trial) refitted, saying why."""
+    return evaluate_trial(spec, best, f"the best trial #{best.number}", progress)
+
+
+def evaluate_trial(spec: StudySpec, trial: FrozenTrial, what: str, progress: bool) -> RunResult:
+    """Test metrics, once, of a trial's head: the head it fitted (kept when it was the best so far),
+    else the same configuration refitted (features from the cache), with a line saying why."""
+    config = spec.trial_config(trial.params, tuning=not is_own_setting(trial))
     prepared = prepare(config, progress=progress)
-    result = fit_head(prepared, config)
+    head, why = kept_head(trial)
+    if head is not None:
+        result = score_head(prepared, head)
+    else:
+        print(f"refitting {what} to score the test split once: {why}", file=sys.stderr)
+        result = fit_head(prepared, config, progress=progress)
+        result.refitted = True
     test_metrics, result.confusion = evaluate_test_split(prepared, result.head)
     result.metrics.update(test_metrics)
     return result
@@ -91,10 +106,13 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
               new_best: bool = True) -> None:
     """The best trial's test evaluation on the parent; ``new_best``: not summarised before (a
     resume whose best trial did not change does not append its per-class rows again)."""
+    # A refit's own validation accuracy says whether it reproduced the trial (a kept head is the trial's).
+    refit = {"best/val/acc_refit": result.metrics["val/acc"]} if result.refitted else {}
     sink.log_batch(parent_id, metrics={f"best/{spec.metric}": best.value,
                                        **{k: v for k, v in result.metrics.items() if k.startswith("test/")},
-                                       "best/val/acc_refit": result.metrics["val/acc"]},
-                   params={f"best.{k}": v for k, v in best.params.items()})
+                                       **refit},
+                   params={f"best.{k}": v for k, v in best.params.items()},
+                   tags={"best_head": "refitted" if result.refitted else "kept (the trial's own head)"})
     classes = result.prepared.dataset.classes
     plots.log_figure(plots.confusion_figure(result.confusion, classes,
                                             f"{spec.study}: best trial #{best.number}, test"), "plots/confusion_matrix.png")

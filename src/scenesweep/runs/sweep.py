@@ -334,12 +334,14 @@ def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
 
 def run_study(spec: StudySpec, storage: str | None = None, study_name: str | None = None,
               n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
-              heartbeat_s: int = DEFAULT_HEARTBEAT_S, progress: bool = True, register: bool = True) -> dict:
+              heartbeat_s: int = DEFAULT_HEARTBEAT_S, progress: bool = True, register: bool = True,
+              keep_best_per: str | None = None) -> dict:
     """Run (or resume, or join) the study of ``spec``: its trials nested under the study's parent run.
 
     The setting is checked before any trial (one ``ConfigError``). Any number of workers may run
     this at once on one storage: together they finish exactly ``n_trials``; the worker that sees
-    the study finished summarises it.
+    the study finished summarises it. The best trial's head is kept as trials complete (and the
+    best of each value of ``keep_best_per``), so that the test split is scored with it.
 
     Returns:
         A summary: parent run id, study name, trials and states, the trials this worker ran,
@@ -355,7 +357,8 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     rdb, study = open_study(spec, storage_url, study_name, heartbeat_s, data[0].fingerprint if data else None)
     fail_dead_trials(study, dead_here_callback)
     parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
-    objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress)
+    objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress,
+                          keep_best_per=keep_best_per)
     sweep = Sweep(spec, study, rdb, TrialBudget(n_trials), timeout if timeout is not None else spec.timeout,
                   heartbeat_s, parent_id, objective, progress)
     sink.log_batch(parent_id, tags={"budget.n_trials": n_trials, "budget.timeout": sweep.timeout})

@@ -137,6 +137,14 @@ class Heartbeat:
         self._thread.join()
 
 
+def is_own_setting(trial: optuna.Trial | FrozenTrial) -> bool:
+    """Whether the trial runs one of the study's enqueued settings (or a retry of one): those run
+    as the file fixes them; the others are tuning trials (the file's ``tuning`` settings)."""
+    attrs = trial.system_attrs if isinstance(trial, FrozenTrial) else \
+        trial.study._storage.get_trial(trial._trial_id).system_attrs
+    return "fixed_params" in attrs
+
+
 def best_per_group(trials: list[FrozenTrial], key: str | None, direction: str) -> dict[str, FrozenTrial]:
     """The best complete trial (by the objective) of each value of ``key`` (all: one group "best").
 

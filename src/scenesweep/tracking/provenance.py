@@ -4,21 +4,17 @@ tags of runs made with ``MlflowClient``, and where a run is seen in the MLflow U
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 from mlflow.tracking.context.registry import resolve_tags
 
+from ..core.machine import version
 from ..core.stores import redact
 
 # `scenesweep ui` (and `mlflow ui`) serve a SQLite store here by default.
@@ -26,7 +22,6 @@ LOCAL_UI = "http://127.0.0.1:5000"
 GPU_SAMPLE_S = 1.0  # utilisation is sampled this often while a trial runs on CUDA
 
 PIP_PACKAGES = ("torch", "torchvision", "scikit-learn", "numpy", "pillow", "pandas", "mlflow")
-VERSIONED_PACKAGES = ("torch", "torchvision", "mlflow", "optuna", "scikit-learn", "numpy")
 
 
 def command_line() -> str:
@@ -35,41 +30,12 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["scenesweep" if program == "__main__.py" else program, *sys.argv[1:]])
 
 
-def version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def hardware(device: str = "cpu") -> dict[str, str]:
-    """What a run ran on: CPU, cores, memory, library versions, device; GPU details on CUDA."""
-    import torch  # here, not at the top: `scenesweep ui` and `report` read provenance without torch (5 s)
+    """What a run ran on (``compute.hardware.hardware``): CPU model, flags and torch's capability,
+    cores, threads, memory, library versions, device; GPU details on CUDA."""
+    from ..compute import hardware as machine  # here: `scenesweep ui` and `report` need no torch (5 s)
 
-    info = {"cpu": cpu_model(), "cpu_cores_logical": str(os.cpu_count()),
-            "cpu_cores_physical": str(psutil.cpu_count(logical=False)),
-            "torch_threads": str(torch.get_num_threads()),
-            "memory_gib": f"{psutil.virtual_memory().total / 2**30:.1f}", "os": platform.platform(),
-            "python": platform.python_version(), "device": device}
-    for package in VERSIONED_PACKAGES:
-        info[package] = version(package)
-    if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update({"gpu": props.name, "gpu_memory_gib": f"{props.total_memory / 2**30:.1f}",
-                     "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())})
-        with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-            info["gpu_driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-    return info
+    return machine.hardware(device)
 
 
 def pip_requirements() -> list[str]:

@@ -81,6 +81,19 @@ def config_params(config: RunConfig) -> dict[str, Any]:
     return dict(config.values)
 
 
+def precision_params(features: Features) -> dict[str, str]:
+    """What the extraction ran in and why: ``resolved.precision`` (fp32 or bf16, whatever the
+    ``precision`` parameter said) and ``precision_reason`` (measured, cached or given)."""
+    return {"resolved.precision": features.precision, "precision_reason": features.precision_reason}
+
+
+def head_precision_params(result: RunResult) -> dict[str, str]:
+    """What an mlp head trained in and why (nothing for the svm)."""
+    choice = result.head_precision
+    return {} if choice is None else {"resolved.head_precision": choice.precision,
+                                      "head_precision_reason": choice.reason}
+
+
 def unit_tags(config: RunConfig) -> dict[str, str]:
     return {f"unit.{n}": PARAMETER_BY_NAME[n].unit for n in config.values if PARAMETER_BY_NAME[n].unit}
 
@@ -194,7 +207,7 @@ def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_po
               params={**config_params(config), "head": config.head or "none",
                       "dataset_fingerprint": prepared.dataset.fingerprint,
                       "split_fingerprint": prepared.split.fingerprint, "cache_key": features.key,
-                      "conv_cache_key": features.conv_key, "precision_resolved": features.precision,
+                      "conv_cache_key": features.conv_key, **precision_params(features),
                       "n_classes": len(prepared.dataset.classes),
                       **{f"n_{k}": v for k, v in prepared.split.sizes().items()}},
               tags={"entry_point": entry_point, **cache_tags(features), "command": provenance.command_line(),
@@ -258,7 +271,7 @@ def log_per_class(run_id: str, confusion: np.ndarray, classes: tuple[str, ...],
 
 def log_result(run_id: str, result: RunResult, title: str) -> None:
     """Final metrics, timings, plots, per-class results: everything a run logs after fitting."""
-    log_batch(run_id, metrics=final_metrics(result), step=len(result.history))
+    log_batch(run_id, metrics=final_metrics(result), params=head_precision_params(result), step=len(result.history))
     classes = result.prepared.dataset.classes
     client = MlflowClient()
     if result.confusion is not None:
