@@ -55,7 +55,7 @@ try:
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep.compute import backbone, features, synthetic, training
+from scenesweep.compute import backbone, features, hardware, synthetic, training
 from scenesweep.core.config import make_config
 from scenesweep.compute.data import write_digits
 
@@ -382,31 +382,47 @@ def extractor_speed(device: torch.device, image_size: int, batch_size: int, n_im
                 "images": len(prepared.dataset.paths)}
 
 
+def pooling_share_speed(device: torch.device, image_size: int, batch_size: int, n_images: int,
+                        poolings: tuple[str, ...] = ("avg", "lp1", "lp2")) -> dict:
+    """The pooling study's extractions: each pooling type in its own pass against one pass that
+    runs the layers before the first pooling once per batch and branches into every pooling.
+
+    The default is what Q12.3 extracts after Q8 (max is cached by then): avg, lp1 and lp2. Same
+    synthetic JPEGs, precision auto, each pass in a fresh cache; the steady-state images/s of each
+    (warm-up batches, which hold any compile, left out) gives the seconds per image of all poolings.
+    """
+    scale = n_images / synthetic.TOTAL_IMAGES
+    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as tmp:
+        root = synthetic.write_scenes(Path(tmp) / "scenes", scale=scale, min_per_class=4)
+        counts = synthetic.class_counts(scale, min_per_class=4)
+
+        def config(pooling: str, cache: str):
+            return make_config("svm", {"data": str(root), "train_per_class": max(2, min(counts.values()) // 2),
+                                       "val_fraction": 0.5, "image_size": image_size, "batch_size": batch_size,
+                                       "layer": "pool5", "pooling": pooling, "weights": "random",
+                                       "device": device.type, "cache_dir": str(Path(tmp) / cache)})
+
+        separate = {p: training.prepare(config(p, f"separate-{p}"), progress=False).features.extract_timing
+                    for p in poolings}
+        shared = training.prepare(config(poolings[0], "shared"), progress=False,
+                                  share_poolings=poolings).features.extract_timing
+    separate_s = sum(1.0 / t["images_per_s"] for t in separate.values())  # per image, all poolings
+    shared_s = 1.0 / shared["images_per_s"]
+    return {"poolings": poolings, "separate_images_per_s": {p: t["images_per_s"] for p, t in separate.items()},
+            "shared_images_per_s": shared["images_per_s"], "separate_s_per_image": separate_s,
+            "shared_s_per_image": shared_s, "saved": 1.0 - shared_s / separate_s,
+            "compiled": shared.get("compiled", 0.0)}
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
 def describe_machine(device: torch.device) -> str:
-    """One line: device, threads, library versions, native bf16 support."""
-    if device.type == "cuda":
-        where = f"CUDA {torch.cuda.get_device_name(device)}"
-    else:
-        where = f"CPU {cpu_name()}, {os.cpu_count()} logical cores"
-    return (f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"CPU native bf16: {features.cpu_has_native_bf16()}; "
-            f"precision 'auto' resolves to {features.resolve_precision('auto', device)} here")
-
-
-def cpu_name() -> str:
-    """Model name (and family/model numbers, since VMs often hide the name) from /proc/cpuinfo."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    if not fields:
-        return platform.processor() or platform.machine()
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    """One line: the machine (CPU model and speed flags, torch's capability, threads; the GPU on
+    CUDA) and the precision ``precision=auto`` measures to be the faster here."""
+    choice = features.choose_precision(make_config("svm", {"image_size": 224, "batch_size": 8}), device)
+    return f"{hardware.describe(device)}; precision auto here: {choice.reason}"
 
 
 def load_average() -> str:
@@ -415,6 +431,18 @@ def load_average() -> str:
         return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     except OSError:
         return "n/a"
+
+
+def print_pooling_share(share: dict, images: int, image_size: int, batch_size: int) -> None:
+    print(f"5. The pooling study's extractions ({', '.join(share['poolings'])}; max is cached by Q8), "
+          f"{images} synthetic JPEGs, {image_size} px, batch {batch_size}, "
+          f"{'compiled' if share['compiled'] else 'eager'}: each pooling in its own pass against one pass "
+          "sharing the layers before the first pooling")
+    print(table(["pass", "images/s", "s per image, all poolings"],
+                [[f"{p} alone", f"{v:.1f}", ""] for p, v in share["separate_images_per_s"].items()]
+                + [["apart, summed", "", f"{share['separate_s_per_image'] * 1e3:.1f} ms"],
+                   ["one shared pass", f"{share['shared_images_per_s']:.1f}", f"{share['shared_s_per_image'] * 1e3:.1f} ms"]]))
+    print(f"   sharing saves {share['saved']:.0%} of the pooling study's extraction\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -434,6 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "60 digits per class for the accuracy check")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="cuda when present with 'auto'")
+    parser.add_argument("--poolings-only", action="store_true",
+                        help="only part 5: the pooling study's three extractions, apart against one shared pass")
     args = parser.parse_args(argv)
     if args.image_size is None:
         args.image_size = 112 if args.quick else 224
@@ -457,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
           "accuracies are those of an untrained network.")
     print(f"Timings: median of repeats, first {WARMUP} iterations/rounds left out. Other processes on "
           "the machine add noise; the conv ceiling and the VGG settings are interleaved to share it.\n")
+
+    if args.poolings_only:
+        print_pooling_share(pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images),
+                            args.extractor_images, args.image_size, args.batch_size)
+        print(f"Load average at end: {load_average()}")
+        return 0
 
     # 1. Matmul reference (not interleaved: it is not in the ratios) -----------------------
     matmuls = matmul_ceilings(device, size=2048 if args.quick else 4096, repeats=3 if args.quick else 5)
@@ -517,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
           f"relative L2 difference {rel:.2e}\n")
 
     # 4. The summed per-layer ceiling, before and after the extractor ----------------------
-    precision = features.resolve_precision("auto", device)
+    precision = features.choose_precision(make_config("svm", {"image_size": args.image_size,
+                                                             "batch_size": args.batch_size}), device).precision
     repeats = 3 if args.quick else 5
     layer_ceiling = floor.conv_ceiling("vgg16", args.image_size, args.batch_size, precision, device, repeats)
     fp32_ceiling = (floor.conv_ceiling("vgg16", args.image_size, args.batch_size, "fp32", device, repeats)
@@ -548,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{timing.get('wait_s', float('nan')):.1f} s, in {timing.get('total_s', float('nan')):.1f} s: "
           f"{timing.get('decode_overlap', float('nan')):.0%} of the decoding hidden behind the forward pass "
           f"(time/extract_decode_overlap)\n")
+
+    # 5. The pooling study's extractions, apart or sharing their first layers ----------------
+    share = pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images)
+    print_pooling_share(share, args.extractor_images, args.image_size, args.batch_size)
 
     # Summary ------------------------------------------------------------------------------
     base, cl = speed["fp32"], speed["fp32 channels_last"]

@@ -155,3 +155,17 @@ def test_batches_of_any_size_give_the_same_features(flat_scenes, tmp_path, monke
     assert timing["compute_s"] > 0 and timing["wait_s"] >= 0
     assert timing["compute_s"] + timing["wait_s"] <= timing["total_s"] + 1e-6
     assert 0.0 <= timing["decode_overlap"] <= 1.0
+
+
+def test_a_pooling_study_extracts_its_poolings_in_one_pass_sharing_the_first_layers(flat_scenes, tmp_path):
+    """The pooling types differ only from the first pooling on: one pass fills every pooling's
+    conv entry, each equal to what its own pass computes."""
+    cfg = config(tmp_path / "shared", data=str(flat_scenes), layer="pool5", precision="fp32")
+    first = prepare(cfg, progress=False, share_poolings=("max", "avg", "lp1", "lp2")).features
+    assert first.conv_state == "miss" and first.extract_timing["branches"] == 4
+    for pooling in ("avg", "lp1", "lp2"):
+        shared = prepare(cfg.replace(pooling=pooling), progress=False).features
+        assert shared.conv_state == "hit"  # filled by the first pass
+        alone = prepare(cfg.replace(pooling=pooling, cache_dir=str(tmp_path / "alone")), progress=False).features
+        assert alone.conv_state == "miss" and alone.extract_timing["branches"] == 1
+        np.testing.assert_allclose(shared.values, alone.values, rtol=1e-5, atol=1e-6)

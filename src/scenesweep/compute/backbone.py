@@ -195,6 +195,30 @@ def architecture(arch: str = "vgg16", pooling: str = "max", fc_width: int = FC_W
         return build_backbone(arch, "random", pooling, fc_width)
 
 
+class PoolingBranches(nn.Module):
+    """The conv part for several pooling types at once: (N, 3, S, S) -> one (N, 512, S/32, S/32)
+    per pooling.
+
+    The pooling types differ only from the first pooling on: the layers before it (conv1_1,
+    relu, conv1_2, relu: at 224 px about a third of VGG16's bf16 conv time) run once, then each
+    branch runs the rest with its own pooling. The branches share the conv modules (the same
+    weights: a pooling layer has none, and random weights are drawn before the swap).
+    """
+
+    def __init__(self, features: nn.Sequential, poolings: tuple[str, ...]):
+        super().__init__()
+        first = next(i for i, m in enumerate(features) if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d)))
+        self.trunk = features[:first]
+        self.branches = nn.ModuleList(
+            nn.Sequential(*[POOLING_LAYERS[pooling]() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d))
+                            else m for m in features[first:]])
+            for pooling in poolings)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shared = self.trunk(x)  # (N, 64, S, S) at VGG's first block
+        return tuple(branch(shared) for branch in self.branches)
+
+
 def conv(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Convolutional part: (N, 3, S, S) -> (N, 512, S/32, S/32)."""
     return model.features(images)

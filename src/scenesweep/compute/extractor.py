@@ -122,9 +122,10 @@ class Normalised(nn.Module):
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift  # (B, 3, S, S), channels_last
-        return self.features(x.to(self.dtype)).float()  # (B, 512, S/32, S/32)
+        out = self.features(x.to(self.dtype))  # (B, 512, S/32, S/32), or one per pooling branch
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 def compiler_available() -> bool:
@@ -140,15 +141,17 @@ def should_compile(images: int, image_size: int) -> bool:
 
 
 def runner(model: nn.Module, arch: str, device: torch.device, precision: str, compile_graph: bool,
-           cache_dir: Path | None) -> tuple[nn.Module, str]:
-    """The conv part behind its normalisation, compiled when asked and possible.
+           cache_dir: Path | None, poolings: tuple[str, ...] = ()) -> tuple[nn.Module, str]:
+    """The conv part behind its normalisation, compiled when asked and possible; with
+    ``poolings``, one output per pooling type from a shared trunk (``backbone.PoolingBranches``).
 
     Returns:
         (the module to call, "compiled" or "eager").
     """
     backbone.to_inference(model, device, precision)
     transform = backbone.preprocessing(arch, 224)
-    module = Normalised(model.features, backbone.compute_dtype(precision), tuple(transform.mean),
+    features = backbone.PoolingBranches(model.features, poolings) if poolings else model.features
+    module = Normalised(features, backbone.compute_dtype(precision), tuple(transform.mean),
                         tuple(transform.std)).to(device).eval()
     if not compile_graph:
         return module, "eager"
@@ -163,10 +166,11 @@ def runner(model: nn.Module, arch: str, device: torch.device, precision: str, co
 
 def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_size: int, resize: int,
                 crop: int, device: torch.device, on_batch=None) -> tuple[np.ndarray, list[float], list[int], dict]:
-    """Every batch through ``module``: (N, 512, h, w) float32, per-batch seconds (wall time from
-    one batch's end to the next's, decoding included), images per batch, and where the time went:
-    ``decode_s`` (the decoding thread's seconds), ``compute_s`` (the forward passes', copies
-    included) and ``wait_s`` (the forward pass waiting for a decoded batch)."""
+    """Every batch through ``module``: (N, 512, h, w) float32 (a tuple of them when the module has
+    several outputs), per-batch seconds (wall time from one batch's end to the next's, decoding
+    included), images per batch, and where the time went: ``decode_s`` (the decoding thread's
+    seconds), ``compute_s`` (the forward passes', copies included) and ``wait_s`` (the forward
+    pass waiting for a decoded batch)."""
     outputs, seconds, counts = [], [], []
     spent = {"decode_s": 0.0, "compute_s": 0.0, "wait_s": 0.0}
     with torch.inference_mode():
@@ -174,7 +178,8 @@ def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_si
         for pixels, real, decode_s in batches(dataset, order, batch_size, resize, crop, pin=device.type == "cuda"):
             computing = time.perf_counter()
             spent["wait_s"] += computing - began
-            out = module(pixels.to(device, non_blocking=True))[:real].cpu()  # (B, 512, S/32, S/32)
+            out = module(pixels.to(device, non_blocking=True))  # (B, 512, S/32, S/32), or a tuple
+            out = tuple(o[:real].cpu() for o in out) if isinstance(out, tuple) else out[:real].cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
@@ -183,9 +188,11 @@ def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_si
             began = now
             counts.append(real)
             spent["decode_s"] += decode_s
-            outputs.append(out.numpy())
+            outputs.append(tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy())
             if on_batch is not None:
                 on_batch(real)
+    if outputs and isinstance(outputs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outputs)), seconds, counts, spent
     return np.concatenate(outputs), seconds, counts, spent
 
 
@@ -198,13 +205,13 @@ def overlap(decode_s: float, compute_s: float, total_s: float) -> float:
 
 
 def compile_or_eager(model: nn.Module, arch: str, device: torch.device, precision: str, images: int,
-                     image_size: int, cache_dir: Path | None) -> tuple[nn.Module, str]:
+                     image_size: int, cache_dir: Path | None, poolings: tuple[str, ...] = ()) -> tuple[nn.Module, str]:
     """``runner`` compiled when it pays, eager otherwise or when compiling fails (one line says why)."""
-    if not should_compile(images, image_size):
-        return runner(model, arch, device, precision, False, cache_dir)
+    if not should_compile(images * max(1, len(poolings)), image_size):
+        return runner(model, arch, device, precision, False, cache_dir, poolings)
     try:
-        return runner(model, arch, device, precision, True, cache_dir)
+        return runner(model, arch, device, precision, True, cache_dir, poolings)
     except Exception as error:  # no compiler, an unsupported op: eager is correct, only slower
         print(f"note: torch.compile unavailable ({error.__class__.__name__}: {str(error).splitlines()[0][:120]}); "
               "extracting eagerly", file=sys.stderr)
-        return runner(model, arch, device, precision, False, cache_dir)
+        return runner(model, arch, device, precision, False, cache_dir, poolings)

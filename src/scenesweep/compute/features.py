@@ -229,8 +229,10 @@ class Features:
 
 def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch: str, batch_size: int,
                  device: torch.device, precision: str, progress: bool = True,
-                 indices: np.ndarray | None = None, cache_dir: Path | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """Run the convolutional part over images: returns (N, 512, h, w) float32 and batch timings.
+                 indices: np.ndarray | None = None, cache_dir: Path | None = None,
+                 poolings: tuple[str, ...] = ()) -> tuple[np.ndarray | tuple[np.ndarray, ...], dict[str, float]]:
+    """Run the convolutional part over images: returns (N, 512, h, w) float32 and batch timings;
+    with ``poolings``, one such array per pooling type, their shared trunk run once per batch.
 
     Decoding runs in a background thread, overlapping the forward pass; the conv part is
     compiled when it pays (see ``extractor``). Timings: per-batch seconds with decoding (warm-up
@@ -240,8 +242,11 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     """
     order = np.arange(len(dataset.paths)) if indices is None else np.asarray(indices)
     resize, crop = extractor.transform_sizes(arch, image_size)
-    module, mode = extractor.compile_or_eager(model, arch, device, precision, len(order), image_size, cache_dir)
-    bar = tqdm(total=len(order), desc=f"extract {arch}/{image_size}px ({mode})", unit="img", disable=not progress)
+    module, mode = extractor.compile_or_eager(model, arch, device, precision, len(order), image_size, cache_dir,
+                                              poolings)
+    shown = f", poolings {'+'.join(poolings)}" if poolings else ""
+    bar = tqdm(total=len(order), desc=f"extract {arch}/{image_size}px ({mode}{shown})", unit="img",
+               disable=not progress)
     began = time.perf_counter()
     try:
         out, seconds, counts, spent = extractor.run_batches(module, dataset, order, batch_size, resize, crop,
@@ -255,7 +260,7 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
               f"{str(error).strip().splitlines()[0][:120] if str(error).strip() else ''}); extracting eagerly",
               file=sys.stderr)
         bar.reset()
-        module, mode = extractor.runner(model, arch, device, precision, False, cache_dir)
+        module, mode = extractor.runner(model, arch, device, precision, False, cache_dir, poolings)
         out, seconds, counts, spent = extractor.run_batches(module, dataset, order, batch_size, resize, crop,
                                                                device, on_batch=bar.update)
     bar.close()
@@ -263,7 +268,10 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     total_s = time.perf_counter() - began
     # decode_s + compute_s > total_s by what ran at once: decode_overlap 1.0 = decoding fully hidden.
     timing.update({"total_s": total_s, **spent, "compiled": float(mode == "compiled"),
-                   "decode_overlap": extractor.overlap(spent["decode_s"], spent["compute_s"], total_s)})
+                   "decode_overlap": extractor.overlap(spent["decode_s"], spent["compute_s"], total_s),
+                   "branches": float(max(1, len(poolings)))})
+    if isinstance(out, tuple):
+        return tuple(o.astype(np.float32, copy=False) for o in out), timing
     return out.astype(np.float32, copy=False), timing
 
 
@@ -299,8 +307,15 @@ def built_backbone(config: RunConfig, device: torch.device, precision: str) -> t
     return _BUILT[key]
 
 
-def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True) -> Features:
-    """Features of ``config.layer`` for every image, from the cache when it holds them."""
+def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
+                     share_poolings: tuple[str, ...] = ()) -> Features:
+    """Features of ``config.layer`` for every image, from the cache when it holds them.
+
+    Args:
+        share_poolings: pooling types a study will need next (a pooling sweep's choices): when the
+            convolutions must run and some of these have no conv entry either, one pass fills them
+            all, the layers before the first pooling run once per batch (``backbone.PoolingBranches``).
+    """
     device = resolve_device(config.device)
     choice = choose_precision(config, device)
     precision = choice.precision
@@ -323,8 +338,19 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True)
         conv_state = "hit"
     else:
         model = built_backbone(config, device, precision)
+        # Other poolings the study will need and nobody has extracted yet: in the same pass.
+        others = tuple(p for p in dict.fromkeys(share_poolings) if p != config.pooling
+                       and cache.meta(_digest(conv_key_parts(config.replace(pooling=p), dataset, precision))) is None)
+        poolings = (config.pooling, *others) if others else ()
         conv_out, timing = extract_conv(model, dataset, config.image_size, config.arch, config.batch_size,
-                                        device, precision, progress, cache_dir=config.cache_path)
+                                        device, precision, progress, cache_dir=config.cache_path, poolings=poolings)
+        if poolings:
+            for pooling, out in zip(poolings[1:], conv_out[1:]):
+                other = config.replace(pooling=pooling)
+                cache.save(_digest(conv_key_parts(other, dataset, precision)), out,
+                           {"parts": conv_key_parts(other, dataset, precision), "timing": timing,
+                            "device": str(device), "extracted_with": list(poolings)})
+            conv_out = conv_out[0]
         conv_meta = cache.save(conv_key, conv_out, {"parts": conv_key_parts(config, dataset, precision),
                                                     "timing": timing, "device": str(device)})
         conv_state = "miss"

@@ -121,10 +121,12 @@ def load_data(config: RunConfig) -> tuple[Dataset, Split]:
     return dataset, split_dataset(dataset, config.val_fraction, config.seed)
 
 
-def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split] | None = None) -> Prepared:
-    """Load the dataset (unless given), carve the validation split and get features (cached)."""
+def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split] | None = None,
+            share_poolings: tuple[str, ...] = ()) -> Prepared:
+    """Load the dataset (unless given), carve the validation split and get features (cached);
+    ``share_poolings``: see ``compute_features``."""
     dataset, split = data or load_data(config)
-    features = compute_features(config, dataset, progress=progress)
+    features = compute_features(config, dataset, progress=progress, share_poolings=share_poolings)
     return Prepared(config, dataset, split, features)
 
 

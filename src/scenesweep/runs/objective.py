@@ -76,6 +76,10 @@ class Objective:
         self.data = None if set(DATA_PARAMETERS) & set(spec.space) else data
         self.progress = progress
         self.keep_best_per = keep_best_per
+        # A pooling study's other pooling types: extracted in the first trial's pass, sharing the
+        # layers before the first pooling (the trunk) instead of one whole pass each.
+        pooling = spec.space.get("pooling")
+        self.poolings = tuple(pooling.choices) if pooling is not None and pooling.type == "categorical" else ()
         self.client = MlflowClient()
         # MlflowClient.create_run adds none of the tags fluent runs get: the UI would show
         # "Created by -" and no source for every trial. Trials share their parent's.
@@ -118,7 +122,7 @@ class Objective:
 
     def _fit_measured(self, trial: optuna.Trial, run_id: str, config, prunable: bool) -> RunResult:
         with self._lock:
-            prepared = prepare(config, progress=self.progress, data=self.data)
+            prepared = prepare(config, progress=self.progress, data=self.data, share_poolings=self.poolings)
         if self._hardware is None:
             self._hardware = sink.hardware_tags(prepared.features.device)
         sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
