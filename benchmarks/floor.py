@@ -50,7 +50,7 @@ try:  # run from a checkout without installing: src/ on the path when scenesweep
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep.compute import features  # noqa: E402  (device and bf16 checks, as the extractor makes them)
+from scenesweep.compute import features, hardware  # noqa: E402  (device, as the extractor resolves it; the machine)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATISTICS = ("min", "median")
@@ -65,11 +65,6 @@ def sync(device: torch.device) -> None:
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu (as scenesweep's own ``device=auto``)."""
     return name if isinstance(name, torch.device) else features.resolve_device(name)
-
-
-def extraction_precision(device: torch.device) -> str:
-    """The precision ``precision=auto`` extracts in: bf16 on CUDA and native-bf16 CPUs, else fp32."""
-    return "bf16" if device.type == "cuda" or features.cpu_has_native_bf16() else "fp32"
 
 
 def _statistic(seconds: Sequence[float], statistic: str) -> float:
@@ -418,12 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU native bf16: "
-          f"{features.cpu_has_native_bf16()}; extraction precision here: {extraction_precision(device)}")
+    print(f"machine: {hardware.describe(device)}")
     print(f"load average at start: {load_average()}")
     ceilings = [conv_ceiling(args.arch, args.image_size, args.batch_size, precision, device, args.repeats,
                              statistic=args.statistic) for precision in ("bf16", "fp32")]
     print(format_ceilings(ceilings))
+    fastest = min(ceilings, key=lambda c: c.seconds_per_batch)
+    slowest = max(ceilings, key=lambda c: c.seconds_per_batch)
+    print(f"   faster here: {fastest.precision}, {slowest.seconds_per_batch / fastest.seconds_per_batch:.2f}x "
+          f"{slowest.precision} (the floor of an extraction is the faster precision's ceiling)")
     widths = tuple(int(w) for w in args.head.split(","))
     step = head_step(widths, args.batch_size, device=device, steps=args.steps)
     print(f"bare head step {'-'.join(map(str, widths))}, batch {args.batch_size}, {step.optimizer}: "

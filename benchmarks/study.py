@@ -112,17 +112,18 @@ def fmt(value: Any, spec: str = ".1f", missing: str = "-") -> str:
     return format(value, spec)
 
 
-def cpu_name() -> str:
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    if not fields:
-        return platform.processor() or platform.machine()
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+def machine_line(device: str) -> str:
+    """CPU model and speed flags, torch's CPU capability, cores, threads (the GPU on CUDA)."""
+    import floor
+    from scenesweep.compute import hardware
+
+    return hardware.describe(floor.resolve_device(device))
+
+
+def machine_details(device: str) -> dict[str, str]:
+    from scenesweep.compute import hardware
+
+    return hardware.hardware(device)
 
 
 def scenesweep_command() -> list[str]:
@@ -478,9 +479,9 @@ def measure_floor(work: list[WorkRun], device, repeats: int, steps: int) -> Stag
     measured = StageFloor(load=load_average())
     for key in sorted({w.extract_key for w in work if w.extract_key}, key=str):
         arch, image_size, batch_size, precision = key
-        if precision not in floor.PRECISIONS:  # trials log the parameter ('auto'), not what it resolved to
-            precision = floor.extraction_precision(device)
-        measured.ceilings[key] = floor.conv_ceiling(arch, image_size, batch_size, precision, device, repeats)
+        # The floor is the faster precision's ceiling, whichever the run chose (or was given).
+        candidates = [floor.conv_ceiling(arch, image_size, batch_size, p, device, repeats) for p in floor.PRECISIONS]
+        measured.ceilings[key] = min(candidates, key=lambda c: c.seconds_per_batch)
     for key in sorted({w.head_key for w in work if w.head_key}, key=str):
         widths, batch_size = key
         measured.heads[key] = floor.head_step(widths, batch_size, device=device, steps=steps)
@@ -561,7 +562,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %z")
     print(f"scenesweep study benchmark, {started_at}")
     print(f"command: {command_line}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical cores; python {platform.python_version()}")
+    print(f"machine: {machine_line(args.device)}; python {platform.python_version()}")
     print(f"load average at start: {show_load(load_start)}")
 
     weights = args.weights
@@ -784,9 +785,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
 
     report = {
         "command": command_line, "started": started_at, "load_average_start": load_start,
-        "load_average_end": load_end, "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                                                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                                  "device": str(device), "python": platform.python_version()},
+        "load_average_end": load_end, "machine": machine_details(str(device)),
         "data": str(data), "weights": weights, "extra_args": extra,
         "stages": [{"name": s.name, "command": s.command, "dropped_options": s.dropped, **s.result} for s in ran],
         "work_runs": [w.__dict__ for w in work],

@@ -590,6 +590,17 @@ class PoolingResult:
     def epochs_full(self) -> int:
         return len(self.pruned.trials) * self.epochs
 
+    @staticmethod
+    def tuning(trials: list) -> list:
+        """The tuning trials (the study's own enqueued settings run in full and are never pruned)."""
+        return [t for t in trials if "fixed_params" not in t.system_attrs]
+
+    @property
+    def tuning_epochs(self) -> tuple[int, int]:
+        """Epochs the tuning trials trained: (with the pruner, without it)."""
+        return (sum(len(t.intermediate_values) for t in self.tuning(self.pruned.trials)),
+                sum(len(t.intermediate_values) for t in self.tuning(self.unpruned.trials)))
+
 
 def bench_pooling(tmp: Path, storage: str, n_trials: int, epochs: int, data: str, train_per_class: int,
                   cache_dir: Path) -> PoolingResult:
@@ -658,6 +669,9 @@ def report_pooling(r: PoolingResult, data_label: str, pruner: dict) -> None:
         f"epochs counted by Optuna and by MLflow agree: {'yes' if consistent else 'NO'}")
     say(f"   epochs trained: {r.epochs_run} with the pruner ({plural(pruned_count, 'trial')} pruned) against "
         f"{unpruned_epochs} without (trials x epochs = {r.epochs_full}): ratio {r.epochs_run / r.epochs_full:.2f}")
+    with_pruner, without = r.tuning_epochs
+    say(f"   the tuning trials alone (the own settings are never pruned): {with_pruner} epochs with the pruner "
+        f"against {without} without: ratio {with_pruner / max(1, without):.2f}")
     say(f"   best val acc: {fmt_best(p)} with the pruner, {fmt_best(u)} without")
     say(f"   time: trial runs {p.trial_runs_s:.1f} s against {u.trial_runs_s:.1f} s; study wall time {p.wall_s:.1f} s "
         f"against {u.wall_s:.1f} s (with set-up and the summary's refit of the best trial); the pruned study ran first")
@@ -853,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"scenesweep sweep benchmark{' (--quick)' if args.quick else ''}: temporary stores and caches in {tmp}")
         say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
             f"{features.resolve_device('auto')}, extraction precision "
-            f"{features.resolve_precision('auto', features.resolve_device('auto'))}; load average {load_average()}")
+            f"auto (measured per machine and shape; see each run's precision_reason); load average {load_average()}")
         say("Data: scikit-learn digits (8x8, upscaled) at 32 px with RANDOM VGG16 weights: timings show where time "
             "goes; accuracies are demo figures of an untrained network, not 15-Scene results.")
         say("Other processes on the machine add noise: compare only numbers from one run.\n")
@@ -899,7 +913,10 @@ def main(argv: list[str] | None = None) -> int:
             f"sweep_fc trial / full extraction = {median(fc_ratios):.2f} (median over {plural(len(fc.rows), 'width')}, "
             f"{min(fc_ratios):.2f}..{max(fc_ratios):.2f}); "
             f"sweep_pooling epochs pruned / unpruned = {pooling.epochs_run}/{pooling.epochs_full} = "
-            f"{pooling.epochs_run / pooling.epochs_full:.2f} (best val acc {fmt_value(pooling.pruned.best_value)} "
+            f"{pooling.epochs_run / pooling.epochs_full:.2f}, tuning trials "
+            f"{pooling.tuning_epochs[0]}/{pooling.tuning_epochs[1]} = "
+            f"{pooling.tuning_epochs[0] / max(1, pooling.tuning_epochs[1]):.2f} "
+            f"(best val acc {fmt_value(pooling.pruned.best_value)} "
             f"vs {fmt_value(pooling.unpruned.best_value)}); "
             f"MLflow logging / SVM trial compute = {logging_result.svm_ratio:.3f}")
         return 0
