@@ -34,9 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
-import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -57,12 +54,11 @@ except ImportError:  # pragma: no cover - depends on how the script is started
 
 from scenesweep.compute import backbone, features, hardware, synthetic, training
 from scenesweep.core.config import make_config
-from scenesweep.compute.data import write_digits
 
-# benchmarks/floor.py: the per-layer ceiling (the script's folder is on sys.path when run as a script).
+# benchmarks/floor.py (the per-layer ceiling) and _common.py: the script's folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
-from floor import table  # noqa: E402
+from _common import digits_subset, flops_per_image, load_average, table  # noqa: E402
 
 WARMUP = features.WARMUP_BATCHES  # leading batches / iterations left out of every timing
 
@@ -95,41 +91,6 @@ def time_repeats(fn: Callable[[], object], device: torch.device, repeats: int,
             seconds.append(time.perf_counter() - began)
     return seconds
 
-
-def count_flops(image_size: int, arch: str = "vgg16", layer: str = "relu7") -> tuple[float, float]:
-    """FLOPs per image of conv + from_conv up to ``layer``: (conv part, fc part).
-
-    Counted from the shapes each Conv2d / Linear actually sees, on the meta device (no memory,
-    no compute), so the count is right at any input size. One multiply-add = 2 FLOPs; biases,
-    ReLUs and pooling are left out (under 0.1 % of VGG16), as in the usual 15.5 GMAC figure.
-
-    Args:
-        image_size: input side S; the input is (1, 3, S, S).
-        arch: VGG depth, built by ``backbone.architecture`` (max pooling, fc width 4096).
-        layer: last feature layer computed, as in ``backbone.from_conv``.
-    """
-    meta = backbone.architecture(arch)
-    totals = {"conv": 0.0, "fc": 0.0}
-
-    def on_conv(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
-        # output: (1, C_out, H, W); each output element is C_in/groups * kh * kw MACs
-        kh, kw = module.kernel_size
-        totals["conv"] += 2.0 * output.numel() * (module.in_channels // module.groups) * kh * kw
-
-    def on_linear(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
-        # output: (1, out_features); each element is in_features MACs
-        totals["fc"] += 2.0 * output.numel() * module.in_features
-
-    hooks = [m.register_forward_hook(on_conv) for m in meta.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_hook(on_linear) for m in meta.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.inference_mode():
-            x = torch.empty(1, 3, image_size, image_size, device="meta")
-            backbone.from_conv(meta, backbone.conv(meta, x), layer)  # (1, 4096) for relu7
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return totals["conv"], totals["fc"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,17 +251,6 @@ def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
 # 3. Accuracy through the real pipeline
 # --------------------------------------------------------------------------------------------
 
-def digits_subset(cache_dir: Path, per_class: int) -> Path:
-    """The first ``per_class`` images of each digit, as a flat class-folder dataset (for --quick)."""
-    full = write_digits(cache_dir / "datasets" / "digits")
-    subset = cache_dir / "digits-subset"
-    for folder in sorted(p for p in full.iterdir() if p.is_dir()):
-        (subset / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:per_class]:
-            shutil.copy2(image, subset / folder.name / image.name)
-    return subset
-
-
 def accuracy_check(device: torch.device, subset_per_class: int | None = None) -> dict[str, dict]:
     """fp32 vs bf16 through scenesweep's pipeline: digits, 32 px, relu7, LinearSVC (C=1).
 
@@ -425,14 +375,6 @@ def describe_machine(device: torch.device) -> str:
     return f"{hardware.describe(device)}; precision auto here: {choice.reason}"
 
 
-def load_average() -> str:
-    """1-minute load average against the core count: above ~1 per core, others share the CPU."""
-    try:
-        return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-    except OSError:
-        return "n/a"
-
-
 def print_pooling_share(share: dict, images: int, image_size: int, batch_size: int) -> None:
     print(f"5. The pooling study's extractions ({', '.join(share['poolings'])}; max is cached by Q8), "
           f"{images} synthetic JPEGs, {image_size} px, batch {batch_size}, "
@@ -498,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     matmuls = matmul_ceilings(device, size=2048 if args.quick else 4096, repeats=3 if args.quick else 5)
 
     # 2. Conv ceiling + VGG16 settings, round-robin ----------------------------------------
-    conv_flop, fc_flop = count_flops(args.image_size)
+    conv_flop, fc_flop = flops_per_image(args.image_size)
     per_image_gflop = (conv_flop + fc_flop) / 1e9
     model = backbone.build_backbone("vgg16", "random")  # fp32, eval mode, on the CPU
     settings = make_settings(model, device)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -45,12 +44,10 @@ import torch
 import torchvision
 from torch import nn
 
-try:  # run from a checkout without installing: src/ on the path when scenesweep is not importable
-    import scenesweep  # noqa: F401
-except ImportError:  # pragma: no cover - depends on how the script is started
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import load_average, table  # noqa: E402,F401  (puts src/ on the path when needed)
 
-from scenesweep.compute import features, hardware  # noqa: E402  (device, as the extractor resolves it; the machine)
+from scenesweep.compute import features, hardware, precision  # noqa: E402  (device, as the extractor resolves it; the machine)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATISTICS = ("min", "median")
@@ -172,33 +169,16 @@ class ConvCeiling:
 def conv_layers(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8) -> list[LayerTiming]:
     """Every Conv2d of ``torchvision.models.<arch>().features`` with the input shape it sees.
 
-    Shapes come from forward hooks on the meta device (no memory, no compute), so they are right
-    at any input size and for any VGG depth. Pooling type does not matter here: every pooling
-    the study uses halves the map the same way. At 224 px, batch 8, VGG16's 13 layers see
-    (8, 3, 224, 224), (8, 64, 224, 224), (8, 64, 112, 112), ..., (8, 512, 14, 14).
+    Shapes come from forward hooks on the meta device (``scenesweep.compute.precision.conv_shapes``,
+    what ``precision=auto`` times), so they are right at any input size and for any VGG depth.
+    Pooling type does not matter here: every pooling the study uses halves the map the same way.
+    At 224 px, batch 8, VGG16's 13 layers see (8, 3, 224, 224), (8, 64, 224, 224), (8, 64, 112,
+    112), ..., (8, 512, 14, 14).
     """
     with torch.device("meta"):
         network = getattr(torchvision.models, arch)(weights=None).features
-    found: list[LayerTiming] = []
-    block, index_in_block = 1, 0
-    for module in network:
-        if isinstance(module, nn.MaxPool2d):
-            block, index_in_block = block + 1, 0
-        elif isinstance(module, nn.Conv2d):
-            index_in_block += 1
-
-            def hook(conv: nn.Conv2d, inputs, output, name=f"conv{block}_{index_in_block}") -> None:
-                b, c_in, h, w = inputs[0].shape  # (B, C_in, H, W)
-                _, c_out, h_out, w_out = output.shape  # (B, C_out, H_out, W_out)
-                kh, kw = conv.kernel_size
-                gflop = 2.0 * b * c_out * h_out * w_out * (c_in // conv.groups) * kh * kw / 1e9
-                found.append(LayerTiming(name, (b, c_in, h, w), c_out, tuple(conv.kernel_size),
-                                         tuple(conv.padding), tuple(conv.stride), gflop))
-
-            module.register_forward_hook(hook)
-    with torch.inference_mode():
-        network(torch.empty(batch_size, 3, image_size, image_size, device="meta"))
-    return found
+    return [LayerTiming(s.name, s.in_shape, s.out_channels, s.kernel, s.padding, s.stride, s.gflop)
+            for s in precision.conv_shapes(network, image_size, batch_size)]
 
 
 def conv_ceiling(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8, precision: str = "bf16",
@@ -378,26 +358,6 @@ def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int =
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-
-def load_average() -> str:
-    """1-minute load average against the core count: above ~1 per core, others share the CPU."""
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "n/a"
-    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain-text table with right-aligned columns (the first left-aligned)."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="This machine's floor: the summed conv-layer ceiling and "

@@ -37,8 +37,6 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,11 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Run from a checkout without installing: put src/ on the path when scenesweep is not importable.
-try:
-    import scenesweep  # noqa: F401
-except ImportError:  # pragma: no cover - depends on how the script is started
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import digits_subset, machine_line  # noqa: E402  (puts src/ on the path when needed)
 
 WARMUP = 3  # untimed calls of each kind first: oneDNN picks its kernels per input shape
 # Timed calls per block of one kind, after one untimed call. Blocks, not single calls taking turns:
@@ -90,19 +85,6 @@ class Timings:
         return self.images_per_call / statistics.median(self.seconds)
 
 
-def digits_subset(root: Path) -> Path:
-    """The first IMAGES_PER_CLASS images of each digit, as a flat class-folder dataset."""
-    from scenesweep.compute.data import write_digits
-
-    full = write_digits(root / "digits_full")
-    subset = root / "digits_subset"
-    for class_dir in sorted(p for p in full.iterdir() if p.is_dir()):
-        (subset / class_dir.name).mkdir(parents=True, exist_ok=True)
-        for image in sorted(class_dir.glob("*.png"))[:IMAGES_PER_CLASS]:
-            shutil.copy(image, subset / class_dir.name / image.name)
-    return subset
-
-
 def train_and_register(data: Path, cache: Path, image_size: int, name: str) -> tuple[dict, list[Path]]:
     """``scenesweep svm`` on relu7 at ``image_size``, registered as ``name`` version 1.
 
@@ -129,40 +111,19 @@ def train_and_register(data: Path, cache: Path, image_size: int, name: str) -> t
     return info, [dataset.absolute(int(i)) for i in split.test]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Server:
-    """``mlflow models serve`` in its own process group, stopped as a whole."""
+    """``mlflow models serve`` started, awaited and stopped (its whole process group) by the
+    project's own ``scenesweep.services.servers``."""
 
     def __init__(self, model_uri: str, log_path: Path):
-        self.port = free_port()
-        bin_dir = Path(sys.executable).parent
-        # uvicorn is started by name: the venv's bin must be on PATH.
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.log = open(log_path, "w")
-        self.log_path = log_path
+        from scenesweep.services import servers
+
+        self.servers = servers
+        self.server = servers.model_server(model_uri, servers.free_port())
+        self.port = self.server.port
         began = time.perf_counter()
-        self.process = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited: {log_path.read_text()[-2000:]}")
-            try:
-                status, _ = self.request("GET", "/ping")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up after 180 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        self.process = servers.start(self.server, log_path)
+        servers.wait_until_ready(self.server, self.process, timeout_s=180, log=log_path)
         self.startup_s = time.perf_counter() - began
 
     def request(self, method: str, path: str, body: str | None = None) -> tuple[int, bytes]:
@@ -185,15 +146,7 @@ class Server:
         return answer["predictions"]
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
-        self.log.close()
+        self.servers.stop(self.process)
 
 
 class InProcess:
@@ -309,11 +262,7 @@ def best(timings: dict, path: str, n: int) -> Timings:
 
 
 def report(results: list[dict], args) -> None:
-    import torch
-    from scenesweep.tracking.provenance import cpu_model
-
-    print(f"# Serving benchmark: {cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), Python {platform.python_version()}; load average before "
+    print(f"# Serving benchmark: {machine_line('cpu')}, Python {platform.python_version()}; load average before "
           f"{args.load_average_before:.1f} (other processes share these cores)")
     print(f"Model: VGG16 random weights, relu7 (4096), svm head, digits subset ({IMAGES_PER_CLASS}/class, "
           f"8x8 PNG upscaled); {WARMUP} warm-up calls of each kind, then rounds of blocks of "
@@ -368,10 +317,10 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        from scenesweep.tracking.store import setup_tracking
+        from scenesweep.tracking.mlflow_store import setup_tracking
 
         setup_tracking()
-        data = digits_subset(work)
+        data = digits_subset(work, IMAGES_PER_CLASS)
         results = [measure(size, data, work, args.single, args.batches, args.processes) for size in args.sizes]
         report(results, args)
     finally:

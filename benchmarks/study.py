@@ -60,7 +60,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/floor.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/floor.py, _common.py
+from _common import load_numbers, table  # noqa: E402
 
 # The reference report's per-batch figures (STUDY.md, pooling table, max pooling): seconds per
 # mini-batch of 8 images, to extract (its "test" column) and to train (its "train" column).
@@ -77,13 +78,6 @@ USER_ATTR_RUN_ID = "mlflow_run_id"  # the trial's MLflow run (README: Sweeps, Tr
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
 
 def show_load(load: list[float] | None) -> str:
     return "n/a" if load is None else f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
@@ -384,6 +378,7 @@ class WorkRun:
     head_key: tuple | None  # (widths, batch_size) of an mlp head
     logged_step_s: float | None
     refit_steps: int = 0
+    branches: int = 1  # pooling types its one extraction pass filled (the trunk shared)
 
 
 def describe_runs(stage: str, runs: list, trials_by_run: dict, client, data_dir: str,
@@ -424,9 +419,11 @@ def describe_runs(stage: str, runs: list, trials_by_run: dict, client, data_dir:
             per_epoch = math.ceil(n_train / batch_size)
             steps = epochs * per_epoch
             head_key = (widths, batch_size)
+        # A pooling study's first pass fills every pooling type's conv entry at once.
+        branches = int(metrics.get("time/extract_branches", 1) or 1) if images else 1
         work.append(WorkRun(run.info.run_id, stage, head, own, max(0.0, (end - run.info.start_time) / 1000),
                             images, extract_key, metrics.get("time/extract_images_per_s") if images else None,
-                            epochs, steps, head_key, metrics.get("time/train_batch_median_s")))
+                            epochs, steps, head_key, metrics.get("time/train_batch_median_s"), branches=branches))
     # Refits: the test evaluation of a study's best trial (on the parent: best/val/acc_refit) and
     # of the best trial per group (on the trial's run: val/acc_refit) train the head again, fully.
     by_work = {w.run_id: w for w in work}
@@ -461,7 +458,16 @@ class StageFloor:
     load: list[float] | None = None
 
     def extract_s(self, w: WorkRun) -> float:
-        return w.images_extracted * self.ceilings[w.extract_key].seconds_per_image if w.extract_key else 0.0
+        """Its images at the summed conv-layer ceiling; a shared pass of b pooling types: the
+        layers before the first pooling (block 1) once, the others b times."""
+        if not w.extract_key:
+            return 0.0
+        ceiling = self.ceilings[w.extract_key]
+        if w.branches <= 1:
+            return w.images_extracted * ceiling.seconds_per_image
+        trunk = sum(layer.time_s(ceiling.statistic) for layer in ceiling.layers if layer.name.startswith("conv1_"))
+        per_batch = trunk + w.branches * (ceiling.seconds_per_batch - trunk)
+        return w.images_extracted * per_batch / ceiling.batch_size
 
     def head_s(self, w: WorkRun, steps: int) -> float:
         return steps * self.heads[w.head_key].median_s if w.head_key else 0.0
@@ -476,7 +482,7 @@ def measure_floor(work: list[WorkRun], device, repeats: int, steps: int) -> Stag
     """The summed conv-layer ceiling and the bare head step of every setting in ``work``."""
     import floor
 
-    measured = StageFloor(load=load_average())
+    measured = StageFloor(load=load_numbers())
     for key in sorted({w.extract_key for w in work if w.extract_key}, key=str):
         arch, image_size, batch_size, precision = key
         # The floor is the faster precision's ceiling, whichever the run chose (or was given).
@@ -558,7 +564,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    load_start = load_average()
+    load_start = load_numbers()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %z")
     print(f"scenesweep study benchmark, {started_at}")
     print(f"command: {command_line}")
@@ -628,7 +634,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     try:
         for number, stage in enumerate(stages, 1):
             cache_before = folder_bytes(cache)
-            load = load_average()
+            load = load_numbers()
             print(f"[{number}/{len(stages)}] {stage.name} (load {fmt(load[0] if load else None, '.2f')}) ...",
                   end="", flush=True)
             measured = run_measured(stage.command, env, logs / f"{stage.name}.log", args.stage_timeout)
@@ -656,7 +662,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
                     best.update({k: v for k, v in r.data.metrics.items() if k in ("val/acc", "test/acc")})
             measured.update({
                 "runs": len(new_runs), "trials": dict(states),
-                "images_extracted": sum(w.images_extracted for w in stage_work),
+                "images_extracted": sum(w.images_extracted * w.branches for w in stage_work),
                 "epochs": sum(w.epochs for w in stage_work),
                 "head_steps": sum(w.steps for w in stage_work),
                 "refit_steps": sum(w.refit_steps for w in stage_work),
@@ -676,7 +682,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     def reference_same_work(w: WorkRun) -> float:
         batch = w.head_key[1] if w.head_key else REFERENCE_BATCH
         image_passes = (w.steps + w.refit_steps) * batch
-        return (w.images_extracted * REFERENCE_EXTRACT_S_PER_BATCH + image_passes * REFERENCE_TRAIN_S_PER_BATCH) \
+        return (w.images_extracted * w.branches * REFERENCE_EXTRACT_S_PER_BATCH + image_passes * REFERENCE_TRAIN_S_PER_BATCH) \
             / REFERENCE_BATCH
 
     rows, totals = [], defaultdict(float)
@@ -711,16 +717,19 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
                      f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['cache_bytes_added'] / 1e6:.1f}",
                      fmt(val, ".3f") + " / " + fmt(acc.get("test/acc"), ".3f"),
                      "ok" if r["rc"] == 0 else f"exit {r['rc']}"])
-    load_end = load_average()
+    load_end = load_numbers()
 
     print(f"\nThe study, {len(ran)} experiments, data {data} ({weights} weights), device {device}:")
-    print(floor.table(["stage", "images", "trials (C/P/F)", "epochs", "head steps (+refit)", "wall s",
+    print(table(["stage", "images", "trials (C/P/F)", "epochs", "head steps (+refit)", "wall s",
                        "extract img/s", "floor s", "wall/floor", "peak RSS GiB", "cache MB", "val / test acc",
                        "status"], rows))
-    print("   images: images whose convolutions ran (a cache hit extracts nothing); trials: complete / pruned / "
+    print("   images: images whose convolutions ran, once per pooling type (a cache hit extracts nothing; a "
+          "pooling study's one pass for several poolings counts each); trials: complete / pruned / "
           "failed; epochs and head steps: trained by runs and trials, '+N': steps of the refits that compute "
-          "test accuracy; extract img/s: the extractor's own logged time/extract_images_per_s; floor: those "
-          "images at the summed conv-layer ceiling plus every head step at the bare loop's step time; val: the "
+          "test accuracy; extract img/s: the extractor's own logged time/extract_images_per_s (a shared pass: "
+          "images through all its poolings per second); floor: those images at the summed conv-layer ceiling "
+          "(a shared pass: block 1 once, the rest per pooling) plus every head step at the bare loop's step "
+          "time; val: the "
           "best trial's (or the run's). SVM fits, fc layers of new widths, process start-up, evaluation and "
           "logging are outside the floor.")
 
@@ -746,11 +755,11 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
                                  fmt(measured.load[0] if measured.load else None, ".2f")])
     if head_rows:
         print("\nHead steps against the bare PyTorch loop (same head and batch, Adam fused; measured after each stage):")
-        print(floor.table(["stage", "head", "batch", "steps run", "bare ms/step", "logged median ms/step",
+        print(table(["stage", "head", "batch", "steps run", "bare ms/step", "logged median ms/step",
                            "logged / bare"], head_rows))
     if ceiling_rows:
         print("\nExtraction against the summed conv-layer ceiling (each conv layer alone; measured after each stage):")
-        print(floor.table(["stage", "setting", "ceiling ms/batch", "ceiling img/s", "extractor img/s (logged)",
+        print(table(["stage", "setting", "ceiling ms/batch", "ceiling img/s", "extractor img/s (logged)",
                            "extractor / ceiling", "load"], ceiling_rows))
 
     reference = totals["reference_same_work_s"]

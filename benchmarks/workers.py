@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -52,7 +51,7 @@ from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from floor import load_average, table  # noqa: E402  (the benchmarks folder's shared helpers)
+from _common import load_average, objective_overhead, table  # noqa: E402  (the benchmarks' shared helpers)
 
 STUDY = """\
 study: STUDY
@@ -146,35 +145,11 @@ def measure(setup: str, count: int, trials: int, tmp: Path, storage: str, env: d
             "states": {s: states.count(s) for s in sorted(set(states))}}
 
 
-def tracking_calls_ms(tracking_uri: str, calls: int, tmp: Path) -> float:
-    """Median ms of one trial's MLflow calls against ``tracking_uri`` (in this process)."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    # As the workers run (scenesweep.tracking.store.setup_tracking): no "View run" line, and no
-    # extra request, per ended run.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(f"overhead_{uuid.uuid4().hex[:8]}")
-    parent = client.create_run(experiment_id)
-    artifact = tmp / "confusion.json"
-    artifact.write_text(json.dumps([[1] * 10] * 10))
-    seconds = []
-    for number in range(calls + 2):
-        start = time.perf_counter()
-        run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent.info.run_id,
-                                                     "trial_number": str(number)})
-        stamp = int(time.time() * 1000)
-        client.log_batch(run.info.run_id,
-                         metrics=[Metric(f"m{i}", 0.5, stamp, step) for i in range(10) for step in range(4)],
-                         params=[Param(f"p{i}", str(i)) for i in range(10)],
-                         tags=[RunTag("host", "here"), RunTag("pid", "1")])
-        client.log_artifact(run.info.run_id, str(artifact))
-        client.set_terminated(run.info.run_id)
-        if number >= 2:  # the first two warm up connections and caches
-            seconds.append(time.perf_counter() - start)
-    client.set_terminated(parent.info.run_id)
-    return 1000 * statistics.median(seconds)
+def tracking_calls_ms(tracking_uri: str, storage_url: str, calls: int, tmp: Path) -> float:
+    """Median ms one trial spends in the real Objective beyond its compute (its MLflow calls,
+    dashboard note and kept head) against ``tracking_uri`` and ``storage_url``, in this process."""
+    measured = objective_overhead(tracking_uri, storage_url, tmp / "cache", "digits", calls)
+    return 1000 * (statistics.median(measured["trial_s"]) - statistics.median(measured["compute_s"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(setup, count, args.trials, tmp, storage, base_env(tracking_uri))
                     rows.append(row)
                     print(f"  {setup}, {count} worker(s): {row['wall_s']:.1f} s, {row['states']}", flush=True)
-                overhead[setup] = tracking_calls_ms(tracking_uri, args.calls, tmp)
+                overhead[setup] = tracking_calls_ms(tracking_uri, storage, args.calls, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

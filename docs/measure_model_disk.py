@@ -39,7 +39,7 @@ from scenesweep.compute.training import fit_head, prepare  # noqa: E402
 from scenesweep.core.config import make_config  # noqa: E402
 from scenesweep.models import logged, pyfunc  # noqa: E402
 from scenesweep.models.registry import register_result  # noqa: E402
-from scenesweep.tracking.store import setup_tracking  # noqa: E402
+from scenesweep.tracking.mlflow_store import setup_tracking  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from scenesweep.services import servers
-from scenesweep.services import shared_stores as services
+from scenesweep.services import shared_services as services
 from scenesweep.core.errors import UserError
 
 

@@ -7,7 +7,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from scenesweep.search.storage import default_storage
+from scenesweep.search.optuna_storage import default_storage
 
 from conftest import run_cli
 

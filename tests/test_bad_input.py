@@ -7,29 +7,18 @@ import io
 import os
 import shutil
 import struct
-import subprocess
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from scenesweep.cli.main import main
 from scenesweep.services.servers import free_port
 
-from conftest import REPO, run_cli
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess:
-    """Run the CLI in-process; the result looks like a finished subprocess."""
-    result = CliRunner().invoke(main, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a traceback would have escaped: show it
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+from conftest import REPO, invoke, run_cli
 
 
 def assert_clear_error(result, *fragments):
@@ -46,7 +35,7 @@ def svm(data, *extra):
 
 
 def test_missing_folder_in_a_new_process(tmp_path):
-    result = run_cli("svm", "--data", str(tmp_path / "nowhere"))
+    result = run_cli("svm", "--data", str(tmp_path / "nowhere"), process=True)
     assert_clear_error(result, str(tmp_path / "nowhere"), "not found")
 
 
@@ -239,6 +228,40 @@ def _predict_empty_file(tmp_path, scenes):
     return ["predict", str(tmp_path / "empty.png")], {}, [str(tmp_path / "empty.png"), "empty file"]
 
 
+def _study_file_text(text: str | bytes, name: str = "study.yaml"):
+    def case(tmp_path, scenes):
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+    return case
+
+
+BILLION_LAUGHS = "study: bomb\ntunes: svm\nn_trials: 1\nspace: {C: {type: float, low: 0.1, high: 1}}\n" + \
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + \
+    "".join(f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+            f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n" for i in range(8)) + \
+    "description: *i\n"
+
+
+def _study_file_case(make, *fragments):
+    def case(tmp_path, scenes):
+        path = make(tmp_path, scenes)
+        return ["sweep", str(path)], {}, [str(path), *fragments]
+    return case
+
+
+def _folder_as_study_file(tmp_path, scenes):
+    (tmp_path / "a_folder").mkdir()
+    return tmp_path / "a_folder"
+
+
+def _features_is_a_file(tmp_path, scenes):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "features").write_text("not the cache's folder")
+    return ["svm", "--data", str(scenes), "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache")], {}, \
+        [str(tmp_path / "cache" / "features"), "is a file"]
+
+
 BAD_INPUT = {
     "one class": _one_class, "truncated JPEG": _truncated_jpeg, "JPEG with a flipped header byte": _flipped_jpeg,
     "unreadable image": _unreadable_image, "20000x20000 PNG": _huge_image,
@@ -255,6 +278,18 @@ BAD_INPUT = {
     "svm --weights /missing.pth": _weights_missing("svm"), "sweep --weights /missing.pth": _weights_missing("sweep"),
     "--weights a text file": _weights_text_file, "--device cuda without a GPU": _cuda_without_gpu,
     "predict an empty file": _predict_empty_file,
+    # Study files read with limits, checked before anything is created.
+    "a billion-laughs study file": _study_file_case(_study_file_text(BILLION_LAUGHS), "more than 20 aliases"),
+    "a 2 MB study file": _study_file_case(_study_file_text("description: " + "x" * 2_000_000 + "\n"),
+                                          "larger than 1,000,000 bytes"),
+    "a 20001-character description": _study_file_case(
+        lambda tmp_path, scenes: study_file(tmp_path, scenes, description="y" * 20_001),
+        "description: 20,001 characters", "at most 16,000"),
+    "random bytes as a study file": _study_file_case(_study_file_text(bytes(range(128, 256)) * 4), "not UTF-8"),
+    "a binary study file": _study_file_case(_study_file_text(b"study: x\n\0\0\0"), "binary"),
+    "a folder as study file": _study_file_case(_folder_as_study_file, "is a folder"),
+    "/dev/zero as study file": _study_file_case(lambda tmp_path, scenes: Path("/dev/zero"), "not a regular file"),
+    "a file where the cache's features/ folder goes": _features_is_a_file,
 }
 
 

@@ -34,7 +34,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_
 from scenesweep.services import servers
 from scenesweep.cli.main import main
 from scenesweep.cli.ui import MODEL_TRAINING_VIEW
-from scenesweep.tracking.store import setup_tracking
+from scenesweep.tracking.mlflow_store import setup_tracking
 
 from conftest import REPO, run_cli
 

@@ -92,3 +92,32 @@ def test_every_image_is_decoded_once_per_content(flat_scenes, tmp_path):
     image.write_bytes(image.read_bytes()[:200])
     with pytest.raises(DataError, match="forest_01.jpg: not a readable image"):
         load_dataset(flat_scenes, train_per_class=10, cache_dir=cache)
+
+
+def test_entries_named_like_images_that_are_not_files_are_reported_in_one_line(flat_scenes, capsys):
+    import os
+
+    coast = flat_scenes / "coast"
+    os.mkfifo(coast / "a_pipe.jpg")
+    (coast / "dangling.png").symlink_to(flat_scenes / "nowhere.png")
+    (coast / "loop.png").symlink_to(coast / "loop.png")
+    (coast / "zeros.jpg").symlink_to("/dev/zero")
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    assert len(dataset.paths) == 42  # the 42 images, none of the four
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "4 entries named like images but not regular files" in warnings[0]
+    assert str(coast / "a_pipe.jpg") in warnings[0]
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_shown_readably(flat_scenes):
+    import io
+    import os
+
+    from scenesweep.tracking import plots
+
+    os.rename(flat_scenes / "forest", os.path.join(os.fsencode(flat_scenes), b"for\xeat"))
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    assert "for\ufffdt" in dataset.classes and len(dataset.paths) == 42
+    assert all(read_image(dataset.absolute(i)) for i in range(len(dataset.paths)))  # the files still open
+    figure = plots.confusion_figure(np.eye(3, dtype=int), dataset.classes, "test")
+    figure.savefig(io.BytesIO(), format="png")  # matplotlib shows the name

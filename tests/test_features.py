@@ -169,3 +169,40 @@ def test_a_pooling_study_extracts_its_poolings_in_one_pass_sharing_the_first_lay
         alone = prepare(cfg.replace(pooling=pooling, cache_dir=str(tmp_path / "alone")), progress=False).features
         assert alone.conv_state == "miss" and alone.extract_timing["branches"] == 1
         np.testing.assert_allclose(shared.values, alone.values, rtol=1e-5, atol=1e-6)
+
+
+def test_killed_writers_temporary_files_are_swept_and_a_folder_in_an_entrys_place_replaced(flat_scenes, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    cfg = config(tmp_path, data=str(flat_scenes), layer="relu7", precision="fp32")
+    first = prepare(cfg, progress=False).features
+    folder, host = tmp_path / "features", socket.gethostname().replace(".", "-")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a writer killed mid-write on this host: its pid is gone
+    orphan = folder / f".x.npy.{host}.{dead.pid}.abcd1234.tmp"
+    orphan.write_bytes(b"half of an array")
+    writing = folder / f".y.npy.{host}.{os.getpid()}.efgh5678.tmp"  # a live writer's: left alone
+    writing.write_bytes(b"being written")
+    entry = folder / f"{first.key}.npy"
+    entry.unlink()
+    entry.mkdir()  # a folder where the layer entry should be
+    feat._CACHES.clear()
+    again = prepare(cfg, progress=False).features
+    assert not again.hit and entry.is_file()
+    assert not orphan.exists() and writing.exists()
+    np.testing.assert_array_equal(again.values, first.values)
+
+
+def test_grayscale_images_are_resized_as_one_channel_with_the_same_pixels(flat_scenes):
+    """15-Scene is grayscale: resized once and repeated, not resized three times as RGB."""
+    import torchvision.transforms.functional as TF
+
+    from scenesweep.compute.data import read_image
+    from scenesweep.compute.extractor import load_pixels
+
+    for path in sorted(flat_scenes.rglob("*.*"))[:12]:  # grayscale and colour, JPEG and PNG
+        rgb = TF.center_crop(TF.resize(read_image(path), [36], interpolation=TF.InterpolationMode.BILINEAR,
+                                       antialias=True), [32, 32])
+        np.testing.assert_array_equal(load_pixels(path, 36, 32), np.asarray(rgb, dtype=np.uint8))

@@ -9,24 +9,17 @@ from scenesweep.core import config
 from scenesweep.search import sampling as search
 from scenesweep.specs import studies
 
-
-@pytest.mark.parametrize("name", studies.SAMPLERS)
-def test_every_sampler_option_is_a_keyword_of_optunas_sampler(name):
-    built = search.SAMPLERS[name](0)
-    accepted = set(inspect.signature(type(built).__init__).parameters) - {"self"}
-    assert set(studies.SAMPLER_OPTIONS[name]) <= accepted, set(studies.SAMPLER_OPTIONS[name]) - accepted
+from conftest import REPO
 
 
-@pytest.mark.parametrize("name", studies.PRUNERS)
-def test_every_pruner_option_is_a_keyword_of_optunas_pruner(name):
-    built = search.PRUNERS[name]()
-    accepted = set(inspect.signature(type(built).__init__).parameters) - {"self"}
-    assert set(studies.PRUNER_OPTIONS[name]) <= accepted, set(studies.PRUNER_OPTIONS[name]) - accepted
-
-
-def test_the_study_files_names_and_the_search_registries_agree():
-    assert tuple(search.SAMPLERS) == studies.SAMPLERS
-    assert tuple(search.PRUNERS) == studies.PRUNERS
+@pytest.mark.parametrize("table, name", [(studies.SAMPLERS, n) for n in studies.SAMPLERS]
+                         + [(studies.PRUNERS, n) for n in studies.PRUNERS])
+def test_every_sampler_and_pruner_option_is_a_keyword_of_its_optuna_class(table, name):
+    cls = search.optuna_class(table[name])
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert set(table[name].options) <= accepted, set(table[name].options) - accepted
+    built = search.make_sampler(name, 0) if table is studies.SAMPLERS else search.make_pruner(name)
+    assert isinstance(built, cls)
 
 
 def test_a_trial_seed_depends_on_the_study_seed_and_the_trial_number_only():
@@ -39,7 +32,7 @@ def test_parallel_workers_of_one_seeded_study_draw_different_points():
     """The same study file in two 'workers' (two sampler objects, one storage): no repeat."""
     storage = optuna.storages.InMemoryStorage()
     spec_sampler = {"name": "tpe", "seed": 0}
-    workers = [search.TrialSeededSampler(lambda seed: search.SAMPLERS["tpe"](seed), spec_sampler["seed"])
+    workers = [search.TrialSeededSampler(lambda seed: search.make_sampler("tpe", seed), spec_sampler["seed"])
                for _ in range(2)]
     studies_ = [optuna.create_study(study_name="s", storage=storage, sampler=w, load_if_exists=True) for w in workers]
     drawn = []
@@ -54,3 +47,23 @@ def test_every_registered_head_pooling_and_layer_has_its_implementation():
     assert tuple(heads.HEADS) == config.HEADS
     assert tuple(backbone.POOLING_LAYERS) == config.POOLINGS
     assert tuple(backbone.LAYER_FC_MODULES) == config.LAYERS
+
+
+def test_the_parameter_table_says_what_each_parameter_does():
+    """One fact, one place: the table decides what a study may resume under, what selects data,
+    what tuning trials may change and what names an experiment's study."""
+    assert config.data_parameters() == ("data", "seed", "train_per_class", "val_fraction")
+    assert config.tuning_parameters() == ("batch_size", "device")
+    # batch_size changes what an mlp head learns, not the SVM's features; device and cache_dir nothing.
+    assert "batch_size" in config.result_parameters("mlp") and "batch_size" not in config.result_parameters("svm")
+    for head in ("svm", "mlp", None):
+        assert not {"device", "cache_dir"} & set(config.result_parameters(head))
+
+
+def test_a_pooling_study_refuses_to_resume_under_another_batch_size_but_an_svm_study_does_not(tmp_path):
+    from scenesweep.runs.sweep import study_setting
+
+    pooling = studies.load_study(REPO / "sweeps" / "pooling.yaml")
+    assert "batch_size" in study_setting(pooling) and study_setting(pooling)["tuning.batch_size"] == "64"
+    svm = studies.load_study(REPO / "sweeps" / "svm_c.yaml")
+    assert "batch_size" not in study_setting(svm) and "device" not in study_setting(svm)

@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from scenesweep.services import servers
-from scenesweep.services import shared_stores as services
+from scenesweep.services import shared_services as services
 from conftest import run_cli
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli("services", *args, env=env, timeout=300)
+    return run_cli("services", *args, env=env, timeout=300, process=True)
 
 
 def evaluated(exports: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from scenesweep.services import servers
-from scenesweep.services import shared_stores as services
+from scenesweep.services import shared_services as services
 
 from conftest import CLASSES, REPO, run_cli
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
@@ -447,7 +447,7 @@ def test_every_storage_call_a_study_makes_waits_out_an_outage():
     from optuna.storages import BaseStorage, RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
 
-    from scenesweep.search.storage import ResilientRDBStorage
+    from scenesweep.search.optuna_storage import ResilientRDBStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
     public = {name for name, _ in inspect.getmembers(BaseStorage, inspect.isfunction) if not name.startswith("_")}

@@ -117,7 +117,7 @@ def test_extract_then_svm_hits_the_cache(store, tmp_path):
 
 def test_default_store_is_the_absolute_sqlite_under_mlruns(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    from scenesweep.tracking.store import default_tracking_uri
+    from scenesweep.tracking.mlflow_store import default_tracking_uri
 
     assert default_tracking_uri() == f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
     assert default_tracking_uri().startswith("sqlite:////")

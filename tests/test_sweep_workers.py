@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from scenesweep.search.storage import default_storage
+from scenesweep.search.optuna_storage import default_storage
 
 from conftest import REPO
 from sweep_helpers import all_runs, load, parents_and_children, sweep, write_study
@@ -151,11 +151,12 @@ def test_a_seeded_study_is_reproducible_with_one_worker(flat_scenes, tmp_path, m
     assert draws[0] == draws[1] and len(set(draws[0])) == 3
 
 
-def kill_during_trial(study, number, *args, heartbeat="1"):
-    """Start a worker, SIGKILL it while trial ``number`` runs; returns that trial's params."""
+def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, outputs=None):
+    """Start a worker, send it ``sig`` while trial ``number`` runs; returns that trial's params
+    (and, in ``outputs``, the worker's exit status and stderr)."""
     worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", heartbeat,
                                "--no-progress", *args], cwd=REPO, env=dict(os.environ),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     name = yaml.safe_load(study.read_text())["study"]
     try:
         deadline = time.time() + 300
@@ -171,9 +172,11 @@ def kill_during_trial(study, number, *args, heartbeat="1"):
         else:
             pytest.fail(f"trial {number} never started")
         time.sleep(1.0)
-        worker.send_signal(signal.SIGKILL)
+        worker.send_signal(sig)
     finally:
-        worker.wait(30)
+        _, err = worker.communicate(timeout=60)
+    if outputs is not None:
+        outputs.update(returncode=worker.returncode, stderr=err)
     return load(name).trials[number].params
 
 
@@ -189,6 +192,30 @@ def long_mlp_study(tmp_path, flat_scenes, name, n_trials):
         n_trials: {n_trials}
         register: ""
         """, name=f"{name}.yaml")
+
+
+def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_leaves_nothing_running(flat_scenes, tmp_path):
+    """What Slurm, Kubernetes, systemd and `timeout` send: the running trial FAIL (retried on
+    resume), its run KILLED with the signal named, the parent resumable, one line, exit 143."""
+    study = long_mlp_study(tmp_path, flat_scenes, "terminated", 2)
+    outputs = {}
+    params = kill_during_trial(study, 0, heartbeat="300", sig=signal.SIGTERM, outputs=outputs)
+    assert outputs["returncode"] == 143, outputs["stderr"][-3000:]
+    assert "Traceback" not in outputs["stderr"] and "interrupted (SIGTERM)" in outputs["stderr"]
+    trial, retry = load("terminated").trials
+    assert trial.state == TrialState.FAIL and retry.state == TrialState.WAITING and retry.params == params
+    runs = all_runs()
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # without a resume
+    run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
+    assert run.data.tags["failure"] == "interrupted"
+    [parent] = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert parent.info.status == "KILLED"
+    resumed = sweep(study, "--heartbeat", "300")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = load("terminated").trials
+    assert trials[1].params == params and trials[1].state == TrialState.COMPLETE  # the interrupted one, retried
+    assert not [r.info.run_name for r in all_runs() if r.info.status == "RUNNING"]
 
 
 def test_a_trial_killed_in_the_last_slot_is_retried_at_once_on_this_host(flat_scenes, tmp_path):

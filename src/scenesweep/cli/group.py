@@ -5,13 +5,14 @@ parameter table (each in both spellings, ``--image_size`` as MLproject passes it
 from __future__ import annotations
 
 import functools
-import math
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import click
 
-from ..core.config import PARAMETERS
+from ..core.config import PARAMETERS, number
 from ..core.errors import RunFailedError, UserError
 
 
@@ -43,27 +44,33 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 def optional_number(name: str, value: str | None, kind: type) -> Any:
     if value in (None, ""):
         return None
-    try:
-        number = kind(float(value)) if kind is int else kind(value)
-    except (ValueError, OverflowError):
-        raise UserError(f"--{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise UserError(f"--{name}={value!r}: expected a positive value")
-    return number
+    return number(f"--{name}", kind, 0, low_open=True)(value)
+
+
+def _terminated(signum: int, frame) -> None:
+    from ..tracking.lifecycle import Interrupted
+
+    raise Interrupted(signum)
 
 
 def user_errors(command: Callable) -> Callable:
-    """Bad input: one clear line on stderr and exit status 2, no traceback."""
+    """Bad input: one clear line on stderr and exit status 2, no traceback. SIGTERM (a scheduler,
+    ``timeout``, systemd) ends the work as Ctrl-C does: runs KILLED, the running trial failed and
+    retried on resume, one line, exit 128 + the signal (143; 130 for Ctrl-C)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException  # MLflow takes a second to import: not for --help
 
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            click.echo("interrupted: running again resumes (an interrupted trial is retried)", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as error:
+            signum = getattr(error, "signum", signal.SIGINT)
+            click.echo(f"interrupted ({signal.Signals(signum).name}): running again resumes "
+                       "(an interrupted trial is retried)", err=True)
+            sys.exit(128 + signum)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
@@ -73,6 +80,9 @@ def user_errors(command: Callable) -> Callable:
         except MlflowException as error:
             click.echo(f"error: MLflow: {error.message}", err=True)
             sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

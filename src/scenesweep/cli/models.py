@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from ..core.config import REGISTERED_MODEL
-from ..core.errors import UserError
-from ..core.stores import sqlite_path
+from ..core.errors import UserError, first_line
+from ..core.store_urls import sqlite_path
 from .group import main, option, user_errors
 
 DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL}@champion"
@@ -46,13 +46,13 @@ def promote(name: str, metric: str, force: bool, version: str | None) -> None:
 def _use_project_store() -> None:
     """MLFLOW_TRACKING_URI when set (MLflow reads it), else the project's store under mlruns/.
 
-    ``scenesweep.tracking.store`` imports MLflow (a second): only when the default store
+    ``scenesweep.tracking.mlflow_store`` imports MLflow (a second): only when the default store
     is needed or a SQLite store does not exist yet (its ``setup_tracking`` creates it properly).
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     database = sqlite_path(uri)
     if not uri or database is not None and not database.exists():
-        from ..tracking.store import setup_tracking
+        from ..tracking.mlflow_store import setup_tracking
 
         setup_tracking()
 
@@ -80,7 +80,7 @@ def _load_model(model_uri: str):
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as error:
         hint = ("; promote a version first: scenesweep promote" if "@champion" in model_uri else "")
-        raise UserError(f"--model-uri={model_uri}: cannot load it ({error.message.splitlines()[0]}){hint}") from None
+        raise UserError(f"--model-uri={model_uri}: cannot load it ({first_line(error)}){hint}") from None
     except OSError as error:
         raise UserError(f"--model-uri={model_uri}: cannot load it ({error})") from None
 

@@ -3,7 +3,7 @@
 ``start`` prints two ``export`` lines on stdout, and everything else on stderr, so that
 ``eval "$(scenesweep services start)"`` sets up the shell it runs in; other machines ``eval`` the
 same lines (``scenesweep services start`` again prints them: it exits 0 when the services run
-already). See ``scenesweep.services.shared_stores`` for what starts where, and docs/services.md.
+already). See ``scenesweep.services.shared_services`` for what starts where, and docs/services.md.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..services import shared_stores as services
+from ..services import shared_services as services
 from .group import main, user_errors
 
 DIR_OPTION = click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,

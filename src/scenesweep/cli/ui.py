@@ -14,7 +14,7 @@ import urllib.parse
 import click
 
 from ..core.errors import UserError
-from ..core.stores import sqlite_path
+from ..core.store_urls import sqlite_path
 from ..services import servers
 from .group import main, user_errors
 
@@ -25,7 +25,7 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 def tracking_store_uri() -> str:
     """The tracking URI ``setup_tracking`` would use, without creating the store."""
-    from ..tracking.store import tracking_uri
+    from ..tracking.mlflow_store import tracking_uri
 
     return tracking_uri()
 
@@ -68,7 +68,7 @@ def ui(port: int, workers: int) -> None:
     uri = tracking_store_uri()
     require_tracking_store(uri)
     servers.require_free_port(port, "MLflow UI")
-    from ..tracking.store import artifact_root, setup_tracking
+    from ..tracking.mlflow_store import artifact_root, setup_tracking
 
     uri = setup_tracking()  # also refuses a store whose schema this MLflow cannot read
     server = servers.mlflow_ui(uri, port, workers=workers, artifact_root=artifact_root(uri))
@@ -101,7 +101,7 @@ def dashboard(port: int, storage: str | None) -> None:
     intermediate values (per-epoch val/acc of pruned studies), and each trial's parameters with
     its MLflow run id (user attribute mlflow_run_id).
     """
-    from ..search.storage import resolve_storage
+    from ..search.optuna_storage import resolve_storage
 
     storage_url = resolve_storage(storage)
     database = sqlite_path(storage_url)

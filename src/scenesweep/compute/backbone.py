@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from ..core.config import FC_WIDTH_PRETRAINED, LAYERS, POOLINGS
-from ..core.errors import ConfigError, UserError
+from ..core.errors import ConfigError, UserError, first_line
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 
 # Name -> factory of the module that replaces each 2x2/stride-2 max-pool.
@@ -118,7 +118,7 @@ def _load_state_dict(model: nn.Module, weights: str, arch: str, assign: bool = F
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [""])[0][:200]
+        first = first_line(error)
         raise WeightsError(f"weights={weights!r}: not a torch state_dict file "
                            f"({error.__class__.__name__}{': ' + first if first else ''})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -109,12 +110,28 @@ def _entries(folder: Path) -> list[Path]:
         raise DataError(f"{folder}: cannot list this folder ({error.strerror or error.__class__.__name__})") from None
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in _entries(folder)
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a symlink loop (ELOOP), a name the filesystem refuses
+        return False
 
 
-def _class_folders(folder: Path) -> dict[str, list[Path]]:
+def _list_images(folder: Path, skipped: list[Path]) -> list[Path]:
+    """The images of a class folder; entries named like images that are not regular files (a
+    FIFO, a device, a broken or looping symlink) go to ``skipped``."""
+    named = [p for p in _entries(folder) if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped.extend(sorted(p for p in named if not _is_regular_file(p)))
+    return sorted(p for p in named if _is_regular_file(p))
+
+
+def display_name(name: str) -> str:
+    """A folder name as text anything can show (plots, tags, tables, JSON): bytes that are not
+    UTF-8 (kept by Python as surrogates) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _class_folders(folder: Path, skipped: list[Path]) -> dict[str, list[Path]]:
     """{class name: sorted image paths} for each sub-folder of ``folder``."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found; expected a folder of class sub-folders")
@@ -123,7 +140,7 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
         raise DataError(f"{folder}: no class folders; expected {folder}/<class>/<images>")
     found = {}
     for class_dir in classes:
-        images = _list_images(class_dir)
+        images = _list_images(class_dir, skipped)
         if not images:
             raise DataError(f"{class_dir}: class folder holds no images "
                             f"(expected files ending in {', '.join(IMAGE_SUFFIXES)})")
@@ -196,12 +213,13 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
             raise DataError(f"{data}: dataset folder not found; expected 'digits' or a folder laid out as "
                             "<root>/<class>/<images> or <root>/train/<class>/ and <root>/test/<class>/")
     train_dir, test_dir = root / "train", root / "test"
+    skipped: list[Path] = []
     if train_dir.is_dir() or test_dir.is_dir():
         layout = "train/test"
         if not (train_dir.is_dir() and test_dir.is_dir()):
             missing = test_dir if train_dir.is_dir() else train_dir
             raise DataError(f"{missing}: folder not found; a dataset with train/ needs test/ too")
-        train, test = _class_folders(train_dir), _class_folders(test_dir)
+        train, test = _class_folders(train_dir, skipped), _class_folders(test_dir, skipped)
         if sorted(train) != sorted(test):
             only_train = sorted(set(train) - set(test))
             only_test = sorted(set(test) - set(train))
@@ -210,7 +228,7 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
         classes = sorted(train)
     else:
         layout = "flat"
-        folders = _class_folders(root)
+        folders = _class_folders(root, skipped)
         classes = sorted(folders)
         rng = np.random.default_rng(seed)
         train, test = {}, {}
@@ -231,8 +249,15 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
                 paths.append(path)
                 labels.append(label)
                 is_train.append(flag)
+    if skipped:
+        print(f"warning: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} named like images but not "
+              f"regular files (a pipe, a device, a broken or looping link) left out, e.g. {skipped[0]}",
+              file=sys.stderr)
     manifest = tuple(_file_entry(root, p) for p in paths)
-    dataset = Dataset(root=root, classes=tuple(classes), paths=tuple(m["path"] for m in manifest),
+    shown = [display_name(c) for c in classes]
+    if len(set(shown)) < len(shown):  # two names that differ only in undecodable bytes
+        shown = [f"{name} ({index})" if shown.count(name) > 1 else name for index, name in enumerate(shown)]
+    dataset = Dataset(root=root, classes=tuple(shown), paths=tuple(m["path"] for m in manifest),
                       labels=np.asarray(labels, dtype=np.int64), is_train=np.asarray(is_train),
                       layout=layout, manifest=manifest)
     _check_decodes(root, paths, dataset.fingerprint, cache_dir)
@@ -262,8 +287,11 @@ def split_dataset(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) ->
                  test=np.flatnonzero(~dataset.is_train))
 
 
-def read_image(path: str | os.PathLike | None = None, data: bytes | None = None) -> Image.Image:
-    """Open an image file (or its bytes) as RGB; grayscale is repeated to 3 channels.
+def read_image(path: str | os.PathLike | None = None, data: bytes | None = None,
+               keep_gray: bool = False) -> Image.Image:
+    """Open an image file (or its bytes) as RGB; grayscale is repeated to 3 channels (or, with
+    ``keep_gray``, stays one "L" channel, for a caller that resizes first and repeats after:
+    the same pixels for a third of the resizing).
 
     Raises:
         DataError: naming the file when it cannot be decoded.
@@ -272,6 +300,8 @@ def read_image(path: str | os.PathLike | None = None, data: bytes | None = None)
     try:
         with Image.open(source) as image:
             image.load()
+            if keep_gray and image.mode == "L":
+                return image.copy()
             # "L" -> "RGB" repeats the single channel three times, as the study does.
             return image.convert("RGB")
     except Image.DecompressionBombError as error:

@@ -32,6 +32,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import nn
 
+from ..core.errors import first_line
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone
 from .data import Dataset, read_image
@@ -53,9 +54,12 @@ def load_pixels(path: Path, resize: int, crop: int) -> np.ndarray:
     """One image file -> (crop, crop, 3) uint8: RGB (grayscale repeated), resized so that its
     shorter side is ``resize`` (bilinear, antialiased), centre-cropped: the weights' transform
     before its float conversion and normalisation."""
-    image = read_image(path)
+    # Grayscale (all of 15-Scene) is resized as one channel and repeated after: the same pixels as
+    # resizing its RGB copy (PIL resamples each band alike), a third of the work.
+    image = read_image(path, keep_gray=True)
     image = TF.resize(image, [resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return np.asarray(TF.center_crop(image, [crop, crop]), dtype=np.uint8)
+    pixels = np.asarray(TF.center_crop(image, [crop, crop]), dtype=np.uint8)  # (S, S) or (S, S, 3)
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
 def batches(dataset: Dataset, order: np.ndarray, batch_size: int, resize: int, crop: int,
@@ -212,6 +216,6 @@ def compile_or_eager(model: nn.Module, arch: str, device: torch.device, precisio
     try:
         return runner(model, arch, device, precision, True, cache_dir, poolings)
     except Exception as error:  # no compiler, an unsupported op: eager is correct, only slower
-        print(f"note: torch.compile unavailable ({error.__class__.__name__}: {str(error).splitlines()[0][:120]}); "
+        print(f"note: torch.compile unavailable ({error.__class__.__name__}: {first_line(error, 120)}); "
               "extracting eagerly", file=sys.stderr)
         return runner(model, arch, device, precision, False, cache_dir, poolings)

@@ -18,13 +18,12 @@ This module imports neither MLflow, Optuna nor click.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -35,9 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
-from ..core.errors import ConfigError, UserError
+from ..core.errors import ConfigError, UserError, first_line
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone, extractor, precision
+from .atomic_files import atomic_write
 from .data import Dataset
 
 CACHE_FORMAT = 2  # 2: fc6/fc7 computed in the extraction precision
@@ -131,8 +131,12 @@ class FeatureCache:
         return meta if isinstance(meta, dict) and array_path.is_file() else None
 
     def load(self, key: str) -> tuple[np.ndarray, dict] | None:
-        """The stored array and its metadata, or None when missing or damaged."""
+        """The stored array and its metadata, or None when missing or damaged (a folder or other
+        non-file where an entry should be is removed, so that the entry can be written again)."""
         array_path, meta_path = self.paths(key)
+        for path in (array_path, meta_path):
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         if not meta_path.is_file():
             return None
         try:
@@ -157,7 +161,7 @@ class FeatureCache:
         meta = {**meta, "key": key, "shape": list(array.shape), "dtype": str(array.dtype),
                 "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
         array_path, meta_path = self.paths(key)
-        atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
+        atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False), array.nbytes)
         atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
         self._remember(key, array)
         return meta
@@ -167,22 +171,6 @@ class FeatureCache:
         self._memo.move_to_end(key)
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(handle)`` into a temporary file beside ``path``, synced, then renamed to ``path``:
-    a reader sees the old file or the whole new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # One cache object per folder and process, so its memo serves every trial of a sweep.
@@ -256,9 +244,8 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     except Exception as error:  # the compiled graph failed at its first call: eager is correct
         if mode != "compiled":
             raise
-        print(f"note: the compiled conv part failed ({error.__class__.__name__}: "
-              f"{str(error).strip().splitlines()[0][:120] if str(error).strip() else ''}); extracting eagerly",
-              file=sys.stderr)
+        print(f"note: the compiled conv part failed ({error.__class__.__name__}: {first_line(error, 120)}); "
+              "extracting eagerly", file=sys.stderr)
         bar.reset()
         module, mode = extractor.runner(model, arch, device, precision, False, cache_dir, poolings)
         out, seconds, counts, spent = extractor.run_batches(module, dataset, order, batch_size, resize, crop,

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..core.config import parse_hidden
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
-from .features import atomic_write, batch_timing_stats, resolve_device
+from .atomic_files import atomic_write
+from .features import batch_timing_stats, resolve_device
 from .precision import autocast
 
 EpochCallback = Callable[[int, dict], None]

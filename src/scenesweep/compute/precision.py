@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,8 +35,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..core.errors import UserError
 from ..core.machine import this_cpu
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
+from .atomic_files import atomic_write
 from .hardware import cpu_capability
 
 PROBE_FORMAT = 1
@@ -234,18 +235,6 @@ def autocast(device: torch.device, precision: str):
 _MEMO: dict[str, dict] = {}  # key -> the stored record, per process
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _speed(value: float) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
@@ -294,9 +283,10 @@ def choose(requested: str, what: dict, unit: str, device: torch.device, cache_di
     _MEMO[key] = record
     if path is not None:
         try:
-            _write_atomic(path, json.dumps(record, indent=1))
-        except OSError:
-            pass  # a read-only cache only means measuring again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda handle: handle.write(json.dumps(record, indent=1).encode()))
+        except (OSError, UserError):
+            pass  # a read-only or full cache only means measuring again next time
     return decide(figures, unit, device, "measured")
 
 

@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
 
 from .backbone import check_weights
-from ..core.config import RunConfig, parse_hidden
+from ..core.config import RunConfig, data_parameters, parse_hidden
 from ..core.errors import ConfigError
 from .data import Dataset, Split, load_dataset, split_dataset
 from .features import Features, compute_features, resolve_device
@@ -65,8 +65,9 @@ class RunResult:
     refitted: bool = False
 
 
-# Run parameters that decide which images and which split a run reads.
-DATA_PARAMETERS = ("data", "train_per_class", "seed", "val_fraction", "cache_dir")
+# The cache's folders: features, measured precisions, kept heads, written datasets (digits), the
+# compiled conv graphs.
+CACHE_PARTS = ("features", "precision", "heads", "datasets", "inductor")
 
 
 def check_cache_dir(folder: Path) -> None:
@@ -77,6 +78,10 @@ def check_cache_dir(folder: Path) -> None:
     """
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"cache_dir={str(folder)!r}: is a file; expected a folder for the feature cache")
+    for part in CACHE_PARTS:
+        if (folder / part).exists() and not (folder / part).is_dir():
+            raise ConfigError(f"cache_dir={str(folder)!r}: {folder / part} is a file; expected the cache's "
+                              f"{part}/ folder there (remove the file)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
@@ -110,7 +115,7 @@ def check_setting(config: RunConfig, skip: tuple[str, ...] = ()) -> tuple[Datase
         resolve_device(config.device)
     if not {"arch", "weights"} & set(skip):
         check_weights(config.arch, config.weights)
-    if set(DATA_PARAMETERS) & set(skip):
+    if set(data_parameters()) & set(skip):
         return None
     return load_data(config)
 

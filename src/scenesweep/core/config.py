@@ -30,8 +30,8 @@ HEADS = ("svm", "mlp")
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 
 DEVICES = ("auto", "cpu", "cuda")
-# "auto" picks bf16 where the hardware runs it natively (AVX-512 BF16 / AMX CPUs, CUDA),
-# fp32 elsewhere; bf16 features are within 1 % of fp32 (see benchmarks/extract.py).
+# "auto" takes the faster of fp32 and bf16 as measured on the machine at the run's shapes
+# (compute/precision.py); bf16 features are within 1 % of fp32 (see benchmarks/extract.py).
 PRECISIONS = ("auto", "fp32", "bf16")
 
 FC_WIDTH_MIN, FC_WIDTH_MAX, FC_WIDTH_PRETRAINED = 1024, 16384, 4096
@@ -58,46 +58,61 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
-def _number(name: str, kind: type, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Callable[[Any], Any]:
+def number(name: str, kind: type, low: float | None = None, high: float | None = None,
+           low_open: bool = False, parse: bool = True) -> Callable[[Any], Any]:
+    """The one number check: a converter to ``kind`` (int or float) within bounds, or a
+    ConfigError naming the value ("name=value: expected ...", or "value: expected ..." unnamed).
+
+    Args:
+        low, high, low_open: the bounds (``low_open``: ``> low`` rather than ``>= low``).
+        parse: take text too ("0.5" from a command line); False for values read from YAML,
+            which must already be numbers of the kind (``n_trials: "3"`` is refused).
+    """
+    def label(value: Any) -> str:
+        return f"{name}={value!r}" if name else repr(value)
+
+    expected = "an integer" if kind is int else "a number"
+
     def convert(value: Any) -> Any:
+        typed = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or (not parse and not typed):
+            raise ConfigError(f"{label(value)}: expected {expected}")
         try:
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            number = kind(float(value)) if kind is int else kind(value)
+            converted = kind(float(value)) if kind is int else kind(value)
         except (TypeError, ValueError, OverflowError):  # int(float('inf')) overflows
-            raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(number):
+            raise ConfigError(f"{label(value)}: expected {expected}") from None
+        if not math.isfinite(converted):
             # nan passes every comparison below and inf trains to chance: refuse both.
-            raise ConfigError(f"{name}={value!r}: expected a finite number")
-        if low is not None and (number <= low if low_open else number < low):
-            raise ConfigError(f"{name}={value!r}: expected a value {'>' if low_open else '>='} {low}")
-        if high is not None and number > high:
-            raise ConfigError(f"{name}={value!r}: expected a value <= {high}")
-        return number
+            raise ConfigError(f"{label(value)}: expected a finite number")
+        if low is not None and (converted <= low if low_open else converted < low):
+            raise ConfigError(f"{label(value)}: expected a value {'>' if low_open else '>='} {low}")
+        if high is not None and converted > high:
+            raise ConfigError(f"{label(value)}: expected a value <= {high}")
+        return converted
 
     return convert
 
 
+
 def _fraction(name: str) -> Callable[[Any], float]:
-    to_float = _number(name, float)
+    to_float = number(name, float)
 
     def convert(value: Any) -> float:
-        number = to_float(value)
-        if not 0.0 < number < 1.0:
+        fraction = to_float(value)
+        if not 0.0 < fraction < 1.0:
             raise ConfigError(f"{name}={value!r}: expected a fraction strictly between 0 and 1")
-        return number
+        return fraction
 
     return convert
 
 
 def _dropout(value: Any) -> float:
-    number = _number("dropout", float, 0.0)(value)
-    if number >= 1.0:
+    probability = number("dropout", float, 0.0)(value)
+    if probability >= 1.0:
         raise ConfigError(f"dropout={value!r}: expected a probability in [0, 1)")
-    return number
+    return probability
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:
@@ -140,10 +155,20 @@ def _optional_text(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Parameter:
-    """One run parameter: its name, default, converter/validator and help text.
+    """One run parameter: its name, default, converter/validator and help text, and what it does.
 
-    ``heads`` names the heads it belongs to (empty: shared by every entry point), so a study's
-    search space can be checked against "the parameters of what it tunes".
+    Attributes:
+        heads: the heads it belongs to (empty: shared by every entry point), so a study's search
+            space can be checked against "the parameters of what it tunes".
+        changes_result: whether its value changes what a run measures: True for every head, a
+            tuple for these heads only (``batch_size`` changes an mlp head's training, not the
+            SVM's features), False for where and how fast it runs (``device``, ``cache_dir``). A
+            study may resume under other values of the others; a study's name (an experiment's
+            ``sweep@<setting>``) depends only on these.
+        selects_data: it decides which images and which split a run reads (a study searching
+            one cannot share one dataset between its trials).
+        tuning: a study's tuning trials may run it differently (its file's ``tuning:`` block):
+            settings for the speed of a search, which the study's own settings do not take.
     """
 
     name: str
@@ -152,41 +177,68 @@ class Parameter:
     help: str
     heads: tuple[str, ...] = ()
     unit: str = ""
+    changes_result: bool | tuple[str, ...] = True
+    selects_data: bool = False
+    tuning: bool = False
+
+    def changes_result_of(self, head: str | None) -> bool:
+        if isinstance(self.changes_result, bool):
+            return self.changes_result
+        return head in self.changes_result
 
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("data", "digits", _text,
-              "'digits' (scikit-learn's bundled digits, offline) or a folder in the 15-Scene layout"),
+              "'digits' (scikit-learn's bundled digits, offline) or a folder in the 15-Scene layout", selects_data=True),
     Parameter("weights", "random", _text,
               "'imagenet' (torchvision's IMAGENET1K_V1), 'random' (seeded init) or a state_dict file"),
     Parameter("arch", "vgg16", _choice("arch", ARCHS), "VGG depth"),
-    Parameter("image_size", 32, _number("image_size", int, 16, 1024), "input side in pixels (224 for the study)", unit="px"),
+    Parameter("image_size", 32, number("image_size", int, 16, 1024), "input side in pixels (224 for the study)", unit="px"),
     Parameter("layer", "relu7", _choice("layer", LAYERS), "feature layer the head reads"),
     Parameter("pooling", "max", _choice("pooling", POOLINGS), "pooling that replaces every max-pool"),
     Parameter("fc_width", FC_WIDTH_PRETRAINED,
-              _number("fc_width", int, FC_WIDTH_MIN, FC_WIDTH_MAX),
+              number("fc_width", int, FC_WIDTH_MIN, FC_WIDTH_MAX),
               "width of fc6/fc7; other than 4096 gives new seeded random layers", unit="units"),
-    Parameter("batch_size", 32, _number("batch_size", int, 1), "images per batch (extraction and head training)"),
-    Parameter("device", "auto", _choice("device", DEVICES), "cuda when present with 'auto'"),
-    Parameter("precision", "auto", _choice("precision", PRECISIONS), "extraction precision"),
-    Parameter("seed", 0, _number("seed", int, 0), "seed for splits, random weights and heads"),
-    Parameter("train_per_class", 100, _number("train_per_class", int, 1),
-              "training images per class for a flat dataset (the rest is test)"),
+    Parameter("batch_size", 32, number("batch_size", int, 1), "images per batch (extraction and head training)",
+              changes_result=("mlp",), tuning=True),
+    Parameter("device", "auto", _choice("device", DEVICES), "cuda when present with 'auto'", changes_result=False,
+              tuning=True),
+    Parameter("precision", "auto", _choice("precision", PRECISIONS),
+              "'auto' (the faster of fp32 and bf16, measured on this machine), 'fp32' or 'bf16'"),
+    Parameter("seed", 0, number("seed", int, 0), "seed for splits, random weights and heads", selects_data=True),
+    Parameter("train_per_class", 100, number("train_per_class", int, 1),
+              "training images per class for a flat dataset (the rest is test)", selects_data=True),
     Parameter("val_fraction", 0.2, _fraction("val_fraction"),
-              "fraction of the training images held out for model selection"),
-    Parameter("cache_dir", "", _optional_text, "feature and dataset cache (default: <repo>/.cache)"),
+              "fraction of the training images held out for model selection", selects_data=True),
+    Parameter("cache_dir", "", _optional_text, "feature and dataset cache (default: <repo>/.cache)",
+              changes_result=False),
     # svm head
-    Parameter("C", 1.0, _number("C", float, 0.0, low_open=True), "LinearSVC regularisation", heads=("svm",)),
+    Parameter("C", 1.0, number("C", float, 0.0, low_open=True), "LinearSVC regularisation", heads=("svm",)),
     Parameter("normalize", True, _boolean("normalize"), "L2-normalise features before the SVM", heads=("svm",)),
     # mlp head
     Parameter("hidden", "1024,1024", lambda v: ",".join(map(str, parse_hidden(v))),
               "hidden widths of the new head, e.g. '1024,1024'", heads=("mlp",)),
     Parameter("dropout", 0.5, _dropout, "dropout after each hidden layer", heads=("mlp",)),
-    Parameter("epochs", 10, _number("epochs", int, 1), "training epochs of the head", heads=("mlp",), unit="epochs"),
-    Parameter("lr", 1e-3, _number("lr", float, 0.0, low_open=True), "Adam learning rate", heads=("mlp",)),
-    Parameter("weight_decay", 0.0, _number("weight_decay", float, 0.0), "Adam weight decay", heads=("mlp",)),
+    Parameter("epochs", 10, number("epochs", int, 1), "training epochs of the head", heads=("mlp",), unit="epochs"),
+    Parameter("lr", 1e-3, number("lr", float, 0.0, low_open=True), "Adam learning rate", heads=("mlp",)),
+    Parameter("weight_decay", 0.0, number("weight_decay", float, 0.0), "Adam weight decay", heads=("mlp",)),
 )
 PARAMETER_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def result_parameters(head: str | None) -> tuple[str, ...]:
+    """Names of the parameters that change what a run with this head measures."""
+    return tuple(n for n in run_parameters(head) if PARAMETER_BY_NAME[n].changes_result_of(head))
+
+
+def data_parameters() -> tuple[str, ...]:
+    """Names of the parameters that decide which images and split a run reads."""
+    return tuple(p.name for p in PARAMETERS if p.selects_data)
+
+
+def tuning_parameters() -> tuple[str, ...]:
+    """Names of the parameters a study's tuning trials may run differently (``tuning:``)."""
+    return tuple(p.name for p in PARAMETERS if p.tuning)
 
 
 def head_parameters(head: str) -> tuple[str, ...]:

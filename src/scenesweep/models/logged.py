@@ -33,7 +33,7 @@ from mlflow.pyfunc.model import PythonModelContext
 
 from ..compute import backbone
 from ..tracking.provenance import pip_requirements
-from ..tracking.store import artifact_root
+from ..tracking.mlflow_store import artifact_root
 from .pyfunc import IMAGE_COLUMN, INPUT_DESCRIPTION, HeadModel, ImageClassifier
 
 # The models carry the package's code (models load and serve without it installed).

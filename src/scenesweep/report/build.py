@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from ..core.errors import UserError
 from ..specs.experiments import experiment_files, load_experiment
-from ..tracking import provenance, sink, store
+from ..tracking import lifecycle, mlflow_store, provenance, sink
 from .finding import all_experiment_ids, find_runs
 from .reading import DEMO_LABEL, table
 from .sections import Page, Section, section
@@ -66,7 +66,7 @@ def build_report(out: str | Path = "reports/latest", experiments_dir: str | Path
                             "choose a new or an earlier report's folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    store.setup_tracking()
+    mlflow_store.setup_tracking()
     client = MlflowClient()
     experiment_ids = all_experiment_ids(client)
     experiments = [load_experiment(p) for p in experiment_files(experiments_dir)]
@@ -82,7 +82,7 @@ def build_report(out: str | Path = "reports/latest", experiments_dir: str | Path
     path.write_text(markdown)
     run_id = ""
     if log:
-        with store.start_run(REPORT_EXPERIMENT, "report", tags={"scenesweep.report": "true",
+        with lifecycle.start_run(REPORT_EXPERIMENT, "report", tags={"scenesweep.report": "true",
                                                                  "command": provenance.command_line()},
                              system_metrics=False) as run:
             run_id = run.info.run_id

@@ -26,8 +26,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..core.stores import sqlite_path
-from ..search.trials import USER_ATTR_RUN_ID, best_per_group
+from ..core.store_urls import sqlite_path
+from ..search.trials import USER_ATTR_RUN_ID, best_per_group, state_counts
 from ..specs.experiments import TAG_TEST_PER
 from ..tracking import plots
 from .finding import Found
@@ -260,7 +260,7 @@ def study(page: Page, found: Found) -> SectionParts:
                f"run more trials: `{experiment.command(demo=found.setting == 'demo')} --n_trials {len(view.trials) + 4}`"
                for group in references if group not in dict(ordered)]
     body = [f"Optuna study `{view.study.study_name}` ({len(view.trials)} trials: "
-            + ", ".join(f"{s.name.lower()} {n}" for s in TrialState if (n := sum(t.state == s for t in view.trials)))
+            + ", ".join(f"{name.lower()} {n}" for name, n in state_counts(view.trials).items() if n)
             + f"), storage `{tags.get('optuna.storage', '')}`."]
     if view.key:
         body.append(f"Best trial of each {view.key} by {tags.get('objective', 'val/acc')} (validation only); its test "

@@ -1,7 +1,7 @@
 """One experiment of the reference study, run from its plan (``specs.plans.Plan``).
 
 A study goes through ``runs.sweep``, a single run through ``runs.single``, the parameter table,
-ImageNet classes and feature maps through ``runs.kinds``; every MLflow run an experiment makes is
+ImageNet classes and feature maps through ``runs.experiment_kinds``; every MLflow run an experiment makes is
 tagged ``scenesweep.*`` so that the report finds it. A study with a ``test_per`` key gets the
 test accuracy, computed once, of the best trial of each group (pooling type, width, layer).
 """
@@ -15,14 +15,14 @@ from mlflow.tracking import MlflowClient
 
 from ..core.config import REGISTERED_MODEL
 from ..core.errors import RunFailedError
-from ..search.storage import resolve_storage
+from ..search.optuna_storage import resolve_storage
 from ..search.trials import USER_ATTR_RUN_ID, best_per_group
 from ..specs.experiments import TAG_TEST_PER
 from ..specs.plans import Plan
 from ..specs.studies import StudySpec
-from ..tracking import sink, store
-from . import kinds
-from .kinds import Outcome
+from ..tracking import mlflow_store, sink
+from . import experiment_kinds
+from .experiment_kinds import Outcome
 from .single import track_single_run
 from .summary import evaluate_trial, summary_lines
 from .sweep import run_study
@@ -30,9 +30,9 @@ from .sweep import run_study
 
 def run(plan_: Plan, progress: bool = True, register: bool = False) -> Outcome:
     """Run a resolved experiment; every MLflow run it makes is tagged for the report."""
-    store.setup_tracking()
-    runner = {"study": _run_study, "run": _run_single, "describe": kinds.run_describe,
-              "imagenet": kinds.run_imagenet, "featuremaps": kinds.run_featuremaps}[plan_.experiment.kind]
+    mlflow_store.setup_tracking()
+    runner = {"study": _run_study, "run": _run_single, "describe": experiment_kinds.run_describe,
+              "imagenet": experiment_kinds.run_imagenet, "featuremaps": experiment_kinds.run_featuremaps}[plan_.experiment.kind]
     return runner(plan_, progress=progress, register=register)
 
 

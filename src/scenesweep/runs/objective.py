@@ -10,7 +10,6 @@ import contextlib
 import math
 import sys
 import threading
-import traceback
 from typing import Any
 
 import mlflow
@@ -20,13 +19,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna_dashboard import save_note
 
 from ..compute.features import resolve_device
-from ..compute.training import DATA_PARAMETERS, RunResult, fit_head, prepare
+from ..compute.training import RunResult, fit_head, prepare
+from ..core.config import data_parameters
 from ..core.errors import UserError
 from ..search.kept_heads import heads_folder, keep_if_best
 from ..search.sampling import suggest
 from ..search.trials import USER_ATTR_RUN_ID, is_own_setting, this_worker
 from ..specs.studies import StudySpec
-from ..tracking import provenance, sink
+from ..tracking import lifecycle, provenance, sink
 
 # Tags a trial's run takes from its parent: who ran it, from what source and commit.
 INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
@@ -73,7 +73,7 @@ class Objective:
         self.study_name = study_name
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
-        self.data = None if set(DATA_PARAMETERS) & set(spec.space) else data
+        self.data = None if set(data_parameters()) & set(spec.space) else data
         self.progress = progress
         self.keep_best_per = keep_best_per
         # A pooling study's other pooling types: extracted in the first trial's pass, sharing the
@@ -149,8 +149,9 @@ class Objective:
         try:
             kept = keep_if_best(trial, value, result.head, heads_folder(config.cache_path, self.parent_run_id),
                                 self.spec.direction, self.keep_best_per)
-        except OSError as error:  # the summary refits this trial instead, and says so
-            print(f"note: trial #{trial.number}'s head was not kept ({error.strerror or error})", file=sys.stderr)
+        except (OSError, UserError) as error:  # a full disk: the summary refits this trial instead, and says so
+            print(f"note: trial #{trial.number}'s head was not kept ({getattr(error, 'strerror', None) or error})",
+                  file=sys.stderr)
             return
         if kept:
             self.client.set_tag(run_id, "head_kept", "true")
@@ -163,24 +164,12 @@ class Objective:
         config = self.spec.trial_config(params, tuning=not own)
         run_id = self._create_run(trial, params, seed)
         self.client.set_tag(run_id, "trial_kind", "own setting" if own else "tuning")
-        try:
+        # FINISHED, or KILLED (pruned; Ctrl-C or SIGTERM), or FAILED with its error (a bug's
+        # traceback beside the run, one line on the terminal).
+        with lifecycle.ending(run_id, pruned=(optuna.TrialPruned,)):
             result = self._fit(trial, run_id, config, prunable=not own)
             value = result.metrics[self.spec.metric]
             if not math.isfinite(value):
                 raise ValueError(f"{self.spec.metric} is {value}")
             self._keep_head(trial, run_id, value, result, config)
-        except optuna.TrialPruned as pruned:
-            self.client.set_tag(run_id, "pruned", str(pruned) or "true")
-            self.client.set_terminated(run_id, "KILLED")
-            raise
-        except BaseException as error:
-            self.client.set_tag(run_id, "error", f"{error.__class__.__name__}: {error}"[:5000])
-            if not isinstance(error, (UserError, KeyboardInterrupt)):
-                # A bug, not bad input: the whole traceback beside the run, one line on the terminal.
-                with contextlib.suppress(Exception):
-                    self.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
-            # Ctrl-C stops the study: the trial was interrupted, not broken.
-            self.client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-            raise
-        self.client.set_terminated(run_id, "FINISHED")
         return value

@@ -21,9 +21,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from ..compute.features import resolve_device
-from ..core.stores import redact
+from ..core.store_urls import redact
 from ..specs.studies import Dimension, StudySpec
-from ..tracking import provenance, sink, store
+from ..tracking import lifecycle, mlflow_store, provenance, sink
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
 
@@ -64,13 +64,13 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
                                    f"Command: `{provenance.command_line()}`\n\n{spec.description}",
             # The machine of the worker that created it (each trial tags its own).
             **sink.hardware_tags(str(resolve_device(spec.trial_config({}).device)))}
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = lifecycle.launched_run_id()
     if launched:
         run_id, experiment = launched, client.get_run(launched).info.experiment_id
-        store.warn_if_not_in_family(client.get_run(launched), spec.experiment)
+        mlflow_store.warn_if_not_in_family(client.get_run(launched), spec.mlflow_experiment)
         sink.log_batch(run_id, tags=tags)
     else:
-        experiment = store.experiment_id(spec.experiment)
+        experiment = mlflow_store.experiment_id(spec.mlflow_experiment)
         run_id = client.create_run(experiment, run_name=tags["mlflow.runName"],
                                    tags={**provenance.source_tags(), **tags}).info.run_id
     if not client.get_experiment(experiment).tags.get("mlflow.note.content"):
@@ -104,7 +104,7 @@ def attach_parent(study: optuna.Study, spec: StudySpec, storage_url: str, lock) 
             return run_id, experiment, True
     if parent.info.status != "RUNNING":
         MlflowClient().update_run(parent.info.run_id, status="RUNNING")  # resumed
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = lifecycle.launched_run_id()
     if launched and launched != parent.info.run_id:
         _tag_worker_run(launched, study, spec, parent.info.run_id)
     return parent.info.run_id, parent.info.experiment_id, False

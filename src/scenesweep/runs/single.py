@@ -16,7 +16,7 @@ from ..compute.training import RunResult, check_setting, fit_head, prepare
 from ..core.config import ENTRY_HEADS, RunConfig, make_config
 from ..models.logged import log_head_model
 from ..models.registry import register_result
-from ..tracking import sink, store
+from ..tracking import lifecycle, mlflow_store, sink
 
 
 def run_name(entry_point: str, config: RunConfig) -> str:
@@ -38,34 +38,30 @@ def track_single_run(entry_point: str, values: dict[str, Any], progress: bool = 
                      register: str = "") -> tuple[str, RunResult | None]:
     """Run an entry point (extract, svm, finetune) as one tracked MLflow run.
 
-    Bad configuration or data fails before any run is started (one clear error); an error
-    during the run ends it FAILED with the error as a tag.
+    Bad configuration or data fails before any run is started (one clear error); the run ends as
+    ``tracking.lifecycle`` says (FAILED with an ``error`` tag, KILLED on Ctrl-C).
 
     Returns:
         (run id, result); the result is None for ``extract``.
     """
     config = make_config(ENTRY_HEADS[entry_point], values)
     data = check_setting(config)  # bad data, weights, device or cache folder: before any run
-    store.setup_tracking()
-    with store.start_run(entry_point, run_name(entry_point, config),
-                         tags={"scenesweep.entry_point": entry_point}) as run:
+    mlflow_store.setup_tracking()
+    with lifecycle.start_run(entry_point, run_name(entry_point, config),
+                             tags={"scenesweep.entry_point": entry_point}) as run:
         run_id = run.info.run_id
-        try:
-            log_network(run_id, config)
-            prepared = prepare(config, progress=progress, data=data)
-            sink.log_run_context(run_id, config, prepared, entry_point)
-            if config.head is None:
-                sink.log_batch(run_id, metrics={**sink.timing_metrics({"extract": prepared.features.extract_timing}),
-                                                "features/dim": prepared.features.values.shape[1],
-                                                "features/images": prepared.features.values.shape[0]})
-                return run_id, None
-            result = fit_head(prepared, config, on_epoch=sink.epoch_logger(run_id), evaluate_test=True,
-                              progress=progress)
-            sink.log_result(run_id, result, run_name(entry_point, config))
-            mlflow.set_tag("model.head_uri", log_head_model(result))
-            if register:
-                register_result(run_id, result, register)
-            return run_id, result
-        except BaseException as error:
-            mlflow.set_tag("error", f"{error.__class__.__name__}: {error}"[:5000])
-            raise
+        log_network(run_id, config)
+        prepared = prepare(config, progress=progress, data=data)
+        sink.log_run_context(run_id, config, prepared, entry_point)
+        if config.head is None:
+            sink.log_batch(run_id, metrics={**sink.timing_metrics({"extract": prepared.features.extract_timing}),
+                                            "features/dim": prepared.features.values.shape[1],
+                                            "features/images": prepared.features.values.shape[0]})
+            return run_id, None
+        result = fit_head(prepared, config, on_epoch=sink.epoch_logger(run_id), evaluate_test=True,
+                          progress=progress)
+        sink.log_result(run_id, result, run_name(entry_point, config))
+        mlflow.set_tag("model.head_uri", log_head_model(result))
+        if register:
+            register_result(run_id, result, register)
+        return run_id, result

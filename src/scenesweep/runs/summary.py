@@ -29,9 +29,10 @@ from optuna_dashboard import save_note
 from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare, score_head
 from ..models.registry import register_result
 from ..search.kept_heads import kept_head
-from ..search.trials import USER_ATTR_RUN_ID, TrialBudget, is_dead_here, is_own_setting, this_worker
+from ..search.trials import (USER_ATTR_RUN_ID, TrialBudget, best_per_group, count_metrics, is_dead_here,
+                             is_own_setting, state_counts, this_worker)
 from ..specs.studies import StudySpec
-from ..tracking import plots, provenance, sink
+from ..tracking import lifecycle, plots, provenance, sink
 
 STUDY_ATTR_SUMMARY = "summary"  # {"finished", "parent", "best_trial", "registered_version"}
 STUDY_ATTR_SUMMARY_CLAIM = "summary_claim"
@@ -165,10 +166,9 @@ def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenT
     first = _first_error(MlflowClient(), trials)
     error = (f"no trial of study {study.study_name!r} completed ({states['FAIL']} failed, {states['PRUNED']} pruned)"
              + (f"; first error: {first}" if first else ""))
-    mlflow.set_tags({"best_trial": "none: no trial completed", "error": error[:5000]})
     study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                              "best_trial": None})
-    mlflow.end_run("FAILED")
+    lifecycle.end_run(parent_id, "FAILED", error, failure="error", best_trial="none: no trial completed")
     return {"error": error}
 
 
@@ -182,18 +182,19 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
     """
     trials = study.get_trials(deepcopy=False)
     previous = study.user_attrs.get(STUDY_ATTR_SUMMARY) or {}
-    with mlflow.start_run(run_id=parent_id, log_system_metrics=False) as active:
+    with mlflow.start_run(run_id=parent_id, log_system_metrics=False) as active, lifecycle.ending(parent_id):
         log_trials_table(study)
         log_optuna_plots(study, spec)
-        states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+        states = state_counts(trials)
         # The names and steps of the parent's live chart (runs.sweep.log_progress).
-        sink.log_batch(parent_id, metrics={"trials/complete": states["COMPLETE"], "trials/pruned": states["PRUNED"],
-                                           "trials/fail": states["FAIL"]}, step=max(t.number for t in trials))
+        sink.log_batch(parent_id, metrics=count_metrics(trials), step=max(t.number for t in trials))
         if not states["COMPLETE"]:
             failure = _summarise_failure(study, parent_id, trials, states)
             _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
             return failure
-        best = study.best_trial
+        # The first of equal values (Optuna leaves ties to the database's order): the trial whose
+        # head was kept (search.kept_heads) and the one each worker would name.
+        best = best_per_group(trials, None, spec.direction)["best"]
         best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID, "")
         _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
         mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})

@@ -26,63 +26,52 @@ import warnings
 
 import mlflow
 import optuna
-from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from ..compute.training import check_setting
+from ..core.config import result_parameters
 from ..core.errors import ConfigError, UserError
-from ..core.stores import redact
+from ..core.store_urls import redact
 from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler
-from ..search.storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
-from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget,
-                             fail_dead_trials, own_record, retry, this_worker)
+from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
+from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
+                             fail_dead_trials, own_record, retry, state_counts, this_worker)
 from ..specs.studies import StudySpec
-from ..tracking import sink, store
+from ..tracking import lifecycle, mlflow_store, sink
 from .objective import Objective
 from .parent import attach_parent
 from .summary import claim_summary, summarise
 
-# Settings that do not change what a trial measures: a study may resume with other values.
-SETTING_FREE = ("cache_dir", "device", "batch_size")
-
-
-def _fail_run(run_id: str, reason: str) -> None:
-    """Mark a run FAILED (with why) unless it already ended."""
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return
-    if run.info.status == "RUNNING":
-        client.set_tag(run_id, "error", reason)
-        client.set_terminated(run_id, "FAILED")
-
-
-def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str) -> None:
-    """A trial whose process died or was interrupted: its MLflow run FAILED (unless it ended),
-    its parameters enqueued again."""
+def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -> None:
+    """A trial whose process died or was interrupted: its MLflow run FAILED (unless it ended) with
+    ``failure`` (killed, stale, interrupted), its parameters enqueued again."""
     worker = own_record(trial)
     run_id = trial.user_attrs.get(USER_ATTR_RUN_ID) if worker else None
     if run_id:
-        _fail_run(run_id, f"process {worker.get('host')}:{worker.get('pid')} {why}; parameters retried")
+        lifecycle.end_run(run_id, "FAILED", f"process {worker.get('host')}:{worker.get('pid')} {why}; "
+                          "parameters retried", failure=failure, only_running=True)
     retry(study, trial)
 
 
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's callback for a trial whose heartbeat went stale (its process died anywhere)."""
-    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)")
+    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)", "stale")
 
 
 def dead_here_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)")
+    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)", "killed")
 
 
 def study_setting(spec: StudySpec, dataset_fingerprint: str | None = None) -> dict[str, str]:
-    """The fixed settings a study's trials were measured under (data, weights, image size, ...),
-    and the dataset's content (``dataset``: its fingerprint) when it was loaded."""
+    """The fixed settings a study's trials were measured under (data, weights, image size, ...:
+    those that change a result of its head; a study may resume under other devices or cache
+    folders), its tuning trials' own (``tuning.<name>``), and the dataset's content (``dataset``:
+    its fingerprint) when it was loaded."""
     config = spec.trial_config({})
-    setting = {k: str(v) for k, v in config.values.items() if k not in spec.space and k not in SETTING_FREE}
+    measured = result_parameters(spec.tunes)
+    setting = {k: str(v) for k, v in config.values.items() if k not in spec.space and k in measured}
+    setting.update({f"tuning.{k}": str(v) for k, v in spec.tuning.items() if k in measured})
     if dataset_fingerprint:
         setting["dataset"] = dataset_fingerprint
     return setting
@@ -192,7 +181,7 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
         except KeyboardInterrupt:
             # Interrupted, not broken: failed in the storage and its parameters retried on resume.
             _tell(sweep, trial, TrialState.FAIL)
-            mark_dead(sweep.study, sweep.storage.get_trial(trial._trial_id), "was interrupted (Ctrl-C)")
+            mark_dead(sweep.study, sweep.storage.get_trial(trial._trial_id), "was interrupted", "interrupted")
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
@@ -226,8 +215,7 @@ def log_progress(sweep: Sweep, number: int) -> None:
     trials = sweep.study.get_trials(deepcopy=False)
     trial = next((t for t in trials if t.number == number), None)
     name = sweep.spec.metric.replace("/", "_")
-    metrics = {f"trials/{s.name.lower()}": sum(t.state == s for t in trials)
-               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    metrics = count_metrics(trials)
     if trial is not None and trial.state == TrialState.COMPLETE:
         metrics[f"trial/{name}"] = trial.value
     with contextlib.suppress(ValueError):
@@ -307,7 +295,7 @@ def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: 
             study.set_metric_names([spec.metric])
         check_same_setting(study, spec, storage_url, dataset_fingerprint)
         if not study.user_attrs.get("mlflow_experiment"):
-            study.set_user_attr("mlflow_experiment", spec.experiment)
+            study.set_user_attr("mlflow_experiment", spec.mlflow_experiment)
             study.set_user_attr("description", spec.description)
         if not study.get_trials(deepcopy=False):
             for params in spec.enqueue:
@@ -322,10 +310,11 @@ def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
                                           f"{socket.gethostname()}-{os.getpid()}")
     try:
         run_worker(sweep, n_jobs=n_jobs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         with contextlib.suppress(Exception):
             if not any(t.state == TrialState.RUNNING for t in sweep.study.get_trials(deepcopy=False)):
-                MlflowClient().set_terminated(sweep.parent_id, "KILLED")
+                lifecycle.end_run(sweep.parent_id, "KILLED", f"interrupted by {error}" if str(error) else "interrupted",
+                                  failure="interrupted")
         raise
     finally:
         if monitor is not None:
@@ -353,7 +342,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     n_trials = n_trials if n_trials is not None else spec.n_trials
     build_sampler(spec), build_pruner(spec)  # a bad sampler or pruner option: before anything
     data = check_study_setting(spec)
-    store.setup_tracking()
+    mlflow_store.setup_tracking()
     rdb, study = open_study(spec, storage_url, study_name, heartbeat_s, data[0].fingerprint if data else None)
     fail_dead_trials(study, dead_here_callback)
     parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
@@ -365,7 +354,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     _run_here(sweep, created, n_jobs)
     trials = study.get_trials(deepcopy=False)
     summary = {"parent_run_id": parent_id, "study": study.study_name, "trials": len(trials),
-               "states": {s.name: sum(t.state == s for t in trials) for s in TrialState},
+               "states": state_counts(trials),
                "ran_here": len(sweep.ran), "finished": TrialBudget.finished(trials), "summarised": False}
     if claim_summary(study, parent_id, sweep.lock()):
         summary.update(summarise(study, spec, parent_id, register=register, progress=progress))

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sklearn.base import BaseEstimator
 
 from ..compute.heads import load_head, save_head
+from .trials import best_per_group
 
 USER_ATTR_KEPT_HEAD = "kept_head"  # {"path": ..., "sha256": ...}
 
@@ -32,21 +33,14 @@ def heads_folder(cache_path: Path, parent_run_id: str) -> Path:
     return Path(cache_path) / "heads" / parent_run_id
 
 
-def _group(trial, key: str | None) -> str | None:
-    return None if key is None else str(trial.params.get(key))
-
-
 def needed(trials: list, direction: str, group_key: str | None) -> set[int]:
-    """Numbers of the complete trials that are the best (ties included) overall or of their group."""
-    sign = 1.0 if direction == "maximize" else -1.0
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    keep: set[int] = set()
-    groups = {None} | ({_group(t, group_key) for t in complete} if group_key else set())
-    for group in groups:
-        members = [t for t in complete if group is None or _group(t, group_key) == group]
-        if members:
-            best = max(sign * t.value for t in members)
-            keep |= {t.number for t in members if sign * t.value == best}
+    """Numbers of the complete trials that are the best overall or of their group; among equal
+    values the first (``best_per_group``'s rule, which the summary follows)."""
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
+                      key=lambda t: t.number)
+    keep = {best_per_group(complete, None, direction)["best"].number} if complete else set()
+    if group_key:
+        keep |= {t.number for t in best_per_group(complete, group_key, direction).values()}
     return keep
 
 

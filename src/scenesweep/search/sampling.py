@@ -12,18 +12,20 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ..core.errors import ConfigError
-from ..specs.studies import Dimension, StudySpec
+from ..specs.studies import PRUNERS, SAMPLERS, Dimension, SearchMethod, StudySpec
 
-SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
-    "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed),
-}
-PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
-    "none": lambda **kw: optuna.pruners.NopPruner(),
-    "median": lambda **kw: optuna.pruners.MedianPruner(**kw),
-    "successive_halving": lambda **kw: optuna.pruners.SuccessiveHalvingPruner(**kw),
-    "hyperband": lambda **kw: optuna.pruners.HyperbandPruner(**kw),
-}
+def optuna_class(method: SearchMethod) -> type:
+    """The Optuna class a registered sampler or pruner names (``specs.studies.SAMPLERS``/``PRUNERS``)."""
+    module, name = method.optuna_class.split(".")
+    return getattr(getattr(optuna, module), name)
+
+
+def make_sampler(name: str, seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    return optuna_class(SAMPLERS[name])(seed=seed, **options)
+
+
+def make_pruner(name: str, **options: Any) -> optuna.pruners.BasePruner:
+    return optuna_class(PRUNERS[name])(**options)
 
 
 def trial_seed(study_seed: int | None, number: int) -> int | None:
@@ -81,13 +83,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 def build_sampler(spec: StudySpec) -> TrialSeededSampler:
     options = {k: v for k, v in spec.sampler.items() if k not in ("name", "seed")}
-    factory = SAMPLERS[spec.sampler["name"]]
-    return TrialSeededSampler(lambda seed: factory(seed, **options), spec.sampler.get("seed"))
+    name = spec.sampler["name"]
+    return TrialSeededSampler(lambda seed: make_sampler(name, seed, **options), spec.sampler.get("seed"))
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     try:
-        return PRUNERS[spec.pruner["name"]](**{k: v for k, v in spec.pruner.items() if k != "name"})
+        return make_pruner(spec.pruner["name"], **{k: v for k, v in spec.pruner.items() if k != "name"})
     except (TypeError, ValueError) as error:  # an option Optuna refuses (studies.py checks the names)
         raise ConfigError(f"{spec.path}: pruner: {error}") from None
 

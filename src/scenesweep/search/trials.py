@@ -24,6 +24,17 @@ USER_ATTR_SEED = "sampler_seed"
 MAX_RETRY = 2  # a trial whose process dies is retried at most twice
 
 
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials by state name: {"COMPLETE": 12, "PRUNED": 3, "FAIL": 1, "RUNNING": 0, "WAITING": 0}."""
+    return {s.name: sum(t.state == s for t in trials) for s in TrialState}
+
+
+def count_metrics(trials: list[FrozenTrial]) -> dict[str, int]:
+    """The parent's live-chart counts: ``trials/complete``, ``trials/pruned``, ``trials/fail``."""
+    counts = state_counts(trials)
+    return {f"trials/{name.lower()}": counts[name] for name in ("COMPLETE", "PRUNED", "FAIL")}
+
+
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of failed trials whose parameters were enqueued again (by any later retry)."""
     return {number for t in trials for number in t.system_attrs.get("retry_history", ())}

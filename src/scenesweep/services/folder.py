@@ -1,5 +1,5 @@
 """The services folder (``DIR``): where everything lives, its state file, its lock, the role's
-password, and what workers need to reach the services (``Services``). See ``shared_stores``."""
+password, and what workers need to reach the services (``Services``). See ``shared_services``."""
 from __future__ import annotations
 
 import contextlib

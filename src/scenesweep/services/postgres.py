@@ -170,7 +170,7 @@ def start_postgres(directory: Path, host: str, port: int) -> int:
     log.touch(mode=0o600)
     _chown_to_owner(log)
     # Bound to --host only; the port is chosen per start, so it goes on the command line.
-    # Connections: each worker holds at most 4 (search.storage.POSTGRES_ENGINE) and the MLflow
+    # Connections: each worker holds at most 4 (search.optuna_storage.POSTGRES_ENGINE) and the MLflow
     # server up to 15 (SQLAlchemy's 5 + 10): the default 100 would cap a study at ~20 workers.
     _run_as_owner([str(postgres_bin() / "pg_ctl"), "-D", str(paths["pg"]), "-l", str(log), "-w", "-t", "60", "-s",
                    "-o", f"-c listen_addresses={host} -p {port} -c max_connections={MAX_CONNECTIONS}", "start"],

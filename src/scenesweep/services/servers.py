@@ -118,6 +118,15 @@ def mlflow_ui(tracking_uri: str, port: int, workers: int = 1, artifact_root: str
                   env=(("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),))
 
 
+def model_server(model_uri: str, port: int) -> Server:
+    """``mlflow models serve`` of ``model_uri`` in this environment (``--env-manager local``), on
+    127.0.0.1:``port``. It starts uvicorn by name: this environment's bin folder goes first on PATH."""
+    mlflow = console_script("mlflow")
+    path = f"{Path(mlflow).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return Server("MLflow model server", (mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                          "-h", LOCALHOST, "-p", str(port)), port, "/ping", env=(("PATH", path),))
+
+
 def optuna_dashboard(storage_url: str, port: int) -> Server:
     """optuna-dashboard on the Optuna storage ``storage_url``, on 127.0.0.1:``port``.
 
@@ -140,7 +149,10 @@ def start(server: Server, log: Path | None = None, env: dict[str, str] | None = 
     """Start ``server`` in a new session (its own process group); output goes to ``log``."""
     log = log or log_path(server)
     log.parent.mkdir(parents=True, exist_ok=True)
+    # Ours win over the server's defaults (a user can override them), but a server's PATH is
+    # its own: the environment's bin folder first.
     environment = {**dict(server.env), "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ, **(env or {})}
+    environment.update({k: v for k, v in server.env if k == "PATH"})
     with open(log, "wb") as output:
         return subprocess.Popen(server.command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                 env=environment, start_new_session=True)

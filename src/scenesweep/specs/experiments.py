@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from ..compute.data import DIGITS
 from ..compute.featuremaps import DEFAULT_THRESHOLD
-from ..core.config import ENTRY_HEADS, PARAMETER_BY_NAME, make_config, repo_root, run_parameters
+from ..core.config import ENTRY_HEADS, PARAMETER_BY_NAME, make_config, number, repo_root, run_parameters
 from ..core.errors import ConfigError, file_error
 from .studies import StudySpec, load_study, read_yaml_mapping
 
@@ -57,22 +57,9 @@ TAG_COMMAND = "scenesweep.command"
 TAG_TEST_PER = "scenesweep.test_per"
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{value!r}: expected a positive integer")
-    return value
-
-
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{value!r}: expected a positive number")
-    return float(value)
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{value!r}: expected a number")
-    return float(value)
+_positive_int = number("", int, 1, parse=False)
+_positive_number = number("", float, 0, low_open=True, parse=False)
+_number = number("", float, parse=False)
 
 
 def _image_list(value: Any) -> tuple[str, ...]:
@@ -259,7 +246,7 @@ def load_experiment(path: str | Path) -> Experiment:
             run parameter, a bad value, a parameter the study searches, a bad ``test_per``.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"{path}: experiment file not found (expected one of "
                           f"{', '.join(p.name for p in experiment_files()) or 'experiments/*.yaml'})")
     raw = read_yaml_mapping(path, "experiment settings")

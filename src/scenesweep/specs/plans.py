@@ -69,13 +69,15 @@ class Plan:
                 TAG_COMMAND: experiment.command(demo=self.demo, data=self.values.get("data"))}
 
 
-def _setting_slug(values: dict[str, Any]) -> str:
-    """'digits-random-32px-1a2b3c' : readable, and distinct for every setting that changes results."""
+def _setting_slug(values: dict[str, Any], head: str | None) -> str:
+    """'digits-random-32px-1a2b3c' : readable, and distinct for every setting that changes results
+    of ``head`` (the parameter table says which)."""
     data = str(values.get("data", PARAMETER_BY_NAME["data"].default))
     weights = str(values.get("weights", PARAMETER_BY_NAME["weights"].default))
     if data != DIGITS:
         values = {**values, "data": str(Path(data).expanduser().resolve())}
-    kept = {k: str(v) for k, v in sorted(values.items()) if k not in ("cache_dir", "device")}
+    kept = {k: str(v) for k, v in sorted(values.items())
+            if k not in PARAMETER_BY_NAME or PARAMETER_BY_NAME[k].changes_result_of(head)}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:6]
     data_name = data if data == DIGITS else Path(data).name
     weights_name = weights if weights in ("imagenet", "random") else Path(weights).stem
@@ -182,7 +184,7 @@ def plan(experiment: Experiment, demo: bool = False, overrides: dict[str, Any] |
     images: tuple[Path, ...] = ()
     if kind == "study":
         spec = experiment.study_spec(values)
-        study_name = f"{spec.study}@{_setting_slug(values)}"
+        study_name = f"{spec.study}@{_setting_slug(values, experiment.head)}"
     elif kind in ("imagenet", "featuremaps"):
         images = resolve_images(experiment, tuple(resolved_options.pop("images", ())), values,
                                 resolved_options.pop("sample_images"), data_given)

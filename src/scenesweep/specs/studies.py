@@ -10,23 +10,18 @@ This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from ..core.config import HEADS, PARAMETER_BY_NAME, REGISTERED_MODEL, make_config, run_parameters
-from ..core.errors import ConfigError, file_error
+from ..core.config import (HEADS, PARAMETER_BY_NAME, REGISTERED_MODEL, make_config, number, run_parameters,
+                           tuning_parameters)
+from ..core.errors import ConfigError, file_error, first_line
 
 STUDY_KEYS = {"study", "experiment", "description", "tunes", "fixed", "space", "objective", "sampler",
               "pruner", "n_trials", "timeout", "enqueue", "register", "tuning"}
-# What a study's tuning trials (all but its own enqueued settings) may run differently: settings
-# that change how fast a trial runs, not what it measures (a larger batch, another device).
-TUNING_KEYS = ("batch_size", "device")
 SPACE_TYPES = ("float", "int", "categorical")
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
 OBJECTIVE_METRICS = ("val/acc", "val/loss")
 
 
@@ -49,7 +44,7 @@ class StudySpec:
 
     path: Path
     study: str
-    experiment: str
+    mlflow_experiment: str  # the MLflow experiment its runs go to (the file's ``experiment:``)
     description: str
     tunes: str
     fixed: dict[str, Any]
@@ -103,10 +98,7 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
         if step is not None:
             if log:
                 raise ConfigError("'step' and 'log' cannot be combined")
-            step_ok = (isinstance(step, int) if kind is int else isinstance(step, (int, float))) \
-                and not isinstance(step, bool) and math.isfinite(step) and step > 0
-            if not step_ok:
-                raise ConfigError(f"step={step!r}: expected a positive {'integer' if kind is int else 'number'}")
+            number("step", kind, 0, low_open=True, parse=False)(step)
             if step > high - low:
                 raise ConfigError(f"step={step!r}: larger than the range {low}..{high}")
         return Dimension(name, raw["type"], low=low, high=high, log=log, step=step)
@@ -115,12 +107,7 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
 
 
 def _option_int(low: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{value!r}: expected an integer >= {low}")
-        return value
-
-    return convert
+    return number("", int, low, parse=False)
 
 
 def _option_bool(value: Any) -> bool:
@@ -129,39 +116,48 @@ def _option_bool(value: Any) -> bool:
     return value
 
 
-def _option_positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{value!r}: expected a positive number")
-    return value
+_option_positive = number("", float, 0, low_open=True, parse=False)
 
 
 def _option_resource(value: Any) -> Any:
     return value if value == "auto" else _option_int(1)(value)
 
 
-# The options each sampler and pruner takes, with their checks: a study file is refused before
-# any trial (not with a TypeError from Optuna's constructor at the first trial). Names are the
-# keyword arguments of Optuna's classes (tests/test_registries.py checks them against Optuna).
-SAMPLER_OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "tpe": {"seed": _option_int(0), "n_startup_trials": _option_int(0), "n_ei_candidates": _option_int(1),
-            "multivariate": _option_bool, "group": _option_bool, "constant_liar": _option_bool,
-            "consider_endpoints": _option_bool, "prior_weight": _option_positive},
-    "random": {"seed": _option_int(0)},
-}
-PRUNER_OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "none": {},
-    "median": {"n_startup_trials": _option_int(0), "n_warmup_steps": _option_int(0),
-               "interval_steps": _option_int(1), "n_min_trials": _option_int(1)},
-    "successive_halving": {"min_resource": _option_resource, "reduction_factor": _option_int(2),
-                           "min_early_stopping_rate": _option_int(0), "bootstrap_count": _option_int(0)},
-    "hyperband": {"min_resource": _option_int(1), "max_resource": _option_resource,
-                  "reduction_factor": _option_int(2), "bootstrap_count": _option_int(0)},
-}
-assert tuple(SAMPLER_OPTIONS) == SAMPLERS and tuple(PRUNER_OPTIONS) == PRUNERS
+@dataclasses.dataclass(frozen=True)
+class SearchMethod:
+    """A sampler or pruner a study file may name: the Optuna class it builds (as
+    ``"samplers.TPESampler"``: this layer does not import Optuna) and the options a file may
+    give it, each with its check, so that a study file is refused before any trial rather than
+    with a TypeError from Optuna's constructor at the first one. Option names are the keyword
+    arguments of the Optuna class (tests/test_registries.py checks them against Optuna)."""
+
+    optuna_class: str
+    options: dict[str, Callable[[Any], Any]]
 
 
-def _named_options(path: Path, key: str, raw: Any, table: dict[str, dict[str, Callable[[Any], Any]]],
-                   default: str) -> dict[str, Any]:
+# The registry of samplers and pruners: the one place their names and options are declared.
+SAMPLERS: dict[str, SearchMethod] = {
+    "tpe": SearchMethod("samplers.TPESampler", {
+        "seed": _option_int(0), "n_startup_trials": _option_int(0), "n_ei_candidates": _option_int(1),
+        "multivariate": _option_bool, "group": _option_bool, "constant_liar": _option_bool,
+        "consider_endpoints": _option_bool, "prior_weight": _option_positive}),
+    "random": SearchMethod("samplers.RandomSampler", {"seed": _option_int(0)}),
+}
+PRUNERS: dict[str, SearchMethod] = {
+    "none": SearchMethod("pruners.NopPruner", {}),
+    "median": SearchMethod("pruners.MedianPruner", {
+        "n_startup_trials": _option_int(0), "n_warmup_steps": _option_int(0), "interval_steps": _option_int(1),
+        "n_min_trials": _option_int(1)}),
+    "successive_halving": SearchMethod("pruners.SuccessiveHalvingPruner", {
+        "min_resource": _option_resource, "reduction_factor": _option_int(2),
+        "min_early_stopping_rate": _option_int(0), "bootstrap_count": _option_int(0)}),
+    "hyperband": SearchMethod("pruners.HyperbandPruner", {
+        "min_resource": _option_int(1), "max_resource": _option_resource, "reduction_factor": _option_int(2),
+        "bootstrap_count": _option_int(0)}),
+}
+
+
+def _named_options(path: Path, key: str, raw: Any, table: dict[str, SearchMethod], default: str) -> dict[str, Any]:
     """``tpe`` or ``{name: tpe, seed: 0}`` -> {"name": ..., options...}, each option checked."""
     if raw is not None and not isinstance(raw, (str, dict)):
         raise file_error(path, f"{key}: expected a name ({', '.join(table)}) or a mapping with name:")
@@ -169,7 +165,7 @@ def _named_options(path: Path, key: str, raw: Any, table: dict[str, dict[str, Ca
     raw.setdefault("name", default)
     if raw["name"] not in table:
         raise file_error(path, f"{key}.name={raw['name']!r}: expected one of {', '.join(table)}")
-    allowed = table[raw["name"]]
+    allowed = table[raw["name"]].options
     for option, value in raw.items():
         if option == "name":
             continue
@@ -183,18 +179,82 @@ def _named_options(path: Path, key: str, raw: Any, table: dict[str, dict[str, Ca
     return raw
 
 
+# What a study or experiment file may be: a small text file (a study file is a page of YAML), with
+# few aliases (a "billion laughs" file expands exponentially when anything walks it), and strings
+# that MLflow can store: a run's description (``mlflow.note.content``, which adds the study name
+# and the command) holds at most 20000 characters, and a tag or param value 5000 / 6000.
+MAX_FILE_BYTES = 1_000_000
+MAX_ALIASES = 20  # a study file needs none; a "billion laughs" needs 80 or so
+MAX_DESCRIPTION_CHARS = 16_000
+MAX_TEXT_CHARS = 5_000
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses more than ``MAX_ALIASES`` aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name); expected a plain file")
+        return super().compose_node(parent, index)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A small UTF-8 text file, or one ConfigError naming it: missing, a folder or device or pipe,
+    larger than ``MAX_FILE_BYTES``, binary or not UTF-8."""
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML {what} file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a device, a pipe or a broken link); expected a YAML {what} file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; a {what} file is a page of YAML")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file (it holds NUL bytes); expected a YAML {what} file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                          f"expected a YAML {what} file") from None
+
+
+def _check_lengths(path: Path, value: Any, key: str = "") -> None:
+    """Every string short enough for MLflow to store (the description longer), else the key."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_lengths(path, item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_lengths(path, item, f"{key}[{index}]")
+    elif isinstance(value, str):
+        limit = MAX_DESCRIPTION_CHARS if key == "description" else MAX_TEXT_CHARS
+        if len(value) > limit:
+            raise file_error(path, f"{key}: {len(value):,} characters; expected at most {limit:,} "
+                                   "(what MLflow stores in a run's description, tag or param)")
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping (study and experiment files).
+    """A YAML file that must hold a mapping (study and experiment files), read with limits: see
+    ``read_text_file``, ``MAX_ALIASES`` and the string lengths, all checked before anything runs.
 
     Raises:
-        ConfigError: naming the file, when it is not YAML or not a mapping.
+        ConfigError: naming the file (and the key), when it is not such a file.
     """
+    text = read_text_file(path, what.split()[0])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=_LimitedLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
     if not isinstance(raw, dict):
         raise file_error(path, f"expected a mapping of {what}")
+    _check_lengths(path, raw)
     return raw
 
 
@@ -233,24 +293,26 @@ def _budget(path: Path, raw: dict) -> tuple[int | None, float | None]:
     n_trials, timeout = raw.get("n_trials"), raw.get("timeout")
     if n_trials is None and timeout is None:
         raise file_error(path, "set n_trials and/or timeout, or the study never ends")
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise file_error(path, f"n_trials={n_trials!r}: expected a positive integer")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
-        raise file_error(path, f"timeout={timeout!r}: expected a positive number of seconds")
+    try:
+        if n_trials is not None:
+            number("n_trials", int, 1, parse=False)(n_trials)
+        if timeout is not None:
+            number("timeout", float, 0, low_open=True, parse=False)(timeout)
+    except ConfigError as error:
+        raise file_error(path, f"{error} (timeout: in seconds)" if timeout is not None else str(error)) from None
     return n_trials, timeout
 
 
 def _enqueue(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> list[dict[str, Any]]:
     """The settings to run first (the study's own points), each a valid configuration."""
     enqueue = []
-    for number, params in enumerate(raw.get("enqueue") or []):
+    for index, params in enumerate(raw.get("enqueue") or []):
         if not isinstance(params, dict) or set(params) - set(space):
-            raise file_error(path, f"enqueue[{number}]: expected a mapping of space keys ({', '.join(space)})")
+            raise file_error(path, f"enqueue[{index}]: expected a mapping of space keys ({', '.join(space)})")
         try:
             make_config(head, {**fixed, **params})
         except ConfigError as error:
-            raise file_error(path, f"enqueue[{number}]: {error}") from None
+            raise file_error(path, f"enqueue[{index}]: {error}") from None
         enqueue.append(params)
     return enqueue
 
@@ -261,9 +323,9 @@ def _tuning(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> dict[
     if not isinstance(tuning, dict):
         raise file_error(path, "tuning: expected a mapping of run parameters, e.g. {batch_size: 64}")
     for name in tuning:
-        if name not in TUNING_KEYS:
-            raise file_error(path, f"tuning.{name}: expected one of {', '.join(TUNING_KEYS)} (settings that do "
-                                   "not change what a trial measures)")
+        if name not in tuning_parameters():
+            raise file_error(path, f"tuning.{name}: expected one of {', '.join(tuning_parameters())} (the settings of a "
+                                   "search's speed, which the study's own settings do not take)")
         if name in space:
             raise file_error(path, f"tuning.{name}: searched by this study (space.{name})")
     try:
@@ -281,8 +343,6 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
             bad range, an unknown pooling or layer, a bad sampler, pruner or budget.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
     raw = read_yaml_mapping(path, "study settings")
     unknown = set(raw) - STUDY_KEYS
     if unknown:
@@ -303,11 +363,12 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     metric, direction = _objective(path, raw)
     n_trials, timeout = _budget(path, raw)
     enqueue = _enqueue(path, raw, head, fixed, space)
-    return StudySpec(path=path, study=str(raw["study"]), experiment=str(raw.get("experiment", raw["study"])),
+    return StudySpec(path=path, study=str(raw["study"]),
+                     mlflow_experiment=str(raw.get("experiment", raw["study"])),
                      description=str(raw.get("description", "")).strip(), tunes=head, fixed=fixed,
                      space=space, metric=metric, direction=direction,
-                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLER_OPTIONS, "tpe"),
-                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNER_OPTIONS, "none"),
+                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
+                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNERS, "none"),
                      n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
                      register=str(raw.get("register", REGISTERED_MODEL) or ""),
                      tuning=_tuning(path, raw, head, fixed, space))

@@ -15,7 +15,7 @@ from typing import Iterator
 from mlflow.tracking.context.registry import resolve_tags
 
 from ..core.machine import version
-from ..core.stores import redact
+from ..core.store_urls import redact
 
 # `scenesweep ui` (and `mlflow ui`) serve a SQLite store here by default.
 LOCAL_UI = "http://127.0.0.1:5000"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
 from ..compute.backbone import LayerRow, format_layer_table
 from ..core.config import PARAMETER_BY_NAME, RunConfig
@@ -226,25 +228,27 @@ def final_metrics(result: RunResult) -> dict[str, float]:
 
 def per_class_results(confusion: np.ndarray, classes: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-class precision, recall, F1 and support from a confusion matrix (rows = true class),
-    and the summary metrics ``test/f1_macro`` and ``test/acc_balanced``.
-
-    As scikit-learn's ``precision_recall_fscore_support`` with ``zero_division=0``: a class never
-    predicted has precision 0, a class without test images recall 0. The macro F1 averages the
-    classes present in the test split or predicted (scikit-learn's default labels), the balanced
-    accuracy the recall of the classes present in the test split (``balanced_accuracy_score``).
+    and the summary metrics ``test/f1_macro`` and ``test/acc_balanced``: scikit-learn's
+    ``precision_recall_fscore_support`` (``zero_division=0``: a class never predicted has precision
+    0), ``f1_score(average="macro")`` over the classes present or predicted, and
+    ``balanced_accuracy_score``, on the (true, predicted) pairs the matrix counts.
     """
-    confusion = np.asarray(confusion, dtype=np.float64)  # (K, K)
-    hits = np.diag(confusion)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
-    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    confusion = np.asarray(confusion, dtype=np.int64)  # (K, K)
+    labels = np.arange(len(classes))
+    y_true = np.repeat(np.repeat(labels, len(labels)), confusion.ravel())  # one entry per test image
+    y_pred = np.repeat(np.tile(labels, len(labels)), confusion.ravel())
+    if not len(y_true):
+        zeros = np.zeros(len(classes))
+        table = pd.DataFrame({"class": list(classes), "precision": zeros, "recall": zeros, "f1": zeros,
+                              "support": zeros.astype(np.int64), "predicted": zeros.astype(np.int64)})
+        return table, {"test/f1_macro": 0.0, "test/acc_balanced": 0.0}
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     table = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1,
-                          "support": support.astype(np.int64), "predicted": predicted.astype(np.int64)})
-    seen = (support > 0) | (predicted > 0)
-    metrics = {"test/f1_macro": float(f1[seen].mean()) if seen.any() else 0.0,
-               "test/acc_balanced": float(recall[support > 0].mean()) if (support > 0).any() else 0.0}
+                          "support": support.astype(np.int64), "predicted": confusion.sum(axis=0).astype(np.int64)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": counted as sklearn does
+        metrics = {"test/f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+                   "test/acc_balanced": float(balanced_accuracy_score(y_true, y_pred))}
     return table, metrics
 
 

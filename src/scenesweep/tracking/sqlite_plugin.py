@@ -13,16 +13,11 @@ things and nothing else:
   write the run's artifacts into the checkout. A server's ``--default-artifact-root`` still wins.
 
 Imported by MLflow at start-up: it imports nothing heavy until a store is opened (the lock is
-``scenesweep.core.stores.sqlite_creation_lock``, the one every scenesweep process takes).
+``scenesweep.core.store_urls.sqlite_creation_lock``, the one every scenesweep process takes).
 """
 from __future__ import annotations
 
-from ..core.stores import sqlite_creation_lock, sqlite_path
-
-
-def default_artifact_root(store_uri: str) -> str | None:
-    database = sqlite_path(store_uri)
-    return (database.parent / "artifacts").resolve().as_uri() if database is not None else None
+from ..core.store_urls import artifacts_beside, sqlite_creation_lock
 
 
 def tracking_store(store_uri: str, artifact_uri: str | None = None):
@@ -31,7 +26,7 @@ def tracking_store(store_uri: str, artifact_uri: str | None = None):
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
 
     with sqlite_creation_lock(store_uri):
-        return _get_sqlalchemy_store(store_uri, artifact_uri or default_artifact_root(store_uri))
+        return _get_sqlalchemy_store(store_uri, artifact_uri or artifacts_beside(store_uri))
 
 
 def registry_store(store_uri: str, tracking_uri: str | None = None):

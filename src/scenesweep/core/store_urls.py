@@ -24,6 +24,13 @@ def sqlite_path(url: str) -> Path | None:
     return Path(urllib.parse.unquote(url[len("sqlite:///"):].split("?", 1)[0]))
 
 
+def artifacts_beside(url: str) -> str | None:
+    """The artifact root of a SQLite store: ``artifacts/`` beside its database, as a file URI
+    (None for other stores: a tracking server decides its own)."""
+    database = sqlite_path(url)
+    return (database.parent / "artifacts").resolve().as_uri() if database is not None else None
+
+
 def redact(url: str) -> str:
     """A database or server URL without its password (``postgresql://user:***@host/db``)."""
     parsed = urllib.parse.urlsplit(url)

@@ -18,7 +18,7 @@ from ..compute.featuremaps import first_conv_maps
 from ..compute.features import resolve_device
 from ..compute.imagenet import top_classes
 from ..specs.plans import Plan
-from ..tracking import plots, sink, store
+from ..tracking import lifecycle, plots, sink
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ def _log_params(run_id: str, plan_: Plan, names: tuple[str, ...]) -> None:
 def run_describe(plan_: Plan, progress: bool, register: bool) -> Outcome:
     """Q1: the layer table and parameter counts, from the architecture alone (no weights)."""
     config = plan_.config
-    with store.start_run("describe", f"{plan_.experiment.name} {config.arch}", tags=plan_.tags(),
+    with lifecycle.start_run("describe", f"{plan_.experiment.name} {config.arch}", tags=plan_.tags(),
                             system_metrics=False) as active:
         run_id = active.info.run_id
         _log_params(run_id, plan_, ("arch", "pooling", "fc_width", "image_size", "weights"))
@@ -82,7 +82,7 @@ def _log_images(paths: tuple[Path, ...]) -> list[str]:
 def _image_run(plan_: Plan, experiment: str, what: str) -> Iterator[tuple[str, list[str]]]:
     """A run of an experiment on given images (Q3, Q4): its params, hardware and the images
     logged; yields (run id, the images' artifact names)."""
-    with store.start_run(experiment, f"{plan_.experiment.name} {what}",
+    with lifecycle.start_run(experiment, f"{plan_.experiment.name} {what}",
                          tags={**plan_.tags(), **_hardware_tags(plan_.config.device)}, system_metrics=False) as active:
         _log_params(active.info.run_id, plan_, ("weights", "arch", "image_size", "seed"))
         yield active.info.run_id, _log_images(plan_.images)

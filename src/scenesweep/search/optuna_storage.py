@@ -21,8 +21,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial
 
-from ..core.errors import ConfigError
-from ..core.stores import check_database_folder, project_store_folder, redact, sqlite_creation_lock, sqlite_path
+from ..core.errors import ConfigError, first_line
+from ..core.store_urls import check_database_folder, project_store_folder, redact, sqlite_creation_lock, sqlite_path
 
 # Optuna's own INFO lines ("A new study created", "Trial 3 finished") repeat what the sweep
 # prints and logs; warnings still show.
@@ -86,7 +86,7 @@ def retry_outage(call: Callable[[], T], what: str) -> T:
                 raise
             if attempt == 0:
                 cause = error.__cause__ or error
-                first = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [""])[0][:160]
+                first = first_line(str(getattr(cause, "orig", None) or cause), 160)
                 print(f"Optuna storage unreachable ({what}: {cause.__class__.__name__}: {first}); "
                       f"retrying for up to {OUTAGE_RETRY_S:.0f} s", file=sys.stderr)
             time.sleep(RETRY_WAITS_S[min(attempt, len(RETRY_WAITS_S) - 1)])
@@ -147,7 +147,7 @@ def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
                 return storage_class(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                      grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
         except Exception as error:  # SQLAlchemy: bad URL, missing driver, unreachable server
-            detail = f"{error.__class__.__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            detail = f"{error.__class__.__name__}: {first_line(error)}"
             # Another worker creating the schema at this moment (PostgreSQL: UniqueViolation
             # on pg_type, "already exists"): it will have finished shortly.
             if attempt < OPEN_ATTEMPTS and ("already exists" in detail or "UniqueViolation" in detail

@@ -1,4 +1,4 @@
-"""The MLflow tracking store: which one, checked before use, experiments and runs in it.
+"""The MLflow tracking store: which one, checked before use, and the experiments in it.
 
 The tracking URI is MLFLOW_TRACKING_URI when set, else the absolute
 ``sqlite:////<repo>/mlruns/mlflow.db`` (a relative SQLite path would resolve per process, and
@@ -7,12 +7,10 @@ databases). Artifacts of the experiments created here live beside the database.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -20,8 +18,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from ..core.errors import ConfigError  # noqa: E402
-from ..core.stores import check_database_folder, project_store_folder, redact, sqlite_path  # noqa: E402
+from ..core.errors import ConfigError, first_line  # noqa: E402
+from ..core.store_urls import artifacts_beside, check_database_folder, project_store_folder, redact, sqlite_path  # noqa: E402
 
 HEALTH_TIMEOUT_S = 5.0  # a tracking server that does not answer /health in this time is down
 
@@ -80,12 +78,12 @@ def setup_tracking() -> str:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     try:
-        # A new SQLite store is created by scenesweep.tracking.sqlite_store (MLflow's store, opened
+        # A new SQLite store is created by scenesweep.tracking.sqlite_plugin (MLflow's store, opened
         # under a file lock so that two workers starting at once do not race on its schema, with
         # the Default experiment's artifacts beside the database), as in every MLflow process here.
         MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # OperationalError, a newer schema, ...
-        first = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0][:200]
+        first = first_line(error)
         raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: cannot open the tracking store "
                           f"({error.__class__.__name__}: {first})") from None
     return uri
@@ -93,10 +91,7 @@ def setup_tracking() -> str:
 
 def artifact_root(uri: str | None = None) -> str | None:
     """Artifacts beside a SQLite database (<dir>/artifacts); the server's default otherwise."""
-    database = sqlite_path(uri or mlflow.get_tracking_uri())
-    if database is not None:
-        return (database.parent / "artifacts").resolve().as_uri()
-    return None
+    return artifacts_beside(uri or mlflow.get_tracking_uri())
 
 
 def experiment_id(name: str) -> str:
@@ -113,26 +108,6 @@ def experiment_id(name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # Another process created it first.
         return client.get_experiment_by_name(name).experiment_id
-
-
-@contextlib.contextmanager
-def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None,
-              system_metrics: bool = True) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under ``mlflow run``, re-attach to) a run; ends it FAILED on an exception.
-
-    Under ``mlflow run`` the environment carries MLFLOW_RUN_ID: the project's run is reused and
-    the experiment it was launched in is kept.
-    """
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    kwargs: dict[str, Any] = {"log_system_metrics": system_metrics, "tags": dict(tags or {})}
-    if launched:
-        run = mlflow.start_run(run_id=launched, **kwargs)
-        MlflowClient().set_tag(launched, "mlflow.runName", run_name)
-        warn_if_not_in_family(run, experiment)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, **kwargs)
-    with run:
-        yield run
 
 
 def warn_if_not_in_family(run, experiment: str) -> None:

@@ -1,0 +1,131 @@
+"""One run lifecycle: start (or re-attach to ``mlflow run``'s run), then end it with the status
+and tags that say how it ended. Every driver (single runs, experiments, trials, a study's parent)
+ends its runs here.
+
+How a run ends, and what it carries:
+
+| how the work ended | status | tags |
+|---|---|---|
+| it returned | FINISHED | - |
+| pruned (an exception in ``pruned``) | KILLED | ``pruned`` (why), ``failure=pruned`` |
+| Ctrl-C or SIGTERM (KeyboardInterrupt, ``Interrupted``) | KILLED | ``error``, ``failure=interrupted``, ``signal`` |
+| bad input (``UserError``) | FAILED | ``error`` (one line), ``failure=error`` |
+| a bug (any other exception) | FAILED | ``error``, ``failure=error``, artifact ``error/traceback.txt`` |
+| its process died (found by another) | FAILED | ``error``, ``failure=killed`` (on its host) or ``stale`` (by heartbeat) |
+
+Runs are named by id and ended through ``MlflowClient`` (the fluent run of this thread, if it is
+that run, through ``mlflow.end_run`` so that its system-metrics monitor stops), so the same code
+serves a fluent run, a trial's run made by ``MlflowClient.create_run`` in a worker thread, and a
+parent run another process started.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import traceback
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from ..core.errors import UserError, describe_error
+from . import mlflow_store
+
+FAILURE_KINDS = ("pruned", "killed", "stale", "error", "interrupted")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM from a scheduler, ``timeout``, systemd), raised in the main
+    thread so that runs end as after Ctrl-C; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def launched_run_id() -> str | None:
+    """``mlflow run``'s own run (its environment carries MLFLOW_RUN_ID), else None."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def _terminate(run_id: str, status: str) -> None:
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        MlflowClient().set_terminated(run_id, status)
+
+
+def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | None = None,
+            failure: str | None = None, only_running: bool = False, **tags: Any) -> bool:
+    """End ``run_id`` with ``status``; an ``error`` (exception or text) goes into the ``error`` tag
+    (cut to MLflow's 5000 characters), ``failure`` says which kind (``FAILURE_KINDS``); a bug's
+    traceback is logged as ``error/traceback.txt``.
+
+    Args:
+        only_running: leave a run that already ended as it is (a run a resume finds dead).
+
+    Returns:
+        Whether the run was ended here.
+    """
+    client = MlflowClient()
+    if only_running:
+        try:
+            if client.get_run(run_id).info.status != "RUNNING":
+                return False
+        except mlflow.exceptions.MlflowException:
+            return False
+    labels = {k: str(v) for k, v in tags.items() if v is not None}
+    if error is not None:
+        labels["error"] = describe_error(error) if isinstance(error, BaseException) else str(error)[:5000]
+    if failure is not None:
+        labels["failure"] = failure
+    if labels:
+        client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in labels.items()])
+    if isinstance(error, BaseException) and failure == "error" and not isinstance(error, UserError):
+        with contextlib.suppress(Exception):  # the traceback is a help, never why ending fails
+            client.log_text(run_id, "".join(traceback.format_exception(error)), "error/traceback.txt")
+    _terminate(run_id, status)
+    return True
+
+
+@contextlib.contextmanager
+def ending(run_id: str, pruned: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """End ``run_id`` by how the block ends (see the module's table), and re-raise."""
+    try:
+        yield
+    except pruned as error:
+        end_run(run_id, "KILLED", failure="pruned", pruned=str(error) or "true")
+        raise
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        end_run(run_id, "KILLED", f"interrupted by {signal.Signals(signum).name}", failure="interrupted",
+                signal=signal.Signals(signum).name)
+        raise
+    except BaseException as error:
+        end_run(run_id, "FAILED", error, failure="error")
+        raise
+    end_run(run_id, "FINISHED", only_running=True)  # unless the block ended it (a failed study)
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None,
+              system_metrics: bool = True) -> Iterator[mlflow.ActiveRun]:
+    """A fluent run in ``experiment`` (or, under ``mlflow run``, the project's run re-attached,
+    in the experiment it was launched in), ended by ``ending``.
+    """
+    launched = launched_run_id()
+    kwargs: dict[str, Any] = {"log_system_metrics": system_metrics, "tags": dict(tags or {})}
+    if launched:
+        run = mlflow.start_run(run_id=launched, **kwargs)
+        MlflowClient().set_tag(launched, "mlflow.runName", run_name)
+        mlflow_store.warn_if_not_in_family(run, experiment)
+    else:
+        run = mlflow.start_run(experiment_id=mlflow_store.experiment_id(experiment), run_name=run_name, **kwargs)
+    try:
+        with ending(run.info.run_id):
+            yield run
+    finally:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+            mlflow.end_run()  # ended already unless ``ending`` itself failed
