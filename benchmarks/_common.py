@@ -6,6 +6,7 @@ script's ``--help`` stays quick.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import statistics
@@ -95,12 +96,11 @@ def digits_subset(root: Path, per_class: int) -> Path:
     return subset
 
 
-def objective_overhead(tracking_uri: str, storage_url: str, cache_dir: Path, data: str, calls: int,
-                       image_size: int = 32) -> dict[str, list[float]]:
+def objective_overhead(tracking_uri: str, storage_url: str, setting: dict[str, Any], calls: int) -> dict[str, list[float]]:
     """What the real ``runs.objective.Objective`` costs beyond a trial's compute, per trial.
 
-    An SVM trial (relu7, C=1, features from ``cache_dir``: extract them first) run ``calls`` + 2
-    times through the project's own Objective (its nested run, params, tags, datasets, metrics,
+    An SVM trial (relu7, C=1, on ``setting``: data, image size, cache_dir... whose features are
+    cached: extract them first) run ``calls`` + 2 times through the project's own Objective (its nested run, params, tags, datasets, metrics,
     dashboard note, kept head, end) on ``tracking_uri`` and ``storage_url``; and the same
     trial's compute alone (``prepare`` from the cache + ``fit_head``). The first two of each warm
     up connections and caches. Returns {"trial_s": [...], "compute_s": [...]}: their difference is
@@ -119,8 +119,8 @@ def objective_overhead(tracking_uri: str, storage_url: str, cache_dir: Path, dat
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as workers run
     mlflow.set_tracking_uri(tracking_uri)
     point = {"C": 1.0, "layer": "relu7"}
-    spec = load_study(REPO / "sweeps" / "svm_c.yaml", {"data": data, "image_size": image_size,
-                                                        "cache_dir": str(cache_dir), "register": ""})
+    spec = load_study(REPO / "sweeps" / "svm_c.yaml", {k: v for k, v in setting.items() if k not in ("C", "layer")})
+    spec = dataclasses.replace(spec, register="")
     config = spec.trial_config(point)
     shared = training.load_data(config)
     client = MlflowClient()

@@ -153,12 +153,12 @@ class Instrument:
         saved = [(module, name, getattr(module, name)) for module, name in originals]
         compute = training.compute_features
 
-        def compute_features(config, dataset, progress=True):
+        def compute_features(config, dataset, progress=True, **kwargs):
             record = FeatureTiming(config.layer, config.fc_width, config.pooling)
             self._current = record
             began = time.perf_counter()
             try:
-                result = compute(config, dataset, progress=progress)
+                result = compute(config, dataset, progress=progress, **kwargs)
             finally:
                 self._current = None
                 record.total_s = time.perf_counter() - began
@@ -277,7 +277,7 @@ def warm_up(tmp: Path, storage: str) -> float:
     first extraction of a process picks oneDNN kernels: whichever side ran first would pay them.
     """
     from scenesweep.compute import training
-    from scenesweep.search import storage as search
+    from scenesweep.search import optuna_storage as search
     from scenesweep.tracking import mlflow_store
     from scenesweep.core.config import make_config
 
@@ -696,8 +696,7 @@ def bench_logging(repeats: int, svm_config, pooling: PoolingResult, storage: str
                            step=number + 1)
         epoch.append(time.perf_counter() - began)
     # The real runs.objective.Objective on the same trial, beyond the trial's compute.
-    measured = objective_overhead(mlflow.get_tracking_uri(), storage, Path(svm_config.cache_path), svm_config.data,
-                                  repeats, image_size=svm_config.image_size)
+    measured = objective_overhead(mlflow.get_tracking_uri(), storage, dict(svm_config.values), repeats)
     objective = [t - c for t, c in zip(measured["trial_s"], measured["compute_s"])]
 
     # An mlp trial of section 3, unpruned study: MLflow duration and epochs.

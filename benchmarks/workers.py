@@ -148,7 +148,8 @@ def measure(setup: str, count: int, trials: int, tmp: Path, storage: str, env: d
 def tracking_calls_ms(tracking_uri: str, storage_url: str, calls: int, tmp: Path) -> float:
     """Median ms one trial spends in the real Objective beyond its compute (its MLflow calls,
     dashboard note and kept head) against ``tracking_uri`` and ``storage_url``, in this process."""
-    measured = objective_overhead(tracking_uri, storage_url, tmp / "cache", "digits", calls)
+    measured = objective_overhead(tracking_uri, storage_url, {"data": "digits", "image_size": 32,
+                                                              "cache_dir": str(tmp / "cache")}, calls)
     return 1000 * (statistics.median(measured["trial_s"]) - statistics.median(measured["compute_s"]))
 
 
