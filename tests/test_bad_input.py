@@ -307,3 +307,29 @@ def test_bad_input_table(case, flat_scenes, tmp_path, monkeypatch, store):
         [e.experiment_id for e in MlflowClient(tracking_uri=store_uri).search_experiments()])
     assert not [r.info.run_name for r in left if r.info.status in ("RUNNING", "FAILED")]
     assert not Path("/nonexistent-scenesweep").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, mounted for the test and unmounted after (CI runs as root)."""
+    import subprocess
+
+    mountpoint = tmp_path / "small_disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_nothing_half_written(flat_scenes, small_disk,
+                                                                                       store):
+    result = svm(flat_scenes, "--image_size", "224", "--layer", "pool5", "--cache_dir", str(small_disk))
+    assert_clear_error(result, str(small_disk / "features"), "is full", "MB free")
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not list(small_disk.rglob("*.tmp"))  # the half-written entry removed

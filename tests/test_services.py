@@ -182,6 +182,35 @@ def test_killed_services_read_not_running_and_start_again(postgres_services):
     assert cli("status", "--dir", str(directory)).returncode == 0
 
 
+def wait_gone(processes, seconds=20):
+    deadline = time.monotonic() + seconds
+    while any(alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_partial_outage_restarts_only_what_is_down_on_the_same_ports(postgres_services):
+    """PostgreSQL alone down, then the MLflow server alone: `services start` restarts just that
+    one, on its old port, and prints the same exports; `stop` stops every server it started."""
+    directory = postgres_services.dir
+    exports = {"MLFLOW_TRACKING_URI": postgres_services.tracking_uri, "OPTUNA_STORAGE": postgres_services.storage_url}
+    mlflow_before = [p.pid for p in mlflow_group(directory)]
+    postmaster = psutil.Process(postmaster_pid(directory))
+    postmaster.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown: the database alone goes away
+    wait_gone([postmaster])
+    started = cli("start", "--dir", str(directory))
+    assert started.returncode == 0, started.stderr
+    assert evaluated(started.stdout) == exports
+    assert [p.pid for p in mlflow_group(directory)] == mlflow_before  # the MLflow server kept running
+    for process in mlflow_group(directory):
+        process.send_signal(signal.SIGKILL)  # now the MLflow server alone
+    wait_gone([psutil.Process(pid) for pid in mlflow_before if alive(pid)])
+    postmaster_now = postmaster_pid(directory)
+    started = cli("start", "--dir", str(directory))
+    assert started.returncode == 0, started.stderr
+    assert evaluated(started.stdout) == exports and postmaster_pid(directory) == postmaster_now
+    assert cli("status", "--dir", str(directory)).returncode == 0
+
+
 def test_stop_leaves_no_process_and_no_port(postgres_services):
     directory, running = postgres_services.dir, postgres_services.services
     processes = mlflow_group(directory)

@@ -83,6 +83,7 @@ def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes,
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     killed_run = [r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"]][0]
     assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["error"]
+    assert killed_run.data.tags["failure"] in ("killed", "stale")  # found by its pid, or its heartbeat
     # The killed worker's parent is the study's: the resume attached to it and finished it.
     parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -151,12 +152,14 @@ def test_a_seeded_study_is_reproducible_with_one_worker(flat_scenes, tmp_path, m
     assert draws[0] == draws[1] and len(set(draws[0])) == 3
 
 
-def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, outputs=None):
-    """Start a worker, send it ``sig`` while trial ``number`` runs; returns that trial's params
-    (and, in ``outputs``, the worker's exit status and stderr)."""
-    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", heartbeat,
-                               "--no-progress", *args], cwd=REPO, env=dict(os.environ),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, outputs=None, command=None):
+    """Start a worker (``command``, else ``scenesweep sweep STUDY``), send it ``sig`` while trial
+    ``number`` runs; returns that trial's params (and, in ``outputs``, the worker's exit status
+    and stderr)."""
+    command = command or [sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", heartbeat,
+                          "--no-progress", *args]
+    worker = subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     name = yaml.safe_load(study.read_text())["study"]
     try:
         deadline = time.time() + 300
@@ -218,6 +221,28 @@ def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_leaves_nothing_running(flat_sce
     assert not [r.info.run_name for r in all_runs() if r.info.status == "RUNNING"]
 
 
+def test_sigterm_to_mlflow_run_ends_its_sweep_as_ctrl_c_does(flat_scenes, tmp_path):
+    """A scheduler stops `mlflow run` (SIGTERM to its pid): its child, the sweep, is told by the
+    kernel (PR_SET_PDEATHSIG) and ends as after Ctrl-C: nothing left RUNNING, the trial retried."""
+    study = long_mlp_study(tmp_path, flat_scenes, "mlflow_terminated", 2)
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_bin, "run", ".", "-e", "sweep", "--env-manager", "local", "--experiment-name", "pooling",
+               "-P", f"file={study}"]
+    kill_during_trial(study, 0, sig=signal.SIGTERM, command=command)
+    deadline = time.time() + 120  # the orphaned child cleans up after mlflow run is gone
+    while time.time() < deadline:
+        runs = all_runs()
+        if runs and not [r for r in runs if r.info.status == "RUNNING"]:
+            break
+        time.sleep(1)
+    trial = load("mlflow_terminated").trials[0]
+    assert trial.state == TrialState.FAIL
+    runs = {r.info.run_id: r for r in all_runs()}
+    assert not [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"]
+    trial_run = runs[trial.user_attrs["mlflow_run_id"]]
+    assert trial_run.info.status == "KILLED" and trial_run.data.tags["signal"] == "SIGTERM"
+
+
 def test_a_trial_killed_in_the_last_slot_is_retried_at_once_on_this_host(flat_scenes, tmp_path):
     """The study already has n_trials (the killed one included) and the heartbeat is fresh: the
     resume fails it at once (its pid is gone), retries its parameters, and leaves nothing RUNNING."""
@@ -229,7 +254,10 @@ def test_a_trial_killed_in_the_last_slot_is_retried_at_once_on_this_host(flat_sc
     trials = load("last_slot").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == killed_params
-    assert not [r.info.run_name for r in all_runs() if r.info.status == "RUNNING"]
+    runs = all_runs()
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    killed = next(r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"])
+    assert killed.data.tags["failure"] == "killed"  # its process known dead on this host
 
 
 def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path):
@@ -249,7 +277,7 @@ def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path
     runs = {r.info.run_id: r for r in all_runs()}
     killed = runs[trials[0].user_attrs["mlflow_run_id"]]
     assert killed.info.status == "FAILED" and "another-machine" in killed.data.tags["error"]
-    assert "heartbeat went stale" in killed.data.tags["error"]
+    assert "heartbeat went stale" in killed.data.tags["error"] and killed.data.tags["failure"] == "stale"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 

@@ -113,6 +113,7 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
     _, children = parents_and_children()
     pruned = [c for c in children if c.data.tags["trial_number"] == "1"][0]
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"].startswith("pruned at epoch")
+    assert pruned.data.tags["failure"] == "pruned"  # what died of what: filterable in the runs table
 
 
 def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_declares(flat_scenes, tmp_path):
@@ -209,6 +210,7 @@ def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):
     parents, children = parents_and_children()
     failed = [c for c in children if c.data.tags["trial_number"] == "0"][0]
     assert failed.info.status == "FAILED" and "missing.pt" in failed.data.tags["error"]
+    assert failed.data.tags["failure"] == "error"
     assert parents[0].data.tags["best_trial"] == "1"
 
 

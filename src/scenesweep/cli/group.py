@@ -5,6 +5,7 @@ parameter table (each in both spellings, ``--image_size`` as MLproject passes it
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -47,24 +48,52 @@ def optional_number(name: str, value: str | None, kind: type) -> Any:
     return number(f"--{name}", kind, 0, low_open=True)(value)
 
 
-def _terminated(signum: int, frame) -> None:
+def _interrupted(signum: int, frame) -> None:
+    """The first SIGINT or SIGTERM stops the work (as Ctrl-C does); those that follow are ignored,
+    so that the clean-up (the trial failed and retried, its run KILLED) is not cut short: ``mlflow
+    run`` forwards a SIGTERM to its child right after the terminal's SIGINT."""
     from ..tracking.lifecycle import Interrupted
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(signum)
+
+
+def _die_with_mlflow_run() -> None:
+    """Under ``mlflow run`` (Linux): a SIGTERM when the ``mlflow run`` process dies. A scheduler
+    that stops it (SIGTERM to one pid) would otherwise leave this child running on its own."""
+    if not lifecycle_launched() or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # it died before the call: nothing will be sent
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def lifecycle_launched() -> bool:
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
 def user_errors(command: Callable) -> Callable:
     """Bad input: one clear line on stderr and exit status 2, no traceback. SIGTERM (a scheduler,
-    ``timeout``, systemd) ends the work as Ctrl-C does: runs KILLED, the running trial failed and
-    retried on resume, one line, exit 128 + the signal (143; 130 for Ctrl-C)."""
+    ``timeout``, systemd, ``mlflow run`` stopped) ends the work as Ctrl-C does: runs KILLED, the
+    running trial failed and retried on resume, one line, exit 128 + the signal (143; 130 for
+    Ctrl-C)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException  # MLflow takes a second to import: not for --help
 
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+        previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGINT, signal.SIGTERM)} \
+            if in_main_thread else {}
         try:
+            if in_main_thread:
+                _die_with_mlflow_run()
             return command(*args, **kwargs)
         except KeyboardInterrupt as error:
             signum = getattr(error, "signum", signal.SIGINT)
@@ -81,8 +110,8 @@ def user_errors(command: Callable) -> Callable:
             click.echo(f"error: MLflow: {error.message}", err=True)
             sys.exit(2)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     return wrapper
 

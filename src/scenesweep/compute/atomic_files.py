@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..core import faults
 from ..core.errors import UserError
 
 TMP_SUFFIX = ".tmp"
@@ -73,6 +74,7 @@ def atomic_write(path: Path, write, size_hint: int = 0) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.moment("cache-write")
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ..core import faults
 from ..core.errors import ConfigError
 from .logged import log_image_classifier
 
@@ -31,6 +32,17 @@ MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input
                      "base64-encoded image file bytes. Output per image: label, class_index and "
                      "score_<class> per class. Serve: mlflow models serve -m models:/{name}@champion "
                      "--env-manager local")
+
+
+def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
+    """The version of ``model_name`` whose tags hold ``tags`` (the newest), or None."""
+    quote = '"' if "'" in model_name else "'"
+    try:
+        versions = client.search_model_versions(f"name={quote}{model_name}{quote}")
+    except MlflowException:
+        return None  # no such registered model yet
+    found = [v for v in versions if all(v.tags.get(k) == str(value) for k, value in tags.items())]
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, str] | None = None) -> str:
@@ -50,8 +62,13 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     Returns:
         The new version number, as a string.
     """
-    model_uri = log_image_classifier(result, name="model")
+    client = MlflowClient()
     config, metrics = result.prepared.config, result.metrics
+    # A study's version is made once: a resume that finds it (its process was killed after the
+    # version was written) completes its description and alias instead of registering again.
+    identity = {"run_id": run_id, **{k: v for k, v in (extra_tags or {}).items() if k in ("study", "trial_number")}}
+    existing = find_version(client, model_name, identity) if len(identity) > 1 else None
+    model_uri = existing.tags.get("model_uri", existing.source) if existing else log_image_classifier(result, name="model")
     tags = {"run_id": run_id, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
             "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
             "head": config.head, "arch": config.arch, "layer": config.layer, "pooling": config.pooling,
@@ -59,8 +76,8 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
             "weights": str(config.weights), **(extra_tags or {})}
     if "test/acc" in metrics:
         tags["test_acc"] = f"{metrics['test/acc']:.6f}"
-    client = MlflowClient()
-    version = mlflow.register_model(model_uri, model_name, tags=tags).version
+    version = existing.version if existing else mlflow.register_model(model_uri, model_name, tags=tags).version
+    faults.moment("version-registered")
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
     where = (f"study {tags['study']} trial #{tags['trial_number']}" if "study" in tags and "trial_number" in tags

@@ -21,6 +21,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from ..compute.features import resolve_device
+from ..core import faults
 from ..core.store_urls import redact
 from ..specs.studies import Dimension, StudySpec
 from ..tracking import lifecycle, mlflow_store, provenance, sink
@@ -46,6 +47,21 @@ def recorded_parent(study: optuna.Study):
     return None
 
 
+def unrecorded_parent(study: optuna.Study, spec: StudySpec, storage_url: str):
+    """A parent run of this study that the study does not record: its creator was killed between
+    creating the run and recording it. Adopted rather than made again (one parent per study)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(spec.mlflow_experiment)
+    if experiment is None or "'" in study.study_name:
+        return None
+    runs = client.search_runs([experiment.experiment_id], max_results=50, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.sweep = 'parent' and tags.study = '{study.study_name}'")
+    storage = redact(storage_url)
+    runs = [r for r in runs if r.data.tags.get("optuna.storage") == storage and r.info.lifecycle_stage == "active"
+            and r.data.tags.get("optuna.study_id") == str(study._study_id)]
+    return runs[0] if runs else None
+
+
 def _tag_worker_run(run_id: str, study: optuna.Study, spec: StudySpec, parent_id: str) -> None:
     """``mlflow run``'s own run, when the study has its parent already: a pointer to it."""
     sink.log_batch(run_id, tags={
@@ -59,6 +75,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     """The new parent: ``mlflow run``'s run, or a new run in the study's experiment."""
     client = MlflowClient()
     tags = {"study": study.study_name, "study_file": str(spec.path), "optuna.storage": redact(storage_url),
+            "optuna.study_id": str(study._study_id),
             "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{spec.study} study",
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
                                    f"Command: `{provenance.command_line()}`\n\n{spec.description}",
@@ -99,7 +116,12 @@ def attach_parent(study: optuna.Study, spec: StudySpec, storage_url: str, lock) 
     with lock:
         parent = recorded_parent(study)
         if parent is None:
+            parent = unrecorded_parent(study, spec, storage_url)
+            if parent is not None:
+                study.set_user_attr(STUDY_ATTR_PARENT, parent.info.run_id)
+        if parent is None:
             run_id, experiment = _create(study, spec, storage_url)
+            faults.moment("parent-created")
             study.set_user_attr(STUDY_ATTR_PARENT, run_id)
             return run_id, experiment, True
     if parent.info.status != "RUNNING":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 import sys
@@ -30,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from ..compute.training import check_setting
+from ..core import faults
 from ..core.config import result_parameters
 from ..core.errors import ConfigError, UserError
 from ..core.store_urls import redact
@@ -43,6 +45,9 @@ from .objective import Objective
 from .parent import attach_parent
 from .summary import claim_summary, summarise
 
+STUDY_ATTR_ENQUEUED = "own_settings_enqueued"  # set once every enqueued setting is in the storage
+
+
 def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -> None:
     """A trial whose process died or was interrupted: its MLflow run FAILED (unless it ended) with
     ``failure`` (killed, stale, interrupted), its parameters enqueued again."""
@@ -52,6 +57,22 @@ def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -
         lifecycle.end_run(run_id, "FAILED", f"process {worker.get('host')}:{worker.get('pid')} {why}; "
                           "parameters retried", failure=failure, only_running=True)
     retry(study, trial)
+
+
+def finished_value(spec: StudySpec):
+    """For a dead trial: the objective its MLflow run finished with (FINISHED, metric logged), or None."""
+    def value(trial: FrozenTrial) -> float | None:
+        run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
+        if not run_id:
+            return None
+        try:
+            run = mlflow.tracking.MlflowClient().get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            return None
+        metric = run.data.metrics.get(spec.metric)
+        return metric if run.info.status == "FINISHED" and metric is not None and math.isfinite(metric) else None
+
+    return value
 
 
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -148,8 +169,9 @@ class Sweep:
         return study_lock(self.rdb, self.study.study_name)
 
     def settle(self) -> None:
-        """Fail the trials of dead workers (at once on this host, by heartbeat elsewhere)."""
-        fail_dead_trials(self.study, dead_here_callback)
+        """Fail the trials of dead workers (at once on this host, by heartbeat elsewhere); record
+        those that had finished their work (their run FINISHED with the objective)."""
+        fail_dead_trials(self.study, dead_here_callback, finished_value(self.spec))
 
 
 def _start_trial(sweep: Sweep, deadline: float | None) -> optuna.Trial | None:
@@ -185,6 +207,8 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
+    if state == TrialState.COMPLETE:
+        faults.moment("trial-run-ended")
     _tell(sweep, trial, state, value)
     sweep.ran.append(trial.number)
     if error is not None:
@@ -297,9 +321,13 @@ def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: 
         if not study.user_attrs.get("mlflow_experiment"):
             study.set_user_attr("mlflow_experiment", spec.mlflow_experiment)
             study.set_user_attr("description", spec.description)
-        if not study.get_trials(deepcopy=False):
+        # The study's own settings, all of them: a worker killed while enqueuing them left some out,
+        # and the next one completes the list (a setting already queued or run is not added again).
+        if STUDY_ATTR_ENQUEUED not in study.user_attrs:
             for params in spec.enqueue:
                 study.enqueue_trial(params, skip_if_exists=True)
+                faults.moment("study-enqueue")
+            study.set_user_attr(STUDY_ATTR_ENQUEUED, len(spec.enqueue))
     return rdb, study
 
 
@@ -344,7 +372,7 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     data = check_study_setting(spec)
     mlflow_store.setup_tracking()
     rdb, study = open_study(spec, storage_url, study_name, heartbeat_s, data[0].fingerprint if data else None)
-    fail_dead_trials(study, dead_here_callback)
+    fail_dead_trials(study, dead_here_callback, finished_value(spec))
     parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
     objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress,
                           keep_best_per=keep_best_per)

@@ -95,25 +95,36 @@ def own_record(trial: FrozenTrial) -> dict[str, Any]:
     return worker if worker.get("trial") == trial.number else {}
 
 
-def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, FrozenTrial], None]) -> list[int]:
+def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, FrozenTrial], None],
+                     finished_value: Callable[[FrozenTrial], float | None] | None = None) -> list[int]:
     """Fail the running trials whose process is gone: at once on this host, by heartbeat elsewhere
-    (the storage calls its stale-trial callback for those).
+    (the storage calls its stale-trial callback for those). A dead trial whose work had finished
+    (``finished_value`` gives its objective: its process died after ending its run, before telling
+    Optuna) is recorded COMPLETE with that value instead: its parameters are not run again.
 
     Args:
         study: the study.
         on_dead: called with each trial failed here (its MLflow run, its retry).
+        finished_value: the objective a dead trial finished with, or None.
 
     Returns:
         The numbers of the trials failed here.
     """
     storage = study._storage
     failed = []
+    stale = set()
+    with contextlib.suppress(AttributeError, NotImplementedError):  # RDB storages know stale trials
+        stale = set(storage._get_stale_trial_ids(study._study_id))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = own_record(trial)
-        if not worker or not is_dead_here(worker):
+        dead_here = bool(worker) and is_dead_here(worker)
+        if not dead_here and trial._trial_id not in stale:
             continue
+        value = finished_value(trial) if finished_value is not None else None
         try:
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if value is not None:
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[value])
+            elif dead_here and storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 failed.append(trial.number)
                 on_dead(study, storage.get_trial(trial._trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:

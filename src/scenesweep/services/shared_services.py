@@ -83,20 +83,23 @@ def _mlflow_server(services: Services) -> _HostedServer:
                          env=(("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),), host=probe_host(services.host))
 
 
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Whether ``pid`` still is the process started at ``started`` (not a pid reused after a
+    reboot or a kill)."""
+    if not pid:
+        return False
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - (started or 0)) < 1
+    except psutil.Error:
+        return False
+
+
 def _mlflow_pid(directory: Path) -> int | None:
     """The running MLflow server's pid (its process group's id), None when it does not run."""
     state = read_state(directory)
-    pid, started = state.get("mlflow_pid"), state.get("mlflow_started")
-    if not pid:
-        return None
-    try:
-        process = psutil.Process(pid)
-        # The same process as recorded, not a pid reused after a reboot or a kill.
-        if process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - started) < 1:
-            return pid
-    except psutil.Error:
-        pass
-    return None
+    pid = state.get("mlflow_pid")
+    return pid if _alive(pid, state.get("mlflow_started")) else None
 
 
 def start_mlflow(services: Services, timeout_s: float = READY_TIMEOUT_S) -> int:
@@ -114,7 +117,10 @@ def start_mlflow(services: Services, timeout_s: float = READY_TIMEOUT_S) -> int:
         started = psutil.Process(process.pid).create_time()  # tells it from a pid reused later
     except psutil.Error:
         started = 0.0  # exited at once: wait_until_ready says why
-    write_state(services.dir, mlflow_pid=process.pid, mlflow_started=started)
+    # Every server this folder ever started, so that ``stop`` stops them all, whatever happened.
+    started_before = [entry for entry in read_state(services.dir).get("mlflow_servers", []) if _alive(*entry)]
+    write_state(services.dir, mlflow_pid=process.pid, mlflow_started=started,
+                mlflow_servers=[*started_before, [process.pid, started]])
     try:
         servers.wait_until_ready(server, process, timeout_s=timeout_s, log=log)
     except BaseException:
@@ -202,14 +208,21 @@ def start(directory: Path, host: str | None = None, pg_port: int | None = None, 
                                     f"{actual[option]}: stop them first (scenesweep services stop --dir {directory})")
         if already:
             return already, True
+        # After a partial outage only what is down starts again, on the same address and ports,
+        # so the exports the workers hold stay right.
         state = read_state(directory)
+        mlflow_running = _mlflow_pid(directory) is not None
         if postmaster:  # PostgreSQL alone survived (the MLflow server was stopped or killed)
             host, pg_port = postmaster["host"], postmaster["port"]
         else:
-            host = host or DEFAULT_HOST
-            pg_port = _choose_port(pg_port, state.get("pg_port"), DEFAULT_PG_PORT, host, "--pg-port")
-        mlflow_port = _choose_port(mlflow_port, state.get("mlflow_port"), DEFAULT_MLFLOW_PORT, host,
-                                   "--mlflow-port", other=pg_port)
+            host = host or state.get("host") or DEFAULT_HOST
+            pg_port = _choose_port(pg_port, state.get("pg_port"), DEFAULT_PG_PORT, host, "--pg-port",
+                                   other=state.get("mlflow_port") if mlflow_running else None)
+        if mlflow_running:  # the MLflow server alone survived: it keeps its port
+            mlflow_port = state["mlflow_port"]
+        else:
+            mlflow_port = _choose_port(mlflow_port, state.get("mlflow_port"), DEFAULT_MLFLOW_PORT, host,
+                                       "--mlflow-port", other=pg_port)
         if len(str(directory / "pg" / ".s.PGSQL.65535")) > MAX_SOCKET_PATH:
             raise ServicesError(f"--dir {directory}: too long a path for PostgreSQL's socket inside it "
                                 f"(at most {MAX_SOCKET_PATH - 19} characters): pick a shorter one")
@@ -217,14 +230,16 @@ def start(directory: Path, host: str | None = None, pg_port: int | None = None, 
         write_state(directory, host=host, pg_port=pg_port, mlflow_port=mlflow_port)
         if on_start is not None:
             on_start()
-        start_postgres(directory, host, pg_port)
+        if not postmaster:
+            start_postgres(directory, host, pg_port)
         services = Services(directory, host, pg_port, mlflow_port, ensure_password(directory))
         try:
             if not postgres_answers(services):
                 raise ServicesError(f"PostgreSQL runs on {host}:{pg_port} but refuses the {ROLE} role's password "
                                     f"from {folder_paths(directory)['passfile']} "
                                     f"(log: {folder_paths(directory)['logs'] / 'postgres.log'})")
-            start_mlflow(services, timeout_s=timeout_s)
+            if not mlflow_running:
+                start_mlflow(services, timeout_s=timeout_s)
         except BaseException:
             if not postmaster:  # leave nothing half-started behind
                 stop_postgres(directory)
@@ -260,12 +275,16 @@ def stop(directory: Path) -> list[str]:
         return []
     stopped = []
     with locked(directory):
-        pid = _mlflow_pid(directory)
-        if pid:
+        state = read_state(directory)
+        recorded = {(state.get("mlflow_pid"), state.get("mlflow_started"))}
+        recorded |= {tuple(entry) for entry in state.get("mlflow_servers", [])}
+        alive = [pid for pid, started in recorded if _alive(pid, started)]
+        for pid in alive:  # every server this folder started (an earlier start's too)
             servers.stop_group(pid)
+        if alive:
             stopped.append("mlflow")
         if folder_paths(directory)["state"].exists():
-            write_state(directory, mlflow_pid=None, mlflow_started=None)
+            write_state(directory, mlflow_pid=None, mlflow_started=None, mlflow_servers=[])
         if postmaster_info(directory):
             stop_postgres(directory)
             stopped.append("postgresql")
