@@ -26,8 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlflow run . -e sweep_svm --env-manager local --experiment-name svm
 
-# One pytest worker per core (pytest-xdist), each test file on one worker: the files' module
-# fixtures (a PostgreSQL cluster, an MLflow server) start once per file.
+# One pytest worker per core (pytest-xdist); each test file runs whole on one worker, the slowest
+# files first (tests/conftest.py): the files' module fixtures (a PostgreSQL cluster, an MLflow
+# server, the demo runs) start once.
 test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 

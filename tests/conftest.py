@@ -25,10 +25,40 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 CLASSES = ("coast", "forest", "street")
 
 
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store made once per pytest process: MLflow's schema migrations take
+    about a second per new database, and every test gets its own copy of this one instead."""
+    import mlflow
+
+    from scenesweep.tracking.mlflow_store import setup_tracking
+
+    folder = tmp_path_factory.mktemp("store_template")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        setup_tracking()
+    mlflow.set_tracking_uri(None)
+    return folder / "mlflow.db"
+
+
+def copy_store(template: Path, folder: Path) -> None:
+    """A new store in ``folder`` from the template, its Default experiment's artifacts beside it
+    (as the store plugin would put them for a new database)."""
+    import shutil
+    import sqlite3
+
+    shutil.copyfile(template, folder / "mlflow.db")
+    with sqlite3.connect(folder / "mlflow.db") as connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           ((folder / "artifacts" / "0").resolve().as_uri(),))
+
+
 @pytest.fixture(autouse=True)
-def _isolated_environment(tmp_path_factory, monkeypatch):
+def _isolated_environment(tmp_path_factory, monkeypatch, _store_template):
     """No test touches the user's store, cache, or the network; each test gets its own store."""
     store = tmp_path_factory.mktemp("store")
+    copy_store(_store_template, store)
     tracking_uri = f"sqlite:///{store / 'mlflow.db'}"  # a real SQLite store in a temporary folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -140,3 +170,17 @@ def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=timeout)
+
+
+# The slowest files first: xdist (``--dist loadfile``) hands a whole file to an idle worker in
+# collection order, and a long file that starts last keeps the other worker idle at the end.
+SLOW_FIRST = ("test_several_machines", "test_sweep_workers", "test_experiments", "test_kill_moments",
+              "test_browser", "test_sweeps", "test_services", "test_serving", "test_study_tracking",
+              "test_single_runs", "test_registry", "test_bad_input")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The slowest files first (each file keeps its own order)."""
+    order = {name: index for index, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(Path(str(item.fspath)).stem, len(order)))

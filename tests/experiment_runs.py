@@ -1,6 +1,6 @@
-"""Every experiment file run once at demo size into one shared store, for test_experiments and
-test_report (a helper module, not a conftest fixture: it is imported by both test modules and
-runs once per pytest process).
+"""Every experiment file run once at demo size into one shared store, for test_experiments (its
+experiment and report tests; a helper module, not a conftest fixture: it runs once per pytest
+process).
 
 The demo is shrunk further for the tests: the 3-class image folder of conftest instead of the
 digits, 10 training images per class, the files' own demo budgets (few trials, few epochs).

@@ -200,7 +200,7 @@ def long_mlp_study(tmp_path, flat_scenes, name, n_trials):
 def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_leaves_nothing_running(flat_scenes, tmp_path):
     """What Slurm, Kubernetes, systemd and `timeout` send: the running trial FAIL (retried on
     resume), its run KILLED with the signal named, the parent resumable, one line, exit 143."""
-    study = long_mlp_study(tmp_path, flat_scenes, "terminated", 2)
+    study = long_mlp_study(tmp_path, flat_scenes, "terminated", 1)
     outputs = {}
     params = kill_during_trial(study, 0, heartbeat="300", sig=signal.SIGTERM, outputs=outputs)
     assert outputs["returncode"] == 143, outputs["stderr"][-3000:]

@@ -79,8 +79,10 @@ def atomic_write(path: Path, write, size_hint: int = 0) -> None:
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(path.parent).free
+        # numpy reports a short write as "N requested and M written", without an errno.
+        free = shutil.disk_usage(path.parent).free if isinstance(error, OSError) else None
+        if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT)
+                                           or (error.errno is None and free is not None and free < max(size_hint, 1))):
             raise CacheFullError(f"cache_dir: {path.parent} is full: writing {path.name} needs "
                                  f"{max(size_hint, 1) / 2**20:.1f} MB, {free / 2**20:.1f} MB free; free some space "
                                  "or pass --cache_dir on a larger disk") from None

@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
 
+from .atomic_files import sweep_orphans
 from .backbone import check_weights
 from ..core.config import RunConfig, data_parameters, parse_hidden
 from ..core.errors import ConfigError
@@ -82,6 +83,9 @@ def check_cache_dir(folder: Path) -> None:
         if (folder / part).exists() and not (folder / part).is_dir():
             raise ConfigError(f"cache_dir={str(folder)!r}: {folder / part} is a file; expected the cache's "
                               f"{part}/ folder there (remove the file)")
+    for part in CACHE_PARTS:  # what writers killed mid-write left (their processes are gone)
+        if (folder / part).is_dir():
+            sweep_orphans(folder / part)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
