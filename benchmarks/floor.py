@@ -76,23 +76,18 @@ def _statistic(seconds: Sequence[float], statistic: str) -> float:
 
 @dataclasses.dataclass
 class LayerTiming:
-    """One convolution timed alone.
+    """One convolution timed alone: its shape (``scenesweep.compute.precision.ConvShape``: name,
+    input (B, C_in, H, W), channels, kernel, padding, stride, GFLOP per call) and each timed call's
+    seconds, warm-up calls left out."""
 
-    Attributes:
-        name: e.g. "conv3_2" (block 3, second convolution).
-        in_shape: input (B, C_in, H, W); out_channels, kernel, padding, stride: the layer.
-        gflop: per call: 2 * B * C_out * H_out * W_out * C_in * kh * kw / 1e9 (bias left out).
-        seconds: each timed call, warm-up calls left out.
-    """
-
-    name: str
-    in_shape: tuple[int, int, int, int]
-    out_channels: int
-    kernel: tuple[int, int]
-    padding: tuple[int, int]
-    stride: tuple[int, int]
-    gflop: float
+    shape: precision.ConvShape
     seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def __getattr__(self, name: str):
+        shape = self.__dict__.get("shape")
+        if shape is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(shape, name)  # name, in_shape, out_channels, kernel, padding, stride, gflop
 
     def time_s(self, statistic: str = "median") -> float:
         return _statistic(self.seconds, statistic)
@@ -177,8 +172,7 @@ def conv_layers(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8)
     """
     with torch.device("meta"):
         network = getattr(torchvision.models, arch)(weights=None).features
-    return [LayerTiming(s.name, s.in_shape, s.out_channels, s.kernel, s.padding, s.stride, s.gflop)
-            for s in precision.conv_shapes(network, image_size, batch_size)]
+    return [LayerTiming(shape) for shape in precision.conv_shapes(network, image_size, batch_size)]
 
 
 def conv_ceiling(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8, precision: str = "bf16",
@@ -216,8 +210,7 @@ def conv_ceiling(arch: str = "vgg16", image_size: int = 224, batch_size: int = 8
     torch.manual_seed(seed)
     modules, inputs = [], []
     for layer in layers:
-        conv = nn.Conv2d(layer.in_shape[1], layer.out_channels, layer.kernel, stride=layer.stride,
-                         padding=layer.padding).eval()
+        conv = layer.shape.module()
         modules.append(conv.to(device=device, dtype=dtype, memory_format=torch.channels_last))
         inputs.append(torch.randn(layer.in_shape).to(device=device, dtype=dtype,
                                                      memory_format=torch.channels_last))

@@ -328,7 +328,9 @@ def small_disk(tmp_path):
 
 def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_nothing_half_written(flat_scenes, small_disk,
                                                                                        store):
-    result = svm(flat_scenes, "--image_size", "224", "--layer", "pool5", "--cache_dir", str(small_disk))
+    # pool5 of 42 images is 4.2 MB (512 x 7 x 7 floats each, at any size): more than the disk holds.
+    result = svm(flat_scenes, "--image_size", "64", "--layer", "pool5", "--precision", "fp32", "--cache_dir",
+                 str(small_disk))
     assert_clear_error(result, str(small_disk / "features"), "is full", "MB free")
     runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]

@@ -264,13 +264,13 @@ def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path
     """A trial whose worker ran on another machine (its pid cannot be checked here) is failed
     once its heartbeat goes stale, retried, and its run ends FAILED: the sweep waits it out."""
     study = long_mlp_study(tmp_path, flat_scenes, "elsewhere", 1)
-    # Heartbeats every 5 s: the trial is (most likely) not stale yet when the resume starts, so
+    # Heartbeats every 2 s: the trial is (most likely) not stale yet when the resume starts, so
     # it waits; when it is already stale the resume fails it at start: the same outcome.
-    kill_during_trial(study, 0, heartbeat="5")
+    kill_during_trial(study, 0, heartbeat="2")
     storage = optuna.storages.RDBStorage(default_storage())
     frozen = load("elsewhere").trials[0]
     storage.set_trial_user_attr(frozen._trial_id, "worker", {**frozen.user_attrs["worker"], "host": "another-machine"})
-    result = sweep(study, "--heartbeat", "5")
+    result = sweep(study, "--heartbeat", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     trials = load("elsewhere").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -62,7 +62,9 @@ def _interrupted(signum: int, frame) -> None:
 def _die_with_mlflow_run() -> None:
     """Under ``mlflow run`` (Linux): a SIGTERM when the ``mlflow run`` process dies. A scheduler
     that stops it (SIGTERM to one pid) would otherwise leave this child running on its own."""
-    if not lifecycle_launched() or not sys.platform.startswith("linux"):
+    from ..tracking.lifecycle import launched_run_id
+
+    if not launched_run_id() or not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
@@ -72,10 +74,6 @@ def _die_with_mlflow_run() -> None:
         return
     if os.getppid() == 1:  # it died before the call: nothing will be sent
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def lifecycle_launched() -> bool:
-    return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
 def user_errors(command: Callable) -> Callable:
