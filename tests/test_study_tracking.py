@@ -91,6 +91,35 @@ def contexts(run) -> dict[str, object]:
     return found
 
 
+def test_sweep_svm_through_mlflow_run_nests_one_run_per_trial(study_store):
+    """`mlflow run . -e sweep_svm`: one parent (the project's run), one nested run per trial."""
+    s = study_store
+    parent, children, study = s.parent, s.children, s.study
+    assert len(children) == 4 and parent.info.status == "FINISHED" and len(study.trials) == 4
+    for child in children:
+        assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        number = int(child.data.tags["trial_number"])
+        assert child.data.tags["study"] == "sweep_svm"
+        assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
+        assert float(child.data.params["C"]) == pytest.approx(study.trials[number].params["C"])
+        assert child.info.run_name.startswith(f"sweep_svm #{number} C=")
+        assert "val/acc" in child.data.metrics and "test/acc" not in child.data.metrics
+    # The convolutions ran once for the whole study.
+    assert sorted(c.data.tags["conv_cache"] for c in children) == ["hit", "hit", "hit", "miss"]
+    best = max(study.trials, key=lambda t: (t.value, -t.number))  # the first of equal values
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
+    assert parent.data.params["best.C"] == str(best.params["C"])
+    assert "test/acc" in parent.data.metrics
+    best_child = [c for c in children if c.data.tags.get("best_trial") == "true"]
+    assert [c.info.run_id for c in best_child] == [parent.data.tags["best_run_id"]]
+    artifacts = {a.path for a in s.client.list_artifacts(parent.info.run_id, "plots")}
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour"):
+        assert f"plots/optuna_{plot}.png" in artifacts, artifacts
+    assert "trials.csv" in {a.path for a in s.client.list_artifacts(parent.info.run_id)}
+
+
 def test_the_parent_and_every_trial_log_their_splits_as_datasets(study_store):
     s = study_store
     fingerprint = s.children[0].data.params["dataset_fingerprint"]

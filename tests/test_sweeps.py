@@ -5,13 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from scenesweep.core.config import run_parameters
 from scenesweep.specs.studies import load_study
 
-from conftest import REPO, run_mlflow_project
+from conftest import REPO
 from sweep_helpers import all_runs, load, parents_and_children, sweep, write_study
 
 pytestmark = pytest.mark.slow
@@ -25,40 +24,6 @@ def test_every_space_key_is_a_parameter_of_what_the_study_tunes(path):
     spec = load_study(path)
     for params in spec.enqueue:
         spec.trial_config(params)  # the study's own points are valid configurations
-
-
-def test_sweep_svm_through_mlflow_run_nests_one_run_per_trial(flat_scenes, tmp_path):
-    result = run_mlflow_project("sweep_svm", {"data": flat_scenes, "train_per_class": 10, "n_trials": 4,
-                                              "cache_dir": tmp_path / "cache"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    parents, children = parents_and_children()
-    assert len(parents) == 1 and len(children) == 4
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
-    study = load("sweep_svm")
-    assert len(study.trials) == 4
-    for child in children:
-        assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
-        assert child.info.status == "FINISHED"
-        number = int(child.data.tags["trial_number"])
-        assert child.data.tags["study"] == "sweep_svm"
-        assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
-        assert float(child.data.params["C"]) == pytest.approx(study.trials[number].params["C"])
-        assert child.info.run_name.startswith(f"sweep_svm #{number} C=")
-        assert "val/acc" in child.data.metrics and "test/acc" not in child.data.metrics
-    # The convolutions ran once for the whole study.
-    assert sorted(c.data.tags["conv_cache"] for c in children) == ["hit", "hit", "hit", "miss"]
-    best = study.best_trial
-    assert parent.data.tags["best_trial"] == str(best.number)
-    assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
-    assert parent.data.params["best.C"] == str(best.params["C"])
-    assert "test/acc" in parent.data.metrics
-    best_child = [c for c in children if c.data.tags.get("best_trial") == "true"]
-    assert [c.info.run_id for c in best_child] == [parent.data.tags["best_run_id"]]
-    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
-    for plot in ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour"):
-        assert f"plots/optuna_{plot}.png" in artifacts, artifacts
-    assert "trials.csv" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
 
 
 def test_sweep_fc_computes_pool5_once_and_fc_layers_per_width(flat_scenes, tmp_path):
