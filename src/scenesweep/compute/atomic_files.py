@@ -18,21 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from ..core import faults
 from ..core.errors import UserError
 
 TMP_SUFFIX = ".tmp"
 ORPHAN_AGE_S = 24 * 3600  # a temporary file of another host's process is taken as dead after this
-
-
-def _writer_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_orphans(folder: Path) -> int:
@@ -47,7 +39,7 @@ def sweep_orphans(folder: Path) -> int:
         parts = candidate.name.split(".")
         try:
             stale = time.time() - candidate.stat().st_mtime > ORPHAN_AGE_S
-            dead_here = len(parts) >= 5 and parts[-4] == host and parts[-3].isdigit() and not _writer_alive(int(parts[-3]))
+            dead_here = len(parts) >= 5 and parts[-4] == host and parts[-3].isdigit() and not psutil.pid_exists(int(parts[-3]))
         except OSError:
             continue
         if stale or dead_here:
