@@ -96,7 +96,7 @@ def main(layers: list[str]) -> None:
             for stored in ("fp32", "bf16"):
                 logged.storage_precision = lambda precision, s=stored: s
                 try:
-                    uris[stored] = logged.log_image_classifier(result, name=f"model_{stored}")
+                    uris[stored] = logged.log_image_classifier(result, name=f"model_{stored}").model_uri
                 finally:
                     logged.storage_precision = storage
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uris[stored]))

@@ -118,7 +118,7 @@ def test_each_experiment_runs_at_demo_size(path, tmp_path_factory, monkeypatch):
         for name in ("train/acc", "val/acc", "test/acc", "time/extract_batch_mean_s"):
             assert name in metrics, name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
-        assert sorted(steps) == list(range(1, experiment.demo["epochs"] + 1))
+        assert sorted(set(steps)) == list(range(1, experiment.demo["epochs"] + 1))
     else:
         assert tags["sweep"] == "parent" and "@" in tags["study"]
         children = client.search_runs([run.info.experiment_id],

@@ -77,8 +77,9 @@ def test_a_sweep_registers_its_best_trial_with_tags_and_alias_challenger(client,
     tags = version.tags
     assert tags["study"] == "sweep_svm"
     assert tags["trial_number"] == parent.data.tags["best_trial"] == best.data.tags["trial_number"]
-    assert tags["run_id"] == parent.info.run_id == version.run_id  # the model is logged on the parent
-    assert tags["trial_run_id"] == best.info.run_id
+    assert tags["run_id"] == parent.info.run_id  # registered by the study's parent ...
+    assert version.run_id == tags["trial_run_id"] == best.info.run_id  # ... from its best trial's run
+    assert best.data.tags["registered_version"] == "1"
     assert tags["dataset_fingerprint"] == best.data.params["dataset_fingerprint"]
     assert float(tags["val_acc"]) == pytest.approx(parent.data.metrics["best/val/acc"], abs=1e-6)
     assert float(tags["test_acc"]) == pytest.approx(parent.data.metrics["test/acc"], abs=1e-6)
@@ -88,8 +89,22 @@ def test_a_sweep_registers_its_best_trial_with_tags_and_alias_challenger(client,
     assert "base64" in registered.description and f"trial #{tags['trial_number']}" in version.description
     assert "registered scene-classifier version 1 (alias @challenger)" in swept.stdout
 
-    # Everything needed to serve offline travels with the model: backbone weights, head, code.
+    # MLflow 3's model record is the best trial's model with the trial's numbers, nothing else.
     model_id = version.source.rsplit("/", 1)[-1]
+    assert tags["model_id"] == model_id and version.model_id in (None, model_id)  # no column for it in SQL stores
+    record = client.get_logged_model(model_id)
+    assert record.source_run_id == best.info.run_id and record.name == f"scene-classifier-svm-{tags['layer']}"
+    trial_params = {k: v for k, v in best.data.params.items() if k in record.params}
+    assert record.params["C"] == best.data.params["C"] and record.params == {**trial_params, "head": "svm"}
+    linked = {m.key: m.value for m in record.metrics}
+    assert set(linked) == {"val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro", "test/acc_balanced",
+                           "model/size_mb"}
+    assert linked["val/acc"] == pytest.approx(best.data.metrics["val/acc"])
+    assert linked["test/acc"] == pytest.approx(parent.data.metrics["test/acc"])
+    found = mlflow.search_logged_models(experiment_ids=[best.info.experiment_id], order_by=[
+        {"field_name": "metrics.test/acc", "ascending": False}], output_format="list")
+    assert [m.model_id for m in found] == [model_id]
+    # Everything needed to serve offline travels with the model: backbone weights, head, code.
     assert {a.path for a in client.list_logged_model_artifacts(model_id, "artifacts")} == {
         "artifacts/backbone.pt", "artifacts/head.pkl", "artifacts/spec.json"}
     assert "code/scenesweep" in {a.path for a in client.list_logged_model_artifacts(model_id, "code")}

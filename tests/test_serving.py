@@ -110,7 +110,7 @@ def test_an_mlp_head_scores_are_probabilities(store, champion):
                                  "hidden": "32", "epochs": 5, "batch_size": 8, **settings})
     result = fit_head(prepare(config, progress=False), config)
     with mlflow.start_run():
-        uri = log_image_classifier(result, name="mlp_model")
+        uri = log_image_classifier(result, name="mlp_model").model_uri
     model = mlflow.pyfunc.load_model(uri)
     X_test, _ = result.prepared.part("test")
     predictions = model.predict(table(store.test_paths))
@@ -344,7 +344,7 @@ def test_a_version_stores_its_backbone_in_the_extraction_precision_and_shares_it
     parameters = sum(t.numel() for t in state.values())
     assert first.stat().st_size < parameters * state["features.0.weight"].element_size() * 1.01
     with mlflow.start_run():
-        uri = log_image_classifier(store.result, name="model_again")
+        uri = log_image_classifier(store.result, name="model_again").model_uri
     again = backbone_file(uri)
     assert again != first and again.samefile(first)  # one file on disk for both models
     assert first.stat().st_nlink >= 3  # both models and the store's shared copy
@@ -365,7 +365,7 @@ def test_bf16_stored_backbone_serves_the_scores_of_the_fp32_stored_one(store, mo
     paths = store.test_paths
     with monkeypatch.context() as patch, mlflow.start_run():
         patch.setattr(logged, "storage_precision", lambda precision: "fp32")
-        fp32_uri = log_image_classifier(store.result, name="model_fp32")
+        fp32_uri = log_image_classifier(store.result, name="model_fp32").model_uri
     fp32_scores = score_matrix(mlflow.pyfunc.load_model(fp32_uri).predict(table(paths)))
     bf16_scores = score_matrix(mlflow.pyfunc.load_model(CHAMPION_URI).predict(table(paths)))
     if cpu_has_native_bf16():

@@ -238,10 +238,13 @@ def test_three_workers_on_a_fresh_database_share_one_study_exactly(remote, flat_
     assert {c.data.tags["pid"] for c in children} <= {str(w.pid) for w in workers}
     # One worker summarised and registered.
     assert sum("best trial #" in out for out, _ in outputs) == 1
-    assert parent.data.tags["best_trial"] == str(load(name, storage).best_trial.number)
+    trials = load(name, storage).trials
+    best = max(trials, key=lambda t: (t.value, -t.number))  # the first of equal values
+    assert parent.data.tags["best_trial"] == str(best.number)
     versions = MlflowClient().search_model_versions(f"name='{model}'")
     assert [str(v.version) for v in versions] == ["1"]
-    assert versions[0].run_id == parent.info.run_id
+    assert versions[0].run_id == parent.data.tags["best_run_id"]  # the best trial's model
+    assert versions[0].tags["run_id"] == parent.info.run_id
     assert parent.data.tags["optuna.storage"].startswith("postgresql://scenesweep:***@")
     assert_nothing_running(runs)
     assert_no_password(remote, runs, outputs)

@@ -88,13 +88,23 @@ def test_mlflow_run_svm_logs_everything_a_user_compares(store, tmp_path):
 
 def test_finetune_logs_every_epoch_as_a_step(store, shared_cache):
     result = run_cli("finetune", "--epochs", "3", "--hidden", "64", "--cache_dir", str(shared_cache),
-                     "--no-progress")
+                     "--no-progress", "--register", "scene-classifier")
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_run()
+    # Its registered model's record: the run's params, its final metrics whatever their step.
+    version = client.get_model_version("scene-classifier", "1")
+    record = client.get_logged_model(version.tags["model_id"])
+    assert record.source_run_id == run.info.run_id == version.run_id and record.name == "scene-classifier-mlp-pool5"
+    assert record.params["hidden"] == "64" and record.params["epochs"] == "3"
+    linked = {m.key: m.value for m in record.metrics}
+    assert {"val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro", "test/acc_balanced"} <= set(linked)
+    assert linked["test/acc"] == pytest.approx(run.data.metrics["test/acc"])
+    assert not [k for k in linked if k.startswith("system/")]
     assert run.info.status == "FINISHED"
     for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
         history = client.get_metric_history(run.info.run_id, name)
-        assert sorted(m.step for m in history) == [1, 2, 3], name
+        # (val/* once more at the last epoch, linked to the registered model's record)
+        assert sorted({m.step for m in history}) == [1, 2, 3], name
     assert run.data.params["layer"] == "pool5" and run.data.params["hidden"] == "64"
     assert "time/train_batch_p95_s" in run.data.metrics and "test/acc" in run.data.metrics
     files = artifact_paths(client, run.info.run_id)

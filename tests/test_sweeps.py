@@ -53,7 +53,7 @@ def test_sweep_pooling_extracts_every_pooling_in_one_pass_and_logs_epochs(flat_s
     client = MlflowClient()
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")]
-        assert sorted(steps) == [1, 2, 3]
+        assert sorted(set(steps)) == [1, 2, 3]  # (a registered best trial: its last epoch again, linked to the model)
 
 
 def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):

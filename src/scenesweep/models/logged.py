@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -187,42 +188,71 @@ def classifier_spec(result) -> dict:
             "score": "probability" if config.head == "mlp" else "decision value"}
 
 
-def log_image_classifier(result, name: str = "model", example_images: list[bytes] | None = None) -> str:
-    """Log the servable image classifier of a RunResult in the active run.
+@dataclasses.dataclass(frozen=True)
+class LoggedClassifier:
+    """A servable model as MLflow 3 records it: ``models:/m-...``, its id and its size on disk."""
+
+    model_uri: str
+    model_id: str
+    size_mb: float
+
+
+def log_image_classifier(result, name: str = "model", example_images: list[bytes] | None = None,
+                         source_run_id: str | None = None, params: dict | None = None,
+                         tags: dict | None = None) -> LoggedClassifier:
+    """Log the servable image classifier of a RunResult as an MLflow 3 model record.
+
+    The record (``mlflow.initialize_logged_model``) names ``source_run_id`` as its source (a
+    study's best trial, not the parent that registers it; default: the active run) and carries
+    ``params`` (the trial's) and ``tags``, nothing of any run's own params or metrics; the model is
+    saved, uploaded into the record and the record finalised READY.
 
     Args:
         result: a fitted RunResult (its head, configuration and dataset).
-        name: the logged model's name.
+        name: the model's name, e.g. "scene-classifier-svm-pool5".
         example_images: image file bytes for the input example; default the first validation image.
-
-    Returns:
-        Its model URI (``models:/m-...``).
+        source_run_id, params, tags: the record's source run, params and tags.
     """
     prepared = result.prepared
     spec = classifier_spec(result)
+    client = mlflow.MlflowClient()
+    if source_run_id is None and mlflow.active_run() is not None:
+        source_run_id = mlflow.active_run().info.run_id
+    experiment_id = client.get_run(source_run_id).info.experiment_id if source_run_id else None
+    record = mlflow.initialize_logged_model(
+        name=name, source_run_id=source_run_id, model_type="image-classifier", experiment_id=experiment_id,
+        params={k: str(v) for k, v in (params or {}).items()}, tags={k: str(v) for k, v in (tags or {}).items()})
     if example_images is None:
         example_images = [prepared.dataset.absolute(int(prepared.split.val[0])).read_bytes()]
     example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(b).decode("ascii") for b in example_images]})
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {"spec": Path(tmp) / "spec.json", "backbone": Path(tmp) / "backbone.pt",
-                 "head": Path(tmp) / "head.pkl"}
-        state = backbone_state(prepared.config, spec["backbone_precision"])
-        spec["backbone_sha256"] = state_digest(state)
-        torch.save(state, paths["backbone"])
-        del state
-        paths["spec"].write_text(json.dumps(spec, indent=1))
-        paths["head"].write_bytes(pickle.dumps(result.head))
-        artifacts = {k: str(v) for k, v in paths.items()}
-        model = ImageClassifier()
-        model.load_context(PythonModelContext(artifacts, None))
-        with quiet_model_logging():
-            # Outputs only: with an input schema MLflow would check the table before predict and
-            # answer a missing column or a wrong type with its own message; ours names the row.
-            outputs = infer_signature(example, model.predict(None, example)).outputs
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=ImageClassifier(), artifacts=artifacts,
-                signature=ModelSignature(inputs=None, outputs=outputs), input_example=example,
-                code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
-                metadata={"input": INPUT_DESCRIPTION, **{k: v for k, v in spec.items() if k != "classes"}})
-    share_backbone(info.model_id, spec["backbone_sha256"])
-    return info.model_uri
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {"spec": Path(tmp) / "spec.json", "backbone": Path(tmp) / "backbone.pt",
+                     "head": Path(tmp) / "head.pkl"}
+            state = backbone_state(prepared.config, spec["backbone_precision"])
+            spec["backbone_sha256"] = state_digest(state)
+            torch.save(state, paths["backbone"])
+            del state
+            paths["spec"].write_text(json.dumps(spec, indent=1))
+            paths["head"].write_bytes(pickle.dumps(result.head))
+            artifacts = {k: str(v) for k, v in paths.items()}
+            model = ImageClassifier()
+            model.load_context(PythonModelContext(artifacts, None))
+            saved = Path(tmp) / "model"
+            with quiet_model_logging():
+                # Outputs only: with an input schema MLflow would check the table before predict and
+                # answer a missing column or a wrong type with its own message; ours names the row.
+                outputs = infer_signature(example, model.predict(None, example)).outputs
+                mlflow.pyfunc.save_model(
+                    str(saved), python_model=ImageClassifier(), artifacts=artifacts,
+                    signature=ModelSignature(inputs=None, outputs=outputs), input_example=example,
+                    code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
+                    metadata={"input": INPUT_DESCRIPTION, **{k: v for k, v in spec.items() if k != "classes"}})
+            size_mb = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2**20
+            client.log_model_artifacts(record.model_id, str(saved))
+    except BaseException:
+        client.finalize_logged_model(record.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(record.model_id, "READY")
+    share_backbone(record.model_id, spec["backbone_sha256"])
+    return LoggedClassifier(f"models:/{record.model_id}", record.model_id, size_mb)

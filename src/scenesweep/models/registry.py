@@ -15,23 +15,27 @@ Promotion rules, in order:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import time
 
-import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..core import faults
 from ..core.errors import ConfigError
+from ..tracking.sink import param_value
 from .logged import log_image_classifier
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Version tags that promotion can rank by, and whether higher is better.
 PROMOTION_METRICS = {"val_acc": True, "test_acc": True, "val_loss": False}
-MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input: a column 'image' of "
-                     "base64-encoded image file bytes. Output per image: label, class_index and "
-                     "score_<class> per class. Serve: mlflow models serve -m models:/{name}@champion "
-                     "--env-manager local")
+MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input: a column `image` of "
+                     "base64-encoded image file bytes. Output per image: `label`, `class_index` and "
+                     "`score_<class>` per class. Serve: `mlflow models serve -m models:/{name}@champion "
+                     "--env-manager local`")
 
 
 def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
@@ -45,38 +49,75 @@ def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, str] | None = None) -> str:
-    """Log the servable image classifier of ``result`` in the active run and register it.
+# The metrics that describe a registered model, linked to its record by model_id: the selection
+# (validation) and the one test evaluation of the very head it serves.
+MODEL_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro", "test/acc_balanced")
 
-    The new version is tagged with the run, dataset fingerprint, validation and test accuracy,
-    the feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias
-    ``challenger``. The champion is left alone: ``promote`` moves it.
+
+def model_record_name(model_name: str, config) -> str:
+    """What a model record is called: 'scene-classifier-svm-pool5'."""
+    return f"{model_name}-{config.head}-{config.layer}"
+
+
+def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, str] | None = None,
+                    source_run_id: str | None = None) -> str:
+    """Record the servable image classifier of ``result`` and register it as a new version.
+
+    The model record's source is ``source_run_id`` (a study's best trial; default ``run_id``), its
+    params are that configuration's, and exactly ``MODEL_METRICS`` and ``model/size_mb`` are linked
+    to it (``model_id``), nothing of a parent's history. The version (``model_id`` set, its run the
+    source run) is tagged with the run, dataset fingerprint, validation and test accuracy, the
+    feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias ``challenger``.
+    The champion is left alone: ``promote`` moves it.
 
     Args:
-        run_id: the active run, which the model is logged in.
+        run_id: the run that registers (a single run, or a study's parent).
         result: a fitted RunResult; ``result.metrics`` has val/acc, val/loss and, for the final
-            model, test/acc.
+            model, the test metrics.
         model_name: registered model name, e.g. "scene-classifier".
         extra_tags: more version tags, e.g. ``{"study": ..., "trial_number": ...}``.
+        source_run_id: the run the model comes from (default ``run_id``).
 
     Returns:
-        The new version number, as a string.
+        The version number, as a string.
     """
     client = MlflowClient()
+    source_run_id = source_run_id or run_id
     config, metrics = result.prepared.config, result.metrics
     # A study's version is made once: a resume that finds it (its process was killed after the
     # version was written) completes its description and alias instead of registering again.
     identity = {"run_id": run_id, **{k: v for k, v in (extra_tags or {}).items() if k in ("study", "trial_number")}}
     existing = find_version(client, model_name, identity) if len(identity) > 1 else None
-    model_uri = existing.tags.get("model_uri", existing.source) if existing else log_image_classifier(result, name="model")
+    if existing:
+        model_uri, model_id = existing.tags.get("model_uri", existing.source), existing.tags.get("model_id")
+    else:
+        params = {k: param_value(v) for k, v in {**config.values, "head": config.head}.items()}  # as the run's
+        logged = log_image_classifier(result, name=model_record_name(model_name, config), source_run_id=source_run_id,
+                                      params=params, tags={"registered_model": model_name, **(extra_tags or {})})
+        model_uri, model_id = logged.model_uri, logged.model_id
+        # Linked at the run's final step (an mlp head's last epoch), as MLflow's own log_model links a
+        # run's metrics: the same values again, with the model's id.
+        now, step = int(time.time() * 1000), len(result.history)
+        linked = {k: metrics[k] for k in MODEL_METRICS if k in metrics and math.isfinite(metrics[k])}
+        client.log_batch(source_run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in
+                                                 {**linked, "model/size_mb": logged.size_mb}.items()])
     tags = {"run_id": run_id, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
             "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
             "head": config.head, "arch": config.arch, "layer": config.layer, "pooling": config.pooling,
             "fc_width": str(config.fc_width), "image_size": str(config.image_size), "data": str(config.data),
-            "weights": str(config.weights), **(extra_tags or {})}
+            "weights": str(config.weights), "source_run_id": source_run_id,
+            # MLflow's SQL registry keeps no model_id column (get_model_version(...).model_id is None on
+            # SQLite and PostgreSQL): the record's id travels as a tag too.
+            "model_id": model_id or "", **(extra_tags or {})}
     if "test/acc" in metrics:
         tags["test_acc"] = f"{metrics['test/acc']:.6f}"
-    version = existing.version if existing else mlflow.register_model(model_uri, model_name, tags=tags).version
+    if existing:
+        version = existing.version
+    else:
+        with contextlib.suppress(MlflowException):  # registered before (or by a worker at this moment)
+            client.create_registered_model(model_name)
+        version = client.create_model_version(model_name, model_uri, run_id=source_run_id, tags=tags,
+                                              model_id=model_id).version
     faults.moment("version-registered")
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
@@ -87,7 +128,9 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
         f"{config.image_size} px); {scores}"))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    mlflow.set_tags({"registered_model": model_name, "registered_version": version})
+    for run in {run_id, source_run_id}:
+        client.set_tag(run, "registered_model", model_name)
+        client.set_tag(run, "registered_version", str(version))
     return str(version)
 
 

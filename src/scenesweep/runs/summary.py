@@ -206,7 +206,8 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
         version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
         if register and spec.register and version is None:
             version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
-                "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id})
+                "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id},
+                source_run_id=best_run_id or None)
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
         _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},

@@ -283,7 +283,7 @@ def log_result(run_id: str, result: RunResult, title: str) -> None:
                          "plots/confusion_matrix.png", run_id)
         client.log_dict(run_id, {"classes": list(classes), "matrix": result.confusion.tolist()},
                         "confusion_matrix.json")
-        log_per_class(run_id, result.confusion, classes)
+        result.metrics.update(log_per_class(run_id, result.confusion, classes))
     if result.history:
         plots.log_figure(plots.curves_figure({"": result.history}, title), "plots/curves.png", run_id)
 
