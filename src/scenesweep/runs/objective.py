@@ -33,10 +33,13 @@ INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "ml
                   "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
 
 
-def trial_run_name(spec: StudySpec, number: int, params: dict[str, Any]) -> str:
-    """'sweep_svm #7 C=0.012 layer=relu7'."""
+def trial_run_name(study_name: str, number: int, params: dict[str, Any], metric: str | None = None,
+                   value: float | None = None) -> str:
+    """'svm-scenes #12 C=93.8 layer=pool5', and once it completed '... · val/acc 0.955': the study's
+    name as given (``--study_name``), so two studies of one experiment read apart in the runs table."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    return f"{spec.study} #{number} {shown}"
+    name = f"{study_name} #{number} {shown}"
+    return name if value is None else f"{name} · {metric} {value:.3g}"
 
 
 def trial_note(study_name: str, number: int, params: dict[str, Any], experiment_id: str, run_id: str,
@@ -94,7 +97,7 @@ class Objective:
     def _create_run(self, trial: optuna.Trial, params: dict[str, Any], seed: int | None) -> str:
         worker = this_worker()
         run = self.client.create_run(
-            self.experiment_id, run_name=trial_run_name(self.spec, trial.number, params),
+            self.experiment_id, run_name=trial_run_name(self.study_name, trial.number, params),
             tags={**self.inherited_tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.study_name,
                   "trial_number": str(trial.number), "entry_point": f"sweep:{self.spec.study}",
                   "optuna.storage_study": self.study_name, "pid": str(worker["pid"]), "host": worker["host"],
@@ -172,4 +175,6 @@ class Objective:
             if not math.isfinite(value):
                 raise ValueError(f"{self.spec.metric} is {value}")
             self._keep_head(trial, run_id, value, result, config)
+            self.client.set_tag(run_id, "mlflow.runName",
+                                trial_run_name(self.study_name, trial.number, params, self.spec.metric, value))
         return value

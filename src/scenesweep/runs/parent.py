@@ -66,7 +66,7 @@ def _tag_worker_run(run_id: str, study: optuna.Study, spec: StudySpec, parent_id
     """``mlflow run``'s own run, when the study has its parent already: a pointer to it."""
     sink.log_batch(run_id, tags={
         "sweep": "worker", "study": study.study_name, "study_parent_run_id": parent_id,
-        "mlflow.runName": f"{spec.study} worker {socket.gethostname()}:{os.getpid()}",
+        "mlflow.runName": f"{study.study_name} worker {socket.gethostname()}:{os.getpid()}",
         "mlflow.note.content": f"A worker of study `{study.study_name}`: its trials are nested under the "
                                f"study's parent run `{parent_id}`."})
 
@@ -76,7 +76,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     client = MlflowClient()
     tags = {"study": study.study_name, "study_file": str(spec.path), "optuna.storage": redact(storage_url),
             "optuna.study_id": str(study._study_id),
-            "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{spec.study} study",
+            "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{study.study_name} study",
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
                                    f"Command: `{provenance.command_line()}`\n\n{spec.description}",
             # The machine of the worker that created it (each trial tags its own).
