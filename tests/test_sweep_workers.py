@@ -114,7 +114,9 @@ def test_three_workers_share_one_study_exactly(flat_scenes, tmp_path):
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-4000:]
     trials = load("shared").trials
-    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
+    states = [(t.number, t.state.name, t.user_attrs.get("failure")) for t in trials]
+    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials), \
+        (states, [err[-2000:] for _, err in outputs])
     assert len({t.params["C"] for t in trials}) == 9  # no repeated start-up points
     parents, children = parents_and_children()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -211,7 +213,7 @@ def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_leaves_nothing_running(flat_sce
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # without a resume
     run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["signal"] == "SIGTERM"
-    assert run.data.tags["failure"] == "interrupted"
+    assert run.data.tags["failure"] == "interrupted" and trial.user_attrs["failure"] == "interrupted"
     [parent] = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     assert parent.info.status == "KILLED"
     resumed = sweep(study, "--heartbeat", "300")
@@ -258,6 +260,7 @@ def test_a_trial_killed_in_the_last_slot_is_retried_at_once_on_this_host(flat_sc
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     killed = next(r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"])
     assert killed.data.tags["failure"] == "killed"  # its process known dead on this host
+    assert trials[0].user_attrs["failure"] == "killed"
 
 
 def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path):
@@ -278,6 +281,7 @@ def test_a_dead_worker_elsewhere_is_found_by_its_heartbeat(flat_scenes, tmp_path
     killed = runs[trials[0].user_attrs["mlflow_run_id"]]
     assert killed.info.status == "FAILED" and "another-machine" in killed.data.tags["error"]
     assert "heartbeat went stale" in killed.data.tags["error"] and killed.data.tags["failure"] == "stale"
+    assert trials[0].user_attrs["failure"] == "stale"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 

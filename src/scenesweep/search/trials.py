@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 USER_ATTR_RUN_ID = "mlflow_run_id"
 USER_ATTR_WORKER = "worker"  # {"host", "pid", "pid_started", "trial"}: who runs a trial
 USER_ATTR_SEED = "sampler_seed"
+USER_ATTR_FAILURE = "failure"  # pruned, killed, stale, error or interrupted: what a trial died of
 MAX_RETRY = 2  # a trial whose process dies is retried at most twice
 
 
@@ -33,6 +34,14 @@ def count_metrics(trials: list[FrozenTrial]) -> dict[str, int]:
     """The parent's live-chart counts: ``trials/complete``, ``trials/pruned``, ``trials/fail``."""
     counts = state_counts(trials)
     return {f"trials/{name.lower()}": counts[name] for name in ("COMPLETE", "PRUNED", "FAIL")}
+
+
+def mark_failure(storage: optuna.storages.BaseStorage, trial_id: int, kind: str) -> None:
+    """Say what a trial died of (``USER_ATTR_FAILURE``), in Optuna as on its MLflow run: set while
+    the trial still runs, since a finished trial's attributes are frozen. Optuna has one FAIL state
+    for all of them (it declined a STALE one, optuna#5860)."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_user_attr(trial_id, USER_ATTR_FAILURE, kind)
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
@@ -124,7 +133,12 @@ def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Froze
         try:
             if value is not None:
                 storage.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[value])
-            elif dead_here and storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            elif not dead_here:
+                mark_failure(storage, trial._trial_id, "stale")  # failed below by Optuna's fail_stale_trials
+            else:
+                mark_failure(storage, trial._trial_id, "killed")
+                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
                 failed.append(trial.number)
                 on_dead(study, storage.get_trial(trial._trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
