@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
 from ..core.errors import ConfigError, UserError, first_line
+from ..core.progress import progress_bar
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone, extractor, precision
 from .atomic_files import atomic_write
@@ -198,6 +198,8 @@ class Features:
             entry was computed, possibly by an earlier run: see conv_state).
         precision, device: what the extraction ran with; precision_reason: why that precision
             (measured, cached or given: see ``compute.precision``).
+        read_s: seconds this call spent reading cache entries; layer_s: computing the layer
+            from the conv output (0.0 when the layer entry was read).
     """
 
     values: np.ndarray
@@ -209,10 +211,26 @@ class Features:
     precision: str
     device: str
     precision_reason: str = ""
+    read_s: float = 0.0
+    layer_s: float = 0.0
 
     @property
     def conv_hit(self) -> bool:
         return self.conv_state != "miss"
+
+    def stage_timing(self) -> dict[str, dict[str, float]]:
+        """What this run spent getting its features, by stage: ``extract`` (per-batch statistics)
+        only when the convolutions ran here; ``cache`` (``read_s``) when entries were read;
+        ``layer`` (``s``) when the layer was computed from conv output. A cache hit thus logs its
+        read, never the figures of the extraction that filled the cache (``cache_tags`` names those)."""
+        timing: dict[str, dict[str, float]] = {}
+        if not self.conv_hit:
+            timing["extract"] = dict(self.extract_timing)
+        if self.hit or self.conv_state == "hit":
+            timing["cache"] = {"read_s": self.read_s}
+        if not self.hit:
+            timing["layer"] = {"s": self.layer_s}
+        return timing
 
 
 def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch: str, batch_size: int,
@@ -233,7 +251,7 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     module, mode = extractor.compile_or_eager(model, arch, device, precision, len(order), image_size, cache_dir,
                                               poolings)
     shown = f", poolings {'+'.join(poolings)}" if poolings else ""
-    bar = tqdm(total=len(order), desc=f"extract {arch}/{image_size}px ({mode}{shown})", unit="img",
+    bar = progress_bar(total=len(order), desc=f"extract {arch}/{image_size}px ({mode}{shown})", unit="img",
                disable=not progress)
     began = time.perf_counter()
     try:
@@ -310,8 +328,10 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
     conv_key = _digest(conv_key_parts(config, dataset, precision))
     key = _digest(layer_key_parts(config, conv_key))
 
+    began = time.perf_counter()
     stored = cache.load(key)
     conv_stored = cache.load(conv_key) if stored is None else None
+    read_s = time.perf_counter() - began
     model = None
     if stored is not None:
         values, meta = stored
@@ -319,7 +339,7 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
         conv_meta = cache.meta(conv_key)
         timing = (conv_meta or meta).get("timing", {})
         return Features(values, key, conv_key, True, "hit" if conv_meta is not None else "absent", timing,
-                        precision, str(device), choice.reason)
+                        precision, str(device), choice.reason, read_s=read_s)
     if conv_stored is not None:
         conv_out, conv_meta = conv_stored
         conv_state = "hit"
@@ -343,7 +363,9 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
         conv_state = "miss"
     if model is None:
         model = built_backbone(config, device, precision)
+    layer_began = time.perf_counter()
     values = layer_from_conv(model, conv_out, config.layer, device, precision)
+    layer_s = time.perf_counter() - layer_began
     cache.save(key, values, {"parts": layer_key_parts(config, conv_key), "timing": conv_meta.get("timing", {})})
     return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device),
-                    choice.reason)
+                    choice.reason, read_s=read_s if conv_state == "hit" else 0.0, layer_s=layer_s)

@@ -50,7 +50,9 @@ class RunResult:
         metrics: 'train/acc', 'train/loss', 'val/acc', 'val/loss' and, when evaluated,
             'test/acc', 'test/loss'.
         history: per-epoch dicts (mlp only): epoch, train/loss, train/acc, val/loss, val/acc.
-        timings: 'extract' and 'train' per-batch statistics (see ``batch_timing_stats``).
+        timings: what this run spent, by stage: 'extract' per-batch statistics when the
+            convolutions ran here, 'cache' and 'layer' seconds (``Features.stage_timing``),
+            'train' per-batch statistics.
         confusion: (n_classes, n_classes) test confusion matrix, rows = true class.
         head_precision: what an mlp head trained in, and why (None for the svm).
         refitted: the head was trained again to be scored (its trial's own head was not at hand).
@@ -178,7 +180,7 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
     if evaluate_test:
         test_metrics, confusion = evaluate_test_split(prepared, head)
         metrics.update(test_metrics)
-    timings = {"extract": prepared.features.extract_timing,
+    timings = {**prepared.features.stage_timing(),
                "train": getattr(head, "train_timing_", {}) or {"fit_s": fit_seconds}}
     timings["train"]["fit_s"] = fit_seconds
     return RunResult(prepared, head, metrics, list(getattr(head, "history_", [])), timings, confusion,
@@ -198,7 +200,7 @@ def fit_metrics(prepared: Prepared, head: BaseEstimator) -> dict[str, float]:
 def score_head(prepared: Prepared, head: BaseEstimator) -> RunResult:
     """A head fitted before (a trial's, kept) as a result: its train/val metrics on ``prepared``,
     its history and training timings as it recorded them."""
-    timings = {"extract": prepared.features.extract_timing, "train": dict(getattr(head, "train_timing_", {}) or {})}
+    timings = {**prepared.features.stage_timing(), "train": dict(getattr(head, "train_timing_", {}) or {})}
     return RunResult(prepared, head, fit_metrics(prepared, head), list(getattr(head, "history_", [])), timings)
 
 

@@ -86,6 +86,15 @@ def seconds(value: Any) -> str:
     return f"{float(value):.3g}"
 
 
+def extraction_batch_s(run: Any) -> float | None:
+    """Seconds per extraction batch of the features a run used: its own extraction, or for a
+    cache hit the extraction that filled the cache (tag ``cache.extraction_batch_mean_s``)."""
+    if "time/extract_batch_mean_s" in run.data.metrics:
+        return run.data.metrics["time/extract_batch_mean_s"]
+    tagged = run.data.tags.get("cache.extraction_batch_mean_s")
+    return float(tagged) if tagged else None
+
+
 def stability_text(summary: dict) -> str:
     if not summary:
         return "–"

@@ -31,8 +31,8 @@ from ..search.trials import USER_ATTR_RUN_ID, best_per_group, state_counts
 from ..specs.experiments import TAG_TEST_PER
 from ..tracking import plots
 from .finding import Found
-from .reading import (DEMO_LABEL, GROUP_ORDER, download, epoch_summary, hardware_text, is_number, pct, run_params,
-                      seconds, setting_text, short, stability_text, table, when)
+from .reading import (DEMO_LABEL, GROUP_ORDER, download, epoch_summary, extraction_batch_s, hardware_text, is_number,
+                      pct, run_params, seconds, setting_text, short, stability_text, table, when)
 
 SectionParts = tuple[str, str, str, list[str]]  # body, our figure, measured on, missing runs
 
@@ -146,7 +146,7 @@ def single_run(page: Page, found: Found) -> SectionParts:
               "s/batch extraction", "s/batch training", "study"]
     row = [pct(m.get("train/acc")), pct(m.get("val/acc")), pct(m.get("test/acc")),
            f"{pct(epochs.get('best_val'))} ({epochs.get('best_epoch', '–')})" if epochs else "–",
-           stability_text(epochs), seconds(m.get("time/extract_batch_mean_s")),
+           stability_text(epochs), seconds(extraction_batch_s(run)),
            seconds(m.get("time/train_batch_mean_s")), found.experiment.reference.get("figure", "")]
     body = [table(header, [row])]
     if epochs:
@@ -215,7 +215,7 @@ def _group_row(page: Page, view: StudyView, group: str, trial, references: dict)
                           else "–"))
     row = [group, f"#{trial.number}", others, pct(metrics.get("train/acc")), pct(trial.value),
            pct(view.test_acc(trial)), f"{pct(epochs['best_val'])} ({epochs['best_epoch']})" if epochs else "–",
-           stability_text(epochs), seconds(metrics.get("time/extract_batch_mean_s")), train_timing,
+           stability_text(epochs), seconds(extraction_batch_s(run) if run else None), train_timing,
            references.get(group, "")]
     return row, epochs
 

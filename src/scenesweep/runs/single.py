@@ -54,7 +54,7 @@ def track_single_run(entry_point: str, values: dict[str, Any], progress: bool = 
         prepared = prepare(config, progress=progress, data=data)
         sink.log_run_context(run_id, config, prepared, entry_point)
         if config.head is None:
-            sink.log_batch(run_id, metrics={**sink.timing_metrics({"extract": prepared.features.extract_timing}),
+            sink.log_batch(run_id, metrics={**sink.timing_metrics(prepared.features.stage_timing()),
                                             "features/dim": prepared.features.values.shape[1],
                                             "features/images": prepared.features.values.shape[0]})
             return run_id, None

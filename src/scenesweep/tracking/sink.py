@@ -106,8 +106,15 @@ def hardware_tags(device: str) -> dict[str, str]:
 
 
 def cache_tags(features: Features) -> dict[str, str]:
-    """Whether the features came from the cache (layer and conv entries) and under which key."""
-    return {"cache_key": features.key, "cache": "hit" if features.hit else "miss", "conv_cache": features.conv_state}
+    """Whether the features came from the cache (layer and conv entries) and under which key; on a
+    hit, how fast the extraction that filled the entry ran (``cache.extraction_*``: that run's
+    figures, which this run's ``time/*`` metrics leave out)."""
+    tags = {"cache_key": features.key, "cache": "hit" if features.hit else "miss", "conv_cache": features.conv_state}
+    if features.conv_hit:
+        for name in ("batch_mean_s", "images_per_s"):
+            if name in features.extract_timing:
+                tags[f"cache.extraction_{name}"] = f"{features.extract_timing[name]:.4g}"
+    return tags
 
 
 def log_dataset(run_id: str, prepared: Prepared) -> None:
