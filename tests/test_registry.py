@@ -43,7 +43,7 @@ def swept(tmp_path_factory):
     result = run_cli("sweep", str(REPO / "sweeps" / "svm_c.yaml"), "--n_trials", "2", "--data", str(scenes),
                      "--train_per_class", "10", "--cache_dir", str(folder / "cache"), "--no-progress", env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return SimpleNamespace(uri=uri, env=env, stdout=result.stdout)
+    return SimpleNamespace(uri=uri, env=env, stdout=result.stdout, scenes=scenes, cache=folder / "cache")
 
 
 @pytest.fixture
@@ -112,15 +112,15 @@ def test_a_sweep_registers_its_best_trial_with_tags_and_alias_challenger(client,
 
 def test_first_promotion_then_only_a_better_version_moves_the_champion(client):
     first, second = register_versions(client, "better", [{"val_acc": "0.800000"}, {"val_acc": "0.700000"}])
-    done = promote("better")
+    done = promote("better", metric="val_acc")
     assert done.promoted and done.version == first and done.previous is None
     assert "no @champion before" in done.message and champion_of(client, "better") == first
 
-    again = promote("better")
+    again = promote("better", metric="val_acc")
     assert not again.promoted and "already the @champion" in again.message
 
     (third,) = register_versions(client, "better", [{"val_acc": "0.900000"}])
-    done = promote("better")
+    done = promote("better", metric="val_acc")
     assert done.promoted and done.version == third and done.previous == first
     assert f"beats version {first} (val_acc=0.8000)" in done.message
     assert champion_of(client, "better") == third
@@ -130,15 +130,15 @@ def test_a_worse_or_tied_version_is_kept_out_unless_forced(client):
     champion, worse = register_versions(client, "worse", [{"val_acc": "0.900000"}, {"val_acc": "0.850000"}])
     client.set_registered_model_alias("worse", CHAMPION, champion)
 
-    kept = promote("worse", version=worse)
+    kept = promote("worse", metric="val_acc", version=worse)
     assert not kept.promoted and champion_of(client, "worse") == champion
     assert f"kept version {champion}" in kept.message and "does not beat" in kept.message and "--force" in kept.message
 
     (tied,) = register_versions(client, "worse", [{"val_acc": "0.900000"}])
-    kept = promote("worse")  # the newest of the tied best is the candidate
+    kept = promote("worse", metric="val_acc")  # the newest of the tied best is the candidate
     assert not kept.promoted and kept.version == tied and "ties" in kept.message
 
-    forced = promote("worse", version=worse, force=True)
+    forced = promote("worse", metric="val_acc", version=worse, force=True)
     assert forced.promoted and champion_of(client, "worse") == worse
     assert "forced" in forced.message and forced.previous == champion
 
@@ -147,9 +147,9 @@ def test_a_version_of_another_dataset_does_not_displace_the_champion(client):
     champion, other = register_versions(client, "datasets", [{"val_acc": "0.600000"},
                                                              {"val_acc": "0.990000", "dataset_fingerprint": "f" * 64}])
     client.set_registered_model_alias("datasets", CHAMPION, champion)
-    kept = promote("datasets")
+    kept = promote("datasets", metric="val_acc")
     assert not kept.promoted and kept.version == other and "another dataset" in kept.message
-    assert promote("datasets", force=True).promoted and champion_of(client, "datasets") == other
+    assert promote("datasets", metric="val_acc", force=True).promoted and champion_of(client, "datasets") == other
 
 
 def test_val_loss_ranks_lowest_first(client):
@@ -157,10 +157,39 @@ def test_val_loss_ranks_lowest_first(client):
     assert promote("loss", metric="val_loss").version == low
 
 
+def test_promotion_ranks_model_records_across_studies_and_experiments(client, swept):
+    """`promote --metric test/acc` reads the versions' model records (mlflow.search_logged_models
+    over every experiment): the champion is the best model of a study (experiment svm) and of
+    single runs (experiments svm and finetune); `--where` narrows the candidates."""
+    studied = client.get_model_version("scene-classifier", "1")
+    mlflow.register_model(studied.source, "several", tags=studied.tags)  # the study's model, record and all
+    for entry, options in (("finetune", ("--epochs", "2", "--hidden", "32")), ("svm", ("--C", "0.0001"))):
+        result = run_cli(entry, "--data", str(swept.scenes), "--train_per_class", "10", "--cache_dir", str(swept.cache),
+                         "--no-progress", "--register", "several", *options, env=swept.env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    versions = client.search_model_versions("name='several'")
+    records = {v.version: client.get_logged_model(v.tags["model_id"]) for v in versions}
+    assert len({r.experiment_id for r in records.values()}) == 2 and len(records) == 3
+    test_acc = {str(n): next(m.value for m in r.metrics if m.key == "test/acc") for n, r in records.items()}
+    best = max(test_acc, key=lambda n: (test_acc[n], int(n)))
+    done = promote("several", metric="test/acc")
+    assert done.promoted and done.version == best and f"test/acc={test_acc[best]:.4f}" in done.message
+    # Only the mlp heads' records (the finetune run): its version, and it must beat the champion.
+    mlp = next(n for n, r in records.items() if r.params["head"] == "mlp")
+    narrowed = promote("several", metric="test/acc", where="params.head = 'mlp'", force=True)
+    assert narrowed.version == str(mlp) and (narrowed.promoted or str(mlp) == best)
+    # @challenger went only to a version at least as good on the objective (val/acc) as its holder.
+    val_acc = {str(v.version): float(v.tags["val_acc"]) for v in versions}
+    holder = None
+    for number in ("2", "3"):  # registered by the runs (version 1 by hand, without the alias)
+        holder = number if holder is None or val_acc[number] >= val_acc[holder] else holder
+    assert str(client.get_registered_model("several").aliases[CHALLENGER]) == holder
+
+
 def test_unknown_model_metric_or_version_is_a_clear_error(client):
     with pytest.raises(ConfigError, match="model 'nope' is not registered; registered models: .*scene-classifier"):
         promote("nope")
-    with pytest.raises(ConfigError, match="metric='accuracy': expected one of val_acc, test_acc, val_loss"):
+    with pytest.raises(ConfigError, match="metric='accuracy': expected one of val/acc, val/loss, test/acc"):
         promote("scene-classifier", metric="accuracy")
     with pytest.raises(ConfigError, match="version='9': model 'scene-classifier' has no such version; versions: 1"):
         promote("scene-classifier", version="9")
@@ -177,7 +206,9 @@ def invoke(*args: str):
 
 @pytest.mark.parametrize("args, fragment", [
     (("--name", "nope"), "model 'nope' is not registered"),
-    (("--metric", "accuracy"), "metric='accuracy': expected one of val_acc, test_acc, val_loss"),
+    (("--metric", "accuracy"), "metric='accuracy': expected one of val/acc, val/loss, test/acc"),
+    (("--metric", "val_acc", "--where", "params.layer = 'relu7'"), "where=\"params.layer = 'relu7'\": filters model records"),
+    (("--metric", "test/acc", "--where", "metrics.nope >"), "where='metrics.nope >': not a model-record filter"),
     (("--version", "12"), "version='12': model 'scene-classifier' has no such version"),
 ])
 def test_promote_command_bad_input_is_one_error_line(client, args, fragment):
@@ -190,12 +221,12 @@ def test_promote_command_bad_input_is_one_error_line(client, args, fragment):
 def test_promote_entry_point_and_force_flag(client):
     """`mlflow run . -e promote` passes `--force false`; `--force` alone means true."""
     champion, worse = register_versions(client, "entry", [{"val_acc": "0.900000"}, {"val_acc": "0.800000"}])
-    result = run_mlflow_project("promote", {"name": "entry"})
+    result = run_mlflow_project("promote", {"name": "entry", "metric": "val_acc"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"promoted version {champion} of entry to @champion" in result.stdout
-    kept = invoke("promote", "--name", "entry", "--version", worse, "--force", "false")
+    kept = invoke("promote", "--name", "entry", "--metric", "val_acc", "--version", worse, "--force", "false")
     assert kept.exit_code == 0 and f"kept version {champion}" in kept.stdout, kept.output
-    forced = invoke("promote", "--name", "entry", "--force", "--version", worse)
+    forced = invoke("promote", "--name", "entry", "--metric", "val_acc", "--force", "--version", worse)
     assert forced.exit_code == 0 and f"promoted version {worse}" in forced.stdout, forced.output
     assert "forced, although it does not beat" in forced.stdout
     assert champion_of(client, "entry") == worse

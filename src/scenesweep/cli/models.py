@@ -23,24 +23,30 @@ DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL}@champion"
 
 @main.command("promote")
 @click.option("--name", default=REGISTERED_MODEL, show_default=True, help="registered model name")
-@click.option("--metric", default="val_acc", show_default=True,
-              help="version tag to rank by: val_acc, test_acc (higher is better) or val_loss (lower)")
+@click.option("--metric", default="val/acc", show_default=True,
+              help="what to rank versions by: a metric of their MLflow model records (val/acc, test/acc, "
+                   "test/f1_macro, test/acc_balanced: higher is better; val/loss, test/loss: lower), searched "
+                   "in every experiment, or a version tag (val_acc, test_acc, val_loss)")
+@click.option("--where", default="", metavar="FILTER",
+              help="only versions whose model record matches this mlflow.search_logged_models filter, "
+                   "e.g. \"params.layer = 'relu7'\" or \"tags.study IN ('a', 'b')\"")
 @click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[true|false]",
               help="move the alias even when the candidate does not beat the champion "
                    "(`--force` alone means true)")
 @click.option("--version", "version", default=None, metavar="N",
               help="promote this version instead of the best one by the metric")
 @user_errors
-def promote(name: str, metric: str, force: bool, version: str | None) -> None:
+def promote(name: str, metric: str, where: str, force: bool, version: str | None) -> None:
     """Move the alias @champion to the best registered version if it beats the current champion.
 
-    The best version is the one with the best METRIC tag (set at registration); it must beat
-    the champion strictly, on the same dataset, unless --force. Prints what was done and why.
+    The best version is the one whose model record has the best METRIC (or, for a tag name, the
+    best version tag), among the records matching --where; it must beat the champion strictly,
+    on the same dataset, unless --force. Prints what was done and why.
     """
     from ..models.registry import promote as promote_version
 
     _use_project_store()
-    click.echo(promote_version(name, metric, force=force, version=version or None).message)
+    click.echo(promote_version(name, metric, force=force, version=version or None, where=where.strip() or None).message)
 
 
 def _use_project_store() -> None:

@@ -1,11 +1,17 @@
 """The MLflow model registry: register a run's servable model, promote a champion.
 
 Stages are deprecated in MLflow 3: promotion moves the alias ``champion``; a new version gets
-``challenger``. Versions carry their validation and test accuracy as tags, so promotion
-compares versions without reopening runs. (``search_model_versions`` returns empty aliases on
-SQLite: aliases are read with ``get_registered_model``.)
+``challenger`` when it is at least as good on the objective as the challenger before. Each
+version is an MLflow 3 model record (``models:/m-<id>``) whose source is the run the model
+comes from, with that run's configuration as params and exactly its validation and test
+metrics linked (``MODEL_METRICS``); the version also carries validation and test accuracy as
+tags. (``search_model_versions`` returns empty aliases on SQLite: aliases are read with
+``get_registered_model``.)
 
-Promotion rules, in order:
+Promotion ranks versions by a metric of their model records (``val/acc``, ``test/acc``, ...:
+``mlflow.search_logged_models`` over every experiment, so the champion can be the best model of
+several studies, optionally narrowed by a filter such as ``params.layer = 'relu7'``), or by a
+version tag (``val_acc``, ``test_acc``, ``val_loss``). Rules, in order:
   1. the candidate is ``--version`` when given, else the version with the best metric (ties go
      to the newest);
   2. no champion yet, or a champion without the metric: the candidate is promoted;
@@ -18,20 +24,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 
+import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..core import faults
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, first_line
 from ..tracking.sink import param_value
 from .logged import log_image_classifier
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-# Version tags that promotion can rank by, and whether higher is better.
-PROMOTION_METRICS = {"val_acc": True, "test_acc": True, "val_loss": False}
+# The metrics that describe a registered model, linked to its record by model_id: the selection
+# (validation) and the one test evaluation of the very head it serves; whether higher is better.
+RECORD_METRICS = {"val/acc": True, "val/loss": False, "test/acc": True, "test/loss": False, "test/f1_macro": True,
+                  "test/acc_balanced": True}
+MODEL_METRICS = tuple(RECORD_METRICS)
+# Version tags set at registration, and whether higher is better.
+TAG_METRICS = {"val_acc": True, "test_acc": True, "val_loss": False}
+PROMOTION_METRICS = {**RECORD_METRICS, **TAG_METRICS}
 MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input: a column `image` of "
                      "base64-encoded image file bytes. Output per image: `label`, `class_index` and "
                      "`score_<class>` per class. Serve: `mlflow models serve -m models:/{name}@champion "
@@ -40,18 +54,12 @@ MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input
 
 def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
     """The version of ``model_name`` whose tags hold ``tags`` (the newest), or None."""
-    quote = '"' if "'" in model_name else "'"
     try:
-        versions = client.search_model_versions(f"name={quote}{model_name}{quote}")
+        versions = client.search_model_versions(f"name={_quoted(model_name)}")
     except MlflowException:
         return None  # no such registered model yet
     found = [v for v in versions if all(v.tags.get(k) == str(value) for k, value in tags.items())]
     return max(found, key=lambda v: int(v.version)) if found else None
-
-
-# The metrics that describe a registered model, linked to its record by model_id: the selection
-# (validation) and the one test evaluation of the very head it serves.
-MODEL_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro", "test/acc_balanced")
 
 
 def model_record_name(model_name: str, config) -> str:
@@ -59,15 +67,45 @@ def model_record_name(model_name: str, config) -> str:
     return f"{model_name}-{config.head}-{config.layer}"
 
 
+def _move_challenger(client: MlflowClient, model_name: str, version: str, tags: dict[str, str],
+                     objective: tuple[str, str]) -> str | None:
+    """Move ``challenger`` to ``version`` when it is at least as good on the objective as the
+    version that holds the alias (or none does, or that one was evaluated on other data); else
+    leave it, and say why in one line (returned)."""
+    metric, direction = objective
+    tag, higher = metric.replace("/", "_"), direction == "maximize"
+    aliases = client.get_registered_model(model_name).aliases
+    current = str(aliases[CHALLENGER]) if CHALLENGER in aliases else None
+    previous = None
+    if current is not None and current != str(version):
+        with contextlib.suppress(MlflowException):
+            previous = client.get_model_version(model_name, current)
+    old, new = (_metric(previous, tag) if previous else None), _metric(SimpleVersion(tags), tag)
+    comparable = previous is not None and previous.tags.get("dataset_fingerprint") == tags.get("dataset_fingerprint")
+    if comparable and old is not None and new is not None and (new < old if higher else new > old):
+        return (f"@{CHALLENGER} stays on version {current} of {model_name} ({tag}={old:.4f}): the new version "
+                f"{version} ({tag}={new:.4f}) is worse on the objective")
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return None
+
+
+@dataclasses.dataclass
+class SimpleVersion:
+    """Tags alone, read as a version's (``_metric``)."""
+
+    tags: dict[str, str]
+
+
 def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, str] | None = None,
-                    source_run_id: str | None = None) -> str:
+                    source_run_id: str | None = None, objective: tuple[str, str] = ("val/acc", "maximize")) -> str:
     """Record the servable image classifier of ``result`` and register it as a new version.
 
     The model record's source is ``source_run_id`` (a study's best trial; default ``run_id``), its
     params are that configuration's, and exactly ``MODEL_METRICS`` and ``model/size_mb`` are linked
     to it (``model_id``), nothing of a parent's history. The version (``model_id`` set, its run the
     source run) is tagged with the run, dataset fingerprint, validation and test accuracy, the
-    feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias ``challenger``.
+    feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias ``challenger``
+    unless it is worse on ``objective`` than the challenger's version (a note on stderr says so).
     The champion is left alone: ``promote`` moves it.
 
     Args:
@@ -77,6 +115,7 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         model_name: registered model name, e.g. "scene-classifier".
         extra_tags: more version tags, e.g. ``{"study": ..., "trial_number": ...}``.
         source_run_id: the run the model comes from (default ``run_id``).
+        objective: (metric, direction) the challenger is compared on: a study's objective.
 
     Returns:
         The version number, as a string.
@@ -93,7 +132,8 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     else:
         params = {k: param_value(v) for k, v in {**config.values, "head": config.head}.items()}  # as the run's
         logged = log_image_classifier(result, name=model_record_name(model_name, config), source_run_id=source_run_id,
-                                      params=params, tags={"registered_model": model_name, **(extra_tags or {})})
+                                      params=params, tags={"registered_model": model_name, **(extra_tags or {}),
+                                                           "dataset_fingerprint": result.prepared.dataset.fingerprint})
         model_uri, model_id = logged.model_uri, logged.model_id
         # Linked at the run's final step (an mlp head's last epoch), as MLflow's own log_model links a
         # run's metrics: the same values again, with the model's id.
@@ -127,7 +167,9 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     client.update_model_version(model_name, version, description=(
         f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
         f"{config.image_size} px); {scores}"))
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    kept = _move_challenger(client, model_name, str(version), tags, objective)
+    if kept:
+        print(f"note: {kept}", file=sys.stderr)
     for run in {run_id, source_run_id}:
         client.set_tag(run, "registered_model", model_name)
         client.set_tag(run, "registered_version", str(version))
@@ -163,16 +205,67 @@ def _metric(version, metric: str) -> float | None:
         return None
 
 
+def _quoted(text: str) -> str:
+    """A string literal of MLflow's filter language (no escapes: either quote, whichever is absent)."""
+    return f'"{text}"' if "'" in text else f"'{text}'"
+
+
+def _record_metric(record, metric: str) -> float | None:
+    """The value of ``metric`` linked to a model record (the last step's, if several)."""
+    linked = [m for m in record.metrics or [] if m.key == metric]
+    return max(linked, key=lambda m: (m.step, m.timestamp)).value if linked else None
+
+
+def _record_scores(client: MlflowClient, versions: dict, metric: str,
+                   where: str | None) -> tuple[dict[str, float | None], set[str], int]:
+    """Each version's ``metric`` as its model record holds it, read with ``search_logged_models``
+    over every active experiment (a model's records live in the experiments of the runs it came
+    from: several studies, several experiments), narrowed by the filter ``where``.
+
+    Returns:
+        (score per version number, the versions whose record matched ``where``, records searched).
+    """
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    try:
+        records = mlflow.search_logged_models(experiment_ids=experiment_ids, filter_string=where or None,
+                                              output_format="list")
+    except MlflowException as error:
+        raise ConfigError(f"where={where!r}: not a model-record filter ({first_line(error)}); expected e.g. "
+                          "\"params.layer = 'relu7'\" or \"tags.study = 'svm-scenes'\"") from None
+    by_model: dict[str, list[str]] = {}
+    for number, version in versions.items():
+        model_id = version.tags.get("model_id") or getattr(version, "model_id", None)
+        if model_id:
+            by_model.setdefault(model_id, []).append(number)
+    scores: dict[str, float | None] = {number: None for number in versions}
+    matched: set[str] = set()
+    for record in records:
+        for number in by_model.get(record.model_id, []):
+            scores[number] = _record_metric(record, metric)
+            matched.add(number)
+    for number in set(versions) - matched:  # outside the filter (the champion, say): still compared
+        model_id = versions[number].tags.get("model_id")
+        if model_id:
+            with contextlib.suppress(MlflowException):
+                scores[number] = _record_metric(client.get_logged_model(model_id), metric)
+    return scores, matched, len(records)
+
+
 def _candidate(model_name: str, versions: dict, scores: dict[str, float | None], metric: str,
-               version: str | int | None) -> str:
-    """``version`` when given (it must exist), else the version with the best metric (ties: the newest)."""
+               version: str | int | None, eligible: set[str] | None = None) -> str:
+    """``version`` when given (it must exist), else the version with the best metric (ties: the
+    newest) among ``eligible`` (default: all)."""
     if version is not None:
         candidate = str(version).strip()
         if candidate not in versions:
             raise ConfigError(f"version={version!r}: model {model_name!r} has no such version; versions: "
                               f"{', '.join(sorted(versions, key=int)) or 'none'}")
         return candidate
-    scored = {number: value for number, value in scores.items() if value is not None}
+    scored = {number: value for number, value in scores.items()
+              if value is not None and (eligible is None or number in eligible)}
+    if not scored and metric in RECORD_METRICS:
+        matching = " matching the filter" if eligible is not None else ""
+        raise ConfigError(f"metric={metric!r}: no model record of {model_name!r}{matching} has a {metric} metric")
     if not scored:
         raise ConfigError(f"metric={metric!r}: no version of {model_name!r} carries a {metric} tag")
     sign = 1.0 if PROMOTION_METRICS[metric] else -1.0
@@ -199,23 +292,31 @@ def _beats(versions: dict, scores: dict[str, float | None], metric: str, candida
     return better, f"it {relation} version {current} ({metric}={current_value:.4f})"
 
 
-def promote(model_name: str, metric: str = "val_acc", force: bool = False, version: str | int | None = None) -> Promotion:
+def promote(model_name: str, metric: str = "val/acc", force: bool = False, version: str | int | None = None,
+            where: str | None = None) -> Promotion:
     """Move ``champion`` to the best version by ``metric`` if it beats the current champion.
 
     Args:
         model_name: registered model name.
-        metric: a version tag from ``PROMOTION_METRICS``.
+        metric: a model-record metric (``RECORD_METRICS``: read with ``search_logged_models``) or
+            a version tag (``TAG_METRICS``).
         force: move the alias even when the candidate does not beat the champion.
         version: promote this version instead of the best one (same rules unless forced).
+        where: with a record metric, only versions whose record matches this
+            ``search_logged_models`` filter are candidates, e.g. ``params.layer = 'relu7'`` or ``tags.study IN ('a', 'b')``.
 
     Returns:
         A Promotion saying what was done and why.
 
     Raises:
-        ConfigError: an unknown model name, metric or version, or no version carrying the metric.
+        ConfigError: an unknown model name, metric or version, a bad filter, or no version
+            carrying the metric.
     """
     if metric not in PROMOTION_METRICS:
         raise ConfigError(f"metric={metric!r}: expected one of {', '.join(PROMOTION_METRICS)}")
+    if where and metric not in RECORD_METRICS:
+        raise ConfigError(f"where={where!r}: filters model records; use it with a record metric "
+                          f"({', '.join(RECORD_METRICS)}), not the version tag {metric!r}")
     client = MlflowClient()
     try:
         registered = client.get_registered_model(model_name)
@@ -223,10 +324,16 @@ def promote(model_name: str, metric: str = "val_acc", force: bool = False, versi
         names = sorted(m.name for m in client.search_registered_models())
         raise ConfigError(f"model {model_name!r} is not registered; registered models: "
                           f"{', '.join(names) or 'none'}") from None
-    quote = '"' if "'" in model_name else "'"  # the filter language has no escapes; it takes either quote
-    versions = {str(v.version): v for v in client.search_model_versions(f"name={quote}{model_name}{quote}")}
-    scores = {number: _metric(v, metric) for number, v in versions.items()}
-    candidate = _candidate(model_name, versions, scores, metric, version)
+    versions = {str(v.version): v for v in client.search_model_versions(f"name={_quoted(model_name)}")}
+    eligible, searched = None, ""
+    if metric in RECORD_METRICS:
+        scores, matched, found = _record_scores(client, versions, metric, where)
+        eligible = matched if where else None
+        searched = (f"; {len(matched)} of {found} model record(s) matching {where!r} are versions of {model_name}"
+                    if where else "")
+    else:
+        scores = {number: _metric(v, metric) for number, v in versions.items()}
+    candidate = _candidate(model_name, versions, scores, metric, version, eligible)
 
     # Alias values come back as int on SQLite: version numbers are compared as strings here.
     current = str(registered.aliases[CHAMPION]) if CHAMPION in registered.aliases else None
@@ -234,15 +341,16 @@ def promote(model_name: str, metric: str = "val_acc", force: bool = False, versi
     shown = f"{metric}={value:.4f}" if value is not None else f"no {metric}"
     if current == candidate:
         return Promotion(model_name, metric, False, candidate, current,
-                         f"version {candidate} ({shown}) is already the @{CHAMPION} of {model_name}: nothing to do")
+                         f"version {candidate} ({shown}) is already the @{CHAMPION} of {model_name}: "
+                         f"nothing to do{searched}")
 
     beats, why = _beats(versions, scores, metric, candidate, current)
     if not beats and not force:
         return Promotion(model_name, metric, False, candidate, current,
                          f"kept version {current} as @{CHAMPION} of {model_name}: candidate version {candidate} "
-                         f"({shown}) was not promoted because {why}; use --force to promote it anyway")
+                         f"({shown}) was not promoted because {why}; use --force to promote it anyway{searched}")
     client.set_registered_model_alias(model_name, CHAMPION, candidate)
     if not beats:
         why = f"forced, although {why}"
     return Promotion(model_name, metric, True, candidate, current,
-                     f"promoted version {candidate} of {model_name} to @{CHAMPION} ({shown}): {why}")
+                     f"promoted version {candidate} of {model_name} to @{CHAMPION} ({shown}): {why}{searched}")
