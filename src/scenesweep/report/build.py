@@ -35,6 +35,7 @@ from ..tracking import lifecycle, mlflow_store, provenance, sink
 from .finding import all_experiment_ids, find_runs
 from .reading import DEMO_LABEL, table
 from .sections import Page, Section, section
+from .studies import csv_text, list_studies, markdown_table
 
 REPORT_EXPERIMENT = "report"
 
@@ -77,9 +78,11 @@ def build_report(out: str | Path = "reports/latest", experiments_dir: str | Path
     finally:
         shutil.rmtree(page.downloads, ignore_errors=True)
     missing = [line for s in sections for line in s.missing]
-    markdown = render(sections, missing)
+    studies = list_studies(client)
+    markdown = render(sections, missing) + studies_section(studies)
     path = out / "report.md"
     path.write_text(markdown)
+    (out / "studies.csv").write_text(csv_text(studies))
     run_id = ""
     if log:
         with lifecycle.start_run(REPORT_EXPERIMENT, "report", tags={"scenesweep.report": "true",
@@ -121,3 +124,11 @@ def render(sections: list[Section], missing: list[str]) -> str:
                   f"{experiment.description}" if experiment.description else "",
                   f"File `{experiment.display_path()}`.", "", s.body, ""]
     return "\n".join(lines) + "\n"
+
+
+def studies_section(studies: list) -> str:
+    """Every study in the store side by side (``scenesweep studies``; also as studies.csv)."""
+    if not studies:
+        return ""
+    return ("## Studies in the tracking store\n\nEvery study's parent run, oldest first (`scenesweep studies`; "
+            "the same rows in `studies.csv`). Studies on demo data are demo figures.\n\n" + markdown_table(studies))
