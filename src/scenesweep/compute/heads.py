@@ -22,9 +22,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import normalize as l2_normalize
 from sklearn.svm import LinearSVC
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.config import parse_hidden
+from ..core.progress import progress_bar
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from .atomic_files import atomic_write
 from .features import batch_timing_stats, resolve_device
@@ -159,7 +159,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                generator: torch.Generator, device: torch.device, eval_set, on_epoch: EpochCallback | None,
                batch_seconds: list[float], batch_counts: list[int]) -> None:
         """Every epoch: the steps over a shuffled order, then the epoch's metrics and callback."""
-        for epoch in tqdm(range(1, self.epochs + 1), desc="train head", unit="epoch", disable=not self.progress):
+        # Off a terminal no closing line: the run's or trial's own line tells how training went.
+        for epoch in progress_bar(range(1, self.epochs + 1), desc="train head", unit="epoch",
+                                  disable=not self.progress, stage=False):
             self.model_.train()
             order = torch.randperm(len(X_t), generator=generator).to(device)
             # Summed on the device, read once per epoch: no synchronisation per step.
