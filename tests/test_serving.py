@@ -126,6 +126,10 @@ BAD_INPUTS = [
      "row 0: not an image: expected the bytes of a JPEG, PNG or other image file, base64-encoded"),
     ("missing column", pd.DataFrame({"picture": ["aGk="]}), "missing column 'image'"),
     ("empty input", pd.DataFrame({"image": pd.Series([], dtype=object)}), "empty input: expected at least one row"),
+    # What one request may hold: refused before decoding anything.
+    ("too many images", pd.DataFrame({"image": ["aGk="] * 513}), "513 images in one request: at most 512"),
+    ("too large an image", pd.DataFrame({"image": ["aGk=", "A" * (28 * 2**20)]}),
+     "row 1: image file of about 21 MB: at most 20 MB per image"),
 ]
 
 

@@ -35,6 +35,10 @@ from ..core.errors import UserError
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 16  # images per forward pass: beyond 8 at 224 px nothing is gained on 2 cores
+# What one request may hold: the model decodes every image before any compute (a bad one fails
+# first), so a request's images are all in memory at once. Larger work: several requests.
+MAX_IMAGES_PER_REQUEST = 512
+MAX_IMAGE_MB = 20
 INPUT_DESCRIPTION = (f"a table with a column '{IMAGE_COLUMN}' of base64-encoded image file bytes "
                      "(JPEG, PNG or any format Pillow reads; grayscale or colour; any size)")
 
@@ -127,8 +131,9 @@ def decode_images(model_input: Any) -> list[bytes]:
     so is a ``data:image/...;base64,`` prefix.
 
     Raises:
-        InputError: a missing column, an empty table, an empty or non-string value, or text that
-            is not base64; the message names the row.
+        InputError: a missing column, an empty table, more than ``MAX_IMAGES_PER_REQUEST`` rows,
+            an empty, non-string or over ``MAX_IMAGE_MB`` value, or text that is not base64; the
+            message names the row.
     """
     table = _input_table(model_input)
     # No rows, and either the image column or no column at all ({"inputs": []}): an empty request.
@@ -137,11 +142,17 @@ def decode_images(model_input: Any) -> list[bytes]:
     if IMAGE_COLUMN not in table.columns:
         columns = ", ".join(repr(str(c)) for c in table.columns) or "none"
         raise InputError(f"missing column '{IMAGE_COLUMN}': expected {INPUT_DESCRIPTION}; got columns {columns}")
+    if len(table) > MAX_IMAGES_PER_REQUEST:
+        raise InputError(f"{len(table)} images in one request: at most {MAX_IMAGES_PER_REQUEST}; "
+                         "send them in several requests")
     images = []
     for row, value in enumerate(table[IMAGE_COLUMN]):
         if not isinstance(value, str):
             kind = "null" if value is None or (isinstance(value, float) and np.isnan(value)) else type(value).__name__
             raise InputError(f"column '{IMAGE_COLUMN}' must hold base64 text, got {kind}", row)
+        if len(value) * 3 // 4 > MAX_IMAGE_MB * 2**20:  # checked before decoding: base64 is 4/3 the file
+            raise InputError(f"image file of about {len(value) * 3 / 4 / 2**20:.0f} MB: at most {MAX_IMAGE_MB} MB "
+                             "per image", row)
         text = "".join(value.split())
         if text.startswith("data:") and ";base64," in text[:100]:
             text = text.split(";base64,", 1)[1]
