@@ -210,7 +210,7 @@ def test_dashboard_notes_link_each_trial_and_the_study_to_mlflow(study_store):
     assert f"Best trial #{s.parent.data.tags['best_trial']}" in note
 
 
-def test_ui_links_point_at_a_tracking_server_when_there_is_one():
+def test_ui_links_point_at_a_tracking_server_when_there_is_one(monkeypatch):
     path = provenance.run_ui_path("3", "abc")
     assert provenance.ui_link("run", path, "http://mlflow.lab:5000/") == "[run](http://mlflow.lab:5000/#/experiments/3/runs/abc)"
     assert provenance.ui_link("run", path, "https://user:secret@host").startswith("[run](https://user:***@host/#/")
@@ -220,6 +220,10 @@ def test_ui_links_point_at_a_tracking_server_when_there_is_one():
     assert "`scenesweep ui`, or `mlflow ui --backend-store-uri sqlite:////data/mlruns/mlflow.db`" in \
         provenance.ui_hint(sqlite)
     assert provenance.model_version_ui_path("scene classifier", 2) == "#/models/scene%20classifier/versions/2"
+    # A UI elsewhere than scenesweep ui's default address (another --port, another machine).
+    monkeypatch.setenv("SCENESWEEP_UI_URL", "http://lab-box:8080/")
+    assert provenance.ui_link("run", path, sqlite) == "[run](http://lab-box:8080/#/experiments/3/runs/abc)"
+    assert "at http://lab-box:8080:" in provenance.ui_hint(sqlite)
 
 
 def test_artifacts_land_under_the_stores_artifacts_folder(study_store):

@@ -4,6 +4,7 @@ tags of runs made with ``MlflowClient``, and where a run is seen in the MLflow U
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import statistics
 import sys
@@ -18,7 +19,7 @@ from ..core.machine import version
 from ..core.store_urls import redact
 
 # `scenesweep ui` (and `mlflow ui`) serve a SQLite store here by default.
-LOCAL_UI = "http://127.0.0.1:5000"
+LOCAL_UI = "http://127.0.0.1:5000"  # `scenesweep ui`'s default address; SCENESWEEP_UI_URL names another
 GPU_SAMPLE_S = 1.0  # utilisation is sampled this often while a trial runs on CUDA
 
 PIP_PACKAGES = ("torch", "torchvision", "scikit-learn", "numpy", "pillow", "pandas", "mlflow")
@@ -102,6 +103,12 @@ def ui_base(tracking_uri: str) -> str | None:
     return None
 
 
+def local_ui() -> str:
+    """Where the MLflow UI of a SQLite store is browsed: ``SCENESWEEP_UI_URL`` (e.g. the
+    ``--port`` given to ``scenesweep ui``, or a machine's name), else ``LOCAL_UI``."""
+    return (os.environ.get("SCENESWEEP_UI_URL", "").strip() or LOCAL_UI).rstrip("/")
+
+
 def run_ui_path(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -113,7 +120,7 @@ def model_version_ui_path(name: str, version: str | int) -> str:
 def ui_link(title: str, path: str, tracking_uri: str) -> str:
     """A Markdown link to ``path`` (e.g. ``#/experiments/1/runs/<id>``) in the MLflow UI: on the
     tracking server of an http(s) URI, else at ``scenesweep ui``'s address (see ``ui_hint``)."""
-    return f"[{title}]({ui_base(tracking_uri) or LOCAL_UI}/{path})"
+    return f"[{title}]({ui_base(tracking_uri) or local_ui()}/{path})"
 
 
 def ui_hint(tracking_uri: str) -> str:
@@ -121,5 +128,6 @@ def ui_hint(tracking_uri: str) -> str:
     if ui_base(tracking_uri) is not None:
         return ""
     uri = redact(tracking_uri)
-    return (f"The links open in the MLflow UI of `{uri}` at {LOCAL_UI}: `scenesweep ui`, or "
-            f"`mlflow ui --backend-store-uri {uri}`, serves it there.")
+    return (f"The links open in the MLflow UI of `{uri}` at {local_ui()}: `scenesweep ui`, or "
+            f"`mlflow ui --backend-store-uri {uri}`, serves it there (another address: set "
+            "SCENESWEEP_UI_URL before the sweep).")
