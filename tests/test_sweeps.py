@@ -50,6 +50,12 @@ def test_sweep_pooling_extracts_every_pooling_in_one_pass_and_logs_epochs(flat_s
     by_number = sorted(children, key=lambda c: int(c.data.tags["trial_number"]))
     assert [c.data.tags["conv_cache"] for c in by_number] == ["miss", "hit", "hit", "hit"]
     assert by_number[0].data.metrics["time/extract_branches"] == 4
+    # Each trial's timings say what it did: the others read the cache (and computed their layer),
+    # logging that, with the figures of the extraction that filled their entry as tags.
+    for hit in by_number[1:]:
+        assert not [k for k in hit.data.metrics if k.startswith("time/extract_")]
+        assert hit.data.metrics["time/cache_read_s"] >= 0 and hit.data.metrics["time/layer_s"] >= 0
+        assert float(hit.data.tags["cache.extraction_images_per_s"]) > 0
     client = MlflowClient()
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")]
@@ -79,6 +85,7 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
     pruned = [c for c in children if c.data.tags["trial_number"] == "1"][0]
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"].startswith("pruned at epoch")
     assert pruned.data.tags["failure"] == "pruned"  # what died of what: filterable in the runs table
+    assert trials[1].user_attrs["failure"] == "pruned"  # and in Optuna, whose FAIL/PRUNED say less
 
 
 def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_declares(flat_scenes, tmp_path):
@@ -178,6 +185,7 @@ def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):
     failed = [c for c in children if c.data.tags["trial_number"] == "0"][0]
     assert failed.info.status == "FAILED" and "missing.pt" in failed.data.tags["error"]
     assert failed.data.tags["failure"] == "error"
+    assert load("survive").trials[0].user_attrs["failure"] == "error"
     assert parents[0].data.tags["best_trial"] == "1"
 
 
@@ -190,6 +198,10 @@ def test_a_study_name_given_on_the_command_line_tags_every_trial(flat_scenes, tm
     assert {c.data.tags["study"] for c in children} == {"my_study"}
     assert {c.data.tags["optuna.storage_study"] for c in children} == {"my_study"}
     assert parents[0].data.tags["study"] == "my_study"
+    # The runs table tells two studies apart, and shows each trial's objective and the best one.
+    assert parents[0].info.run_name == "my_study study"
+    assert all(c.info.run_name.startswith("my_study #") and " · val/acc " in c.info.run_name for c in children)
+    assert [c.info.run_name.endswith(" · best") for c in children].count(True) == 1
 
 
 def test_a_study_where_every_trial_fails_exits_non_zero(flat_scenes, tmp_path):

@@ -78,6 +78,11 @@ def _tag_children(client: MlflowClient, parent_id: str, experiment_id: str, tria
         run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
         if trial.state == TrialState.COMPLETE and run_id in children:
             client.set_tag(run_id, "best_trial", "true" if run_id == best_run_id else "false")
+            name = client.get_run(run_id).info.run_name or ""
+            if run_id == best_run_id and not name.endswith("· best"):
+                client.set_tag(run_id, "mlflow.runName", f"{name} · best")  # the best trial, named as such
+            elif run_id != best_run_id and name.endswith(" · best"):
+                client.set_tag(run_id, "mlflow.runName", name[:-len(" · best")])  # a later resume found better
 
 
 def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResult:
@@ -89,6 +94,7 @@ def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResu
 def evaluate_trial(spec: StudySpec, trial: FrozenTrial, what: str, progress: bool) -> RunResult:
     """Test metrics, once, of a trial's head: the head it fitted (kept when it was the best so far),
     else the same configuration refitted (features from the cache), with a line saying why."""
+    began = time.monotonic()
     config = spec.trial_config(trial.params, tuning=not is_own_setting(trial))
     prepared = prepare(config, progress=progress)
     head, why = kept_head(trial)
@@ -100,6 +106,9 @@ def evaluate_trial(spec: StudySpec, trial: FrozenTrial, what: str, progress: boo
         result.refitted = True
     test_metrics, result.confusion = evaluate_test_split(prepared, result.head)
     result.metrics.update(test_metrics)
+    print(f"test evaluation of {what} ({'refitted' if result.refitted else 'its own head'}): "
+          f"test/acc {test_metrics['test/acc']:.4f} on {len(prepared.split.test)} images "
+          f"in {time.monotonic() - began:.1f} s", file=sys.stderr)
     return result
 
 
@@ -207,7 +216,7 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
         if register and spec.register and version is None:
             version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
                 "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id},
-                source_run_id=best_run_id or None)
+                source_run_id=best_run_id or None, objective=(spec.metric, spec.direction))
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
         _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},

@@ -28,17 +28,17 @@ import warnings
 import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from tqdm.auto import tqdm
 
 from ..compute.training import check_setting
 from ..core import faults
 from ..core.config import result_parameters
 from ..core.errors import ConfigError, UserError
+from ..core.progress import progress_bar
 from ..core.store_urls import redact
 from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler
 from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
-                             fail_dead_trials, own_record, retry, state_counts, this_worker)
+                             fail_dead_trials, mark_failure, own_record, retry, state_counts, this_worker)
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle, mlflow_store, sink
 from .objective import Objective
@@ -194,19 +194,23 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
     """Run the objective under heartbeats, tell Optuna, and log the study's progress on the parent."""
     seed = sweep.study.sampler.seed_of(trial.number) if isinstance(sweep.study.sampler, TrialSeededSampler) else None
     trial.set_user_attr(USER_ATTR_SEED, seed)
-    value, state, error = None, TrialState.COMPLETE, None
+    value, state, error, pruned = None, TrialState.COMPLETE, None, ""
+    began = time.monotonic()
     with Heartbeat(sweep.storage, trial._trial_id, sweep.heartbeat_s):
         try:
             value = sweep.objective(trial, seed=seed)
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
+        except optuna.TrialPruned as why:
+            state, pruned = TrialState.PRUNED, str(why)
+            mark_failure(sweep.storage, trial._trial_id, "pruned")
         except KeyboardInterrupt:
             # Interrupted, not broken: failed in the storage and its parameters retried on resume.
+            mark_failure(sweep.storage, trial._trial_id, "interrupted")
             _tell(sweep, trial, TrialState.FAIL)
             mark_dead(sweep.study, sweep.storage.get_trial(trial._trial_id), "was interrupted", "interrupted")
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
+            mark_failure(sweep.storage, trial._trial_id, "error")
     if state == TrialState.COMPLETE:
         faults.moment("trial-run-ended")
     _tell(sweep, trial, state, value)
@@ -215,11 +219,30 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
         print(f"trial #{trial.number} failed: {error.__class__.__name__}: {error}"
               + ("" if isinstance(error, UserError) else " (traceback: artifact error/traceback.txt of its run)"),
               file=sys.stderr)
+    else:
+        # One line per trial, a log a person can read (above the bar on a terminal).
+        line = trial_line(sweep, trial, state, value, pruned, time.monotonic() - began)
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
     log_progress(sweep, trial.number)
     if bar is not None:
         bar.update(1)
         with contextlib.suppress(ValueError):
             bar.set_postfix_str(f"best {sweep.spec.metric}={sweep.study.best_value:.4f}")
+
+
+def trial_line(sweep: Sweep, trial: optuna.Trial, state: TrialState, value: float | None, pruned: str,
+               seconds: float) -> str:
+    """'trial #3 C=0.012 layer=relu7: val/acc 0.9550 in 4.2 s (best 0.9600, #1)', or '...: pruned at epoch 2 ...'."""
+    shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    outcome = f"{sweep.spec.metric} {value:.4f}" if state == TrialState.COMPLETE else (pruned or state.name.lower())
+    best = ""
+    with contextlib.suppress(ValueError):
+        best_trial = sweep.study.best_trial
+        best = f" (best {best_trial.value:.4f}, #{best_trial.number})"
+    return f"trial #{trial.number} {shown}: {outcome} in {seconds:.1f} s{best}"
 
 
 def _tell(sweep: Sweep, trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
@@ -283,8 +306,8 @@ def run_worker(sweep: Sweep, n_jobs: int = 1) -> None:
     deadline = None if sweep.timeout is None else time.monotonic() + sweep.timeout
     total = sweep.budget.n_trials
     trials = sweep.study.get_trials(deepcopy=False)
-    bar = tqdm(total=total, initial=sweep.budget.finished(trials) if total else 0, unit="trial",
-               desc=f"study {sweep.study.study_name}", disable=not sweep.progress)
+    bar = progress_bar(total=total, initial=sweep.budget.finished(trials) if total else 0, unit="trial",
+                       desc=f"study {sweep.study.study_name}", disable=not sweep.progress)
     try:
         while True:
             threads = [threading.Thread(target=_work, args=(sweep, deadline, bar), daemon=True)
