@@ -204,6 +204,24 @@ def test_a_study_name_given_on_the_command_line_tags_every_trial(flat_scenes, tm
     assert [c.info.run_name.endswith(" · best") for c in children].count(True) == 1
 
 
+def test_a_piped_sweep_writes_a_log_a_person_can_read(flat_scenes, tmp_path, monkeypatch):
+    """stderr not a terminal (CI, `make demo > log`): no carriage returns, one line per trial
+    (number, params, objective, seconds), one per stage (the extraction, the test evaluation)."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    from conftest import run_cli
+
+    result = run_cli("sweep", str(REPO / "sweeps" / "svm_c.yaml"), "--n_trials", "3", "--data", str(flat_scenes),
+                     "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stderr.splitlines()
+    assert "\r" not in result.stderr and len(lines) < 12, result.stderr
+    trial_lines = [line for line in lines if line.startswith("trial #")]
+    assert len(trial_lines) == 3 and all(" val/acc " in line and " s (best " in line for line in trial_lines)
+    assert trial_lines[0].startswith("trial #0 C=1 layer=relu7: val/acc ")  # the study's own setting first
+    assert len([line for line in lines if line.startswith("extract vgg16/")]) == 1
+    assert len([line for line in lines if line.startswith("test evaluation of the best trial #")]) == 1
+
+
 def test_a_study_where_every_trial_fails_exits_non_zero(flat_scenes, tmp_path):
     study = write_study(tmp_path, f"""
         study: doomed

@@ -51,10 +51,15 @@ class LineProgress:
         self.began = self.last = time.monotonic()
         self.closed = False
 
+    def _units(self, count: int) -> str:
+        """'1 trial', '20 trials', '450 img' (abbreviations stay as they are)."""
+        plural = count != 1 and len(self.unit) > 3 and self.unit.isalpha() and not self.unit.endswith("s")
+        return f"{count} {self.unit}{'s' if plural else ''}"
+
     def _count(self) -> str:
         if not self.total:
-            return f"{self.n} {self.unit}"
-        return f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f} %)"
+            return self._units(self.n)
+        return f"{self.n}/{self._units(self.total)} ({100 * self.n / self.total:.0f} %)"
 
     def _rate(self, elapsed: float) -> str:
         done = self.n - self.initial
@@ -89,7 +94,7 @@ class LineProgress:
         if self.stage and self.n > self.initial:
             elapsed = time.monotonic() - self.began
             rate = self._rate(elapsed)
-            parts = [f"{self.n - self.initial} {self.unit} in {elapsed:.1f} s", rate, self.postfix]
+            parts = [f"{self._units(self.n - self.initial)} in {elapsed:.1f} s", rate, self.postfix]
             self._line(f"{self.desc}: {', '.join(p for p in parts if p)}")
 
     def __iter__(self) -> Iterator[Any]:
