@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 import torch
 from click.testing import CliRunner
 
@@ -101,7 +102,9 @@ def test_the_champion_predicts_like_the_in_process_head(store, champion):
     assert list(predictions["label"]) == [CLASSES[i] for i in expected]
     # Decision values of the svm, from features computed in the served model's own pass.
     np.testing.assert_allclose(score_matrix(predictions), result.head.predict_scores(X_test), rtol=1e-5, atol=1e-6)
-    assert champion.metadata.get_input_schema() is None  # bad input reaches our checks (see serving.py)
+    # The input column is declared: MLflow's model page and clients show it.
+    assert [(c.name, c.type.name, c.required) for c in champion.metadata.get_input_schema().inputs] == [
+        ("image", "string", True)]
 
 
 def test_an_mlp_head_scores_are_probabilities(store, champion):
@@ -124,7 +127,8 @@ BAD_INPUTS = [
     ("not base64", pd.DataFrame({"image": ["this is not base64!"]}), "row 0: column 'image' is not valid base64"),
     ("not an image", pd.DataFrame({"image": [base64.b64encode(b"hello world").decode()]}),
      "row 0: not an image: expected the bytes of a JPEG, PNG or other image file, base64-encoded"),
-    ("missing column", pd.DataFrame({"picture": ["aGk="]}), "missing column 'image'"),
+    # (MLflow's schema check answers this one, naming the column and what was sent)
+    ("missing column", pd.DataFrame({"picture": ["aGk="]}), "Failed to enforce schema"),
     ("empty input", pd.DataFrame({"image": pd.Series([], dtype=object)}), "empty input: expected at least one row"),
     # What one request may hold: refused before decoding anything.
     ("too many images", pd.DataFrame({"image": ["aGk="] * 513}), "513 images in one request: at most 512"),
@@ -135,9 +139,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name, frame, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_a_clear_error(champion, name, frame, message):
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(MlflowException) as caught:  # InputError is one: the server answers 400
         champion.predict(frame)
-    assert str(caught.value).startswith(message)
+    assert str(caught.value).startswith(message), str(caught.value)
+    if name == "missing column":
+        assert "missing inputs ['image']" in str(caught.value) and "'picture'" in str(caught.value)
+    else:
+        assert isinstance(caught.value, InputError)
 
 
 def test_the_second_row_is_named(store, champion):
@@ -284,14 +292,17 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
         bad_requests = {
             "not base64": (split("this is not base64!"), "row 0: column 'image' is not valid base64"),
             "not an image": (split(base64.b64encode(b"hello world").decode()), "row 0: not an image"),
+            # MLflow's schema check (the signature declares the column) answers this one.
             "missing column": ({"dataframe_split": {"columns": ["picture"], "data": [[b64(paths[0])]]}},
-                               "missing column 'image'"),
+                               "Failed to predict data"),
             "empty input": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty input"),
         }
         for name, (body, message) in bad_requests.items():
             status, answer = post(f"{base}/invocations", body)
             assert 400 <= status < 500, (name, status, answer)
             assert answer["message"].startswith(message), (name, answer)
+            if name == "missing column":
+                assert "missing inputs ['image']" in answer["message"] and "'picture'" in answer["message"]
             assert "stack_trace" not in answer and "Traceback" not in answer["message"], (name, answer)
 
         # Still serving, and a single image in the records format too.

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.pyfunc.model import PythonModelContext
+from mlflow.types import ColSpec, DataType, Schema
 
 from ..compute import backbone
 from ..tracking.provenance import pip_requirements
@@ -240,12 +241,14 @@ def log_image_classifier(result, name: str = "model", example_images: list[bytes
             model.load_context(PythonModelContext(artifacts, None))
             saved = Path(tmp) / "model"
             with quiet_model_logging():
-                # Outputs only: with an input schema MLflow would check the table before predict and
-                # answer a missing column or a wrong type with its own message; ours names the row.
+                # The input column declared (the model page shows it; clients read it): MLflow
+                # itself then answers a missing column or a non-string one (its message names the
+                # column and what was sent); the model checks the values, naming the row.
                 outputs = infer_signature(example, model.predict(None, example)).outputs
+                inputs = Schema([ColSpec(DataType.string, IMAGE_COLUMN)])
                 mlflow.pyfunc.save_model(
                     str(saved), python_model=ImageClassifier(), artifacts=artifacts,
-                    signature=ModelSignature(inputs=None, outputs=outputs), input_example=example,
+                    signature=ModelSignature(inputs=inputs, outputs=outputs), input_example=example,
                     code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
                     metadata={"input": INPUT_DESCRIPTION, **{k: v for k, v in spec.items() if k != "classes"}})
             size_mb = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2**20

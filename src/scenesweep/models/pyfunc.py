@@ -140,8 +140,10 @@ def decode_images(model_input: Any) -> list[bytes]:
     if len(table) == 0 and (IMAGE_COLUMN in table.columns or len(table.columns) == 0):
         raise InputError(f"empty input: expected at least one row in column '{IMAGE_COLUMN}'")
     if IMAGE_COLUMN not in table.columns:
-        columns = ", ".join(repr(str(c)) for c in table.columns) or "none"
-        raise InputError(f"missing column '{IMAGE_COLUMN}': expected {INPUT_DESCRIPTION}; got columns {columns}")
+        # (MLflow's schema check drops the columns it does not know before the model sees them.)
+        columns = ", ".join(repr(str(c)) for c in table.columns)
+        raise InputError(f"missing column '{IMAGE_COLUMN}': expected {INPUT_DESCRIPTION}"
+                         + (f"; got columns {columns}" if columns else ""))
     if len(table) > MAX_IMAGES_PER_REQUEST:
         raise InputError(f"{len(table)} images in one request: at most {MAX_IMAGES_PER_REQUEST}; "
                          "send them in several requests")
