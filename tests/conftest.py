@@ -184,3 +184,24 @@ def pytest_collection_modifyitems(config, items):
     """The slowest files first (each file keeps its own order)."""
     order = {name: index for index, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: order.get(Path(str(item.fspath)).stem, len(order)))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(name, size_mb)``: a tmpfs of that size mounted under tmp_path for the test and
+    unmounted after (CI runs as root; elsewhere the test is skipped)."""
+    mounted = []
+
+    def mount(name: str, size_mb: int) -> Path:
+        mountpoint = tmp_path / name
+        mountpoint.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mountpoint)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.strip()}")
+        mounted.append(mountpoint)
+        return mountpoint
+
+    yield mount
+    for mountpoint in mounted:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

@@ -310,20 +310,9 @@ def test_bad_input_table(case, flat_scenes, tmp_path, monkeypatch, store):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MB tmpfs, mounted for the test and unmounted after (CI runs as root)."""
-    import subprocess
-
-    mountpoint = tmp_path / "small_disk"
-    mountpoint.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mountpoint)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+def small_disk(tmpfs):
+    """A 3 MB tmpfs."""
+    return tmpfs("small_disk", 3)
 
 
 def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_nothing_half_written(flat_scenes, small_disk,

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
@@ -341,3 +342,59 @@ def test_a_worker_with_the_same_images_under_another_path_joins_the_study(flat_s
     changed = sweep(REPO / "sweeps" / "svm_c.yaml", "--data", str(elsewhere), "--n_trials", "3", *args)
     assert changed.returncode == 2 and "dataset:" in changed.stderr and "--study_name" in changed.stderr, \
         changed.stderr
+
+
+def test_a_tracking_store_without_room_is_refused_before_any_run(flat_scenes, tmpfs, monkeypatch):
+    """Less than 64 MB where MLflow and Optuna write: one line naming the folder, before anything exists."""
+    disk = tmpfs("store_disk", 16)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{disk / 'mlflow.db'}")
+    result = sweep(long_mlp_study(disk.parent, flat_scenes, "no_room", 1))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(disk) in errors[0] and "MB free" in errors[0] and "at least 64 MB" in errors[0]
+    assert not list(disk.iterdir())  # no database, no study, no run
+
+
+def test_a_store_disk_filling_up_mid_sweep_ends_everything_and_the_sweep_resumes(flat_scenes, tmpfs, monkeypatch):
+    """The store's disk fills while a trial runs: the trial's run and the parent end FAILED (in the
+    space of the store's reserve), the trial is failed and retried, one line, exit 2; once there
+    is room again the same command finishes the study."""
+    disk = tmpfs("store_disk", 96)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{disk / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{disk / 'mlflow.db'}")
+    study = long_mlp_study(disk.parent, flat_scenes, "filled", 1)
+    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress"], cwd=REPO,
+                              env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    filler = disk / "filler"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                trials = load("filled").trials
+            except KeyError:
+                trials = []
+            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("trial 0 never started")
+        with open(filler, "wb") as out:  # the disk full, as another process would fill it
+            with pytest.raises(OSError):
+                while True:
+                    out.write(b"\0" * 2**20)
+                    out.flush()
+    finally:
+        _, err = worker.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert worker.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"tracking store {disk}: the disk is full" in errors[0]
+    trial, retry = load("filled").trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "error" and retry.state == TrialState.WAITING
+    runs = all_runs()
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs} == {"FAILED"}  # the trial's run and the parent
+    filler.unlink()
+    resumed = sweep(study)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [t.state for t in load("filled").trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert not [r.info.run_name for r in all_runs() if r.info.status == "RUNNING"]

@@ -104,9 +104,17 @@ def user_errors(command: Callable) -> Callable:
         except RunFailedError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
-        except MlflowException as error:
-            click.echo(f"error: MLflow: {error.message}", err=True)
-            sys.exit(2)
+        except Exception as error:
+            from ..core.disk_space import disk_full_message, is_disk_full
+            from ..tracking.mlflow_store import store_folder
+
+            if is_disk_full(error):  # the runs were ended in the space of the store's reserve
+                click.echo(f"error: {disk_full_message(error, store_folder())}", err=True)
+                sys.exit(2)
+            if isinstance(error, MlflowException):
+                click.echo(f"error: MLflow: {error.message}", err=True)
+                sys.exit(2)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..compute.training import check_setting
 from ..core import faults
 from ..core.config import result_parameters
+from ..core.disk_space import StoreFullError, disk_full_message, is_disk_full, release_reserve
 from ..core.errors import ConfigError, UserError
 from ..core.progress import progress_bar
 from ..core.store_urls import redact
@@ -210,6 +211,14 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
+            if is_disk_full(caught):
+                # Every next trial would fail too: this one is failed and retried on resume, the sweep stops.
+                release_reserve(mlflow_store.store_folder())
+                with contextlib.suppress(Exception):
+                    mark_failure(sweep.storage, trial._trial_id, "error")
+                    _tell(sweep, trial, TrialState.FAIL)
+                    retry(sweep.study, sweep.storage.get_trial(trial._trial_id))
+                raise
             mark_failure(sweep.storage, trial._trial_id, "error")
     if state == TrialState.COMPLETE:
         faults.moment("trial-run-ended")
@@ -361,6 +370,12 @@ def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
                                           f"{socket.gethostname()}-{os.getpid()}")
     try:
         run_worker(sweep, n_jobs=n_jobs)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        with contextlib.suppress(Exception):  # the parent resumes with the study
+            lifecycle.end_run(sweep.parent_id, "FAILED", error, failure="error")
+        raise StoreFullError(disk_full_message(error, mlflow_store.store_folder())) from None
     except KeyboardInterrupt as error:
         with contextlib.suppress(Exception):
             if not any(t.state == TrialState.RUNNING for t in sweep.study.get_trials(deepcopy=False)):

@@ -11,6 +11,7 @@ How a run ends, and what it carries:
 | Ctrl-C or SIGTERM (KeyboardInterrupt, ``Interrupted``) | KILLED | ``error``, ``failure=interrupted``, ``signal`` |
 | bad input (``UserError``) | FAILED | ``error`` (one line), ``failure=error`` |
 | a bug (any other exception) | FAILED | ``error``, ``failure=error``, artifact ``error/traceback.txt`` |
+| the store's disk full | FAILED | ``error``, ``failure=error`` (ended in the space of the store's reserve) |
 | its process died (found by another) | FAILED | ``error``, ``failure=killed`` (on its host) or ``stale`` (by heartbeat) |
 
 Runs are named by id and ended through ``MlflowClient`` (the fluent run of this thread, if it is
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from ..core.disk_space import is_disk_full, release_reserve
 from ..core.errors import UserError, describe_error
 from . import mlflow_store
 
@@ -70,6 +72,9 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
         Whether the run was ended here.
     """
     client = MlflowClient()
+    full = isinstance(error, BaseException) and is_disk_full(error)
+    if full:  # the writes below need the space the store's reserve holds (core.disk_space)
+        release_reserve(mlflow_store.store_folder())
     if only_running:
         try:
             if client.get_run(run_id).info.status != "RUNNING":
@@ -83,7 +88,7 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
         labels["failure"] = failure
     if labels:
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in labels.items()])
-    if isinstance(error, BaseException) and failure == "error" and not isinstance(error, UserError):
+    if isinstance(error, BaseException) and failure == "error" and not isinstance(error, UserError) and not full:
         with contextlib.suppress(Exception):  # the traceback is a help, never why ending fails
             client.log_text(run_id, "".join(traceback.format_exception(error)), "error/traceback.txt")
     _terminate(run_id, status)
@@ -104,7 +109,11 @@ def ending(run_id: str, pruned: tuple[type[BaseException], ...] = ()) -> Iterato
                 signal=signal.Signals(signum).name)
         raise
     except BaseException as error:
-        end_run(run_id, "FAILED", error, failure="error")
+        try:
+            end_run(run_id, "FAILED", error, failure="error")
+        except Exception:  # the store itself failed (a full disk past its reserve): the cause is what counts
+            if not is_disk_full(error):
+                raise
         raise
     end_run(run_id, "FINISHED", only_running=True)  # unless the block ended it (a failed study)
 

@@ -7,10 +7,12 @@ databases). Artifacts of the experiments created here live beside the database.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -18,8 +20,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from ..core.disk_space import check_store_space  # noqa: E402
 from ..core.errors import ConfigError, first_line  # noqa: E402
-from ..core.store_urls import artifacts_beside, check_database_folder, project_store_folder, redact, sqlite_path  # noqa: E402
+from ..core.store_urls import (artifacts_beside, check_database_folder, project_store_folder, redact,  # noqa: E402
+                               sqlite_path)
 
 HEALTH_TIMEOUT_S = 5.0  # a tracking server that does not answer /health in this time is down
 
@@ -38,7 +42,8 @@ def check_tracking_uri(uri: str) -> None:
 
     Raises:
         ConfigError: a malformed SQLite URL, a SQLite folder that does not exist or cannot be
-            written (see ``check_database_folder``), or an HTTP server that does not answer.
+            written (see ``check_database_folder``) or has too little space (``StoreFullError``),
+            or an HTTP server that does not answer.
     """
     if uri.startswith("sqlite:") and sqlite_path(uri) is None:
         raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: expected sqlite:////absolute/path/mlflow.db "
@@ -46,6 +51,7 @@ def check_tracking_uri(uri: str) -> None:
     database = sqlite_path(uri)
     if database is not None:
         check_database_folder(database, f"MLFLOW_TRACKING_URI={uri}")
+        check_store_space(database.parent, f"MLFLOW_TRACKING_URI={uri}")
     if uri.startswith(("http://", "https://")):
         health = uri.rstrip("/") + "/health"
         try:
@@ -72,6 +78,11 @@ def setup_tracking() -> str:
     uri = tracking_uri()
     check_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # MLflow logs each database error it re-raises with a traceback and the statement's rows
+    # (mlflow.store.db.utils), and its system-metrics thread the same as a warning every 10 s:
+    # the error itself reaches the caller, whose one line (a full disk, a lost database) says it.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.ERROR)
     # On a tracking server MLflow prints "View run ... at: URL" on stdout for every run it ends,
     # after one more request to read the run: 2 lines and a round trip per trial of a sweep, on
     # the stdout that holds the summary. The parent run's link and the dashboard notes say where.
@@ -87,6 +98,12 @@ def setup_tracking() -> str:
         raise ConfigError(f"MLFLOW_TRACKING_URI={redact(uri)}: cannot open the tracking store "
                           f"({error.__class__.__name__}: {first})") from None
     return uri
+
+
+def store_folder() -> Path | None:
+    """The folder of the SQLite tracking store in use (database, artifacts, reserve), else None."""
+    database = sqlite_path(mlflow.get_tracking_uri())
+    return database.parent if database is not None else None
 
 
 def artifact_root(uri: str | None = None) -> str | None:
