@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from scenesweep.cli.main import main
-from scenesweep.core.config import ENTRY_HEADS, HEAD_DEFAULTS, PARAMETER_BY_NAME, run_parameters
+from scenesweep.core.config import ENTRY_HEADS, PARAMETER_BY_NAME, run_parameters
 
 from conftest import REPO
 
@@ -29,7 +29,7 @@ def test_single_run_entry_points_declare_every_parameter_with_its_default(entry)
     assert set(declared) == expected
     for name in run_parameters(ENTRY_HEADS[entry]):
         param = PARAMETER_BY_NAME[name]
-        default = HEAD_DEFAULTS.get(ENTRY_HEADS[entry] or "", {}).get(name, param.default)
+        default = param.default  # "": layer and pooling are the backbone's own
         if name == "cache_dir":
             assert declared[name]["default"] == ""
         elif isinstance(default, bool):

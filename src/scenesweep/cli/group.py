@@ -30,7 +30,7 @@ def parameter_options(names: tuple[str, ...]) -> Callable:
     def decorate(command: Callable) -> Callable:
         for param in reversed([p for p in PARAMETERS if p.name in names]):
             command = option(param.name, default=None, metavar="VALUE",
-                             help=f"{param.help} [default: {param.default}]")(command)
+                             help=f"{param.help} [default: {param.shown_default or param.default}]")(command)
         return command
 
     return decorate
@@ -124,4 +124,4 @@ def user_errors(command: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """Tracked, searchable transfer-learning studies of VGG on image folders (MLflow + Optuna)."""
+    """Tracked, searchable transfer-learning studies of torchvision backbones (VGG, ResNet, ...) on image folders (MLflow + Optuna)."""

@@ -130,10 +130,10 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
              "models:/NAME/VERSION, runs:/RUN_ID/model, a folder)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--imagenet", is_flag=True,
-              help="instead: the top ImageNet classes by the full VGG with its ImageNet head")
+              help="instead: the top ImageNet classes by the full network (--arch) with its ImageNet head")
 @click.option("--weights", default="imagenet", show_default=True,
               help="with --imagenet: 'imagenet', 'random' or a state_dict file")
-@click.option("--arch", default="vgg16", show_default=True, help="with --imagenet: VGG depth")
+@click.option("--arch", default="vgg16", show_default=True, help="with --imagenet: the backbone (any registered architecture)")
 @option("image_size", default="224", show_default=True, help="with --imagenet: input side in pixels")
 @click.option("--top", default="5", show_default=True, help="with --imagenet: classes per image")
 @click.pass_context
@@ -148,7 +148,7 @@ def predict(ctx: click.Context, images: tuple[str, ...], model_uri: str, as_json
     given = {name for name in ("model_uri", "weights", "arch", "image_size", "top")
              if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     if imagenet and "model_uri" in given:
-        raise UserError("--model-uri and --imagenet exclude each other: --imagenet uses the full VGG, not a model")
+        raise UserError("--model-uri and --imagenet exclude each other: --imagenet uses the full network, not a model")
     if not imagenet and given - {"model_uri"}:
         options = ", ".join(f"--{name}" for name in sorted(given - {"model_uri"}))
         raise UserError(f"{options}: only with --imagenet")

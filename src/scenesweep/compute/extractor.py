@@ -44,26 +44,29 @@ COMPILE_ENV = "SCENESWEEP_COMPILE"  # "0": never compile, "1": always (tests), u
 PREFETCH_BATCHES = 2  # decoded batches waiting for the forward pass
 
 
-def transform_sizes(arch: str, image_size: int) -> tuple[int, int]:
-    """(resize, crop) of the weights' own transform at ``image_size`` (256 -> 224 at 224)."""
+def transform_sizes(arch: str, image_size: int) -> tuple[int, int, TF.InterpolationMode]:
+    """(resize, crop, interpolation) of the weights' own transform at ``image_size`` (VGG16:
+    256 -> 224 bilinear at 224)."""
     transform = backbone.preprocessing(arch, image_size)
-    return transform.resize_size[0], transform.crop_size[0]
+    return transform.resize_size[0], transform.crop_size[0], transform.interpolation
 
 
-def load_pixels(path: Path, resize: int, crop: int) -> np.ndarray:
+def load_pixels(path: Path, resize: int, crop: int,
+                interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR) -> np.ndarray:
     """One image file -> (crop, crop, 3) uint8: RGB (grayscale repeated), resized so that its
-    shorter side is ``resize`` (bilinear, antialiased), centre-cropped: the weights' transform
-    before its float conversion and normalisation."""
+    shorter side is ``resize`` (the weights' interpolation, antialiased), centre-cropped: the
+    weights' transform before its float conversion and normalisation."""
     # Grayscale (all of 15-Scene) is resized as one channel and repeated after: the same pixels as
     # resizing its RGB copy (PIL resamples each band alike), a third of the work.
     image = read_image(path, keep_gray=True)
-    image = TF.resize(image, [resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    image = TF.resize(image, [resize], interpolation=interpolation, antialias=True)
     pixels = np.asarray(TF.center_crop(image, [crop, crop]), dtype=np.uint8)  # (S, S) or (S, S, 3)
     return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
 def batches(dataset: Dataset, order: np.ndarray, batch_size: int, resize: int, crop: int,
-            pin: bool = False) -> Iterator[tuple[torch.Tensor, int, float]]:
+            pin: bool = False, interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
+            ) -> Iterator[tuple[torch.Tensor, int, float]]:
     """(uint8 batch (B, S, S, 3), images in it, seconds spent decoding it), decoded by a thread.
 
     The last batch is padded (repeating its last image) to ``batch_size``: the second value
@@ -77,7 +80,7 @@ def batches(dataset: Dataset, order: np.ndarray, batch_size: int, resize: int, c
             for start in range(0, len(order), batch_size):
                 began = time.perf_counter()
                 chunk = [int(i) for i in order[start:start + batch_size]]
-                pixels = np.stack([load_pixels(dataset.absolute(i), resize, crop) for i in chunk])
+                pixels = np.stack([load_pixels(dataset.absolute(i), resize, crop, interpolation) for i in chunk])
                 if len(chunk) < batch_size:
                     pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(chunk), axis=0)])
                 batch = torch.from_numpy(pixels)
@@ -113,7 +116,7 @@ def batches(dataset: Dataset, order: np.ndarray, batch_size: int, resize: int, c
 
 
 class Normalised(nn.Module):
-    """uint8 (B, S, S, 3) -> the conv part's output (B, 512, S/32, S/32) in float32.
+    """uint8 (B, S, S, 3) -> the trunk's output (VGG: (B, 512, S/32, S/32)) in float32.
 
     The permute makes an NCHW view with channels_last strides (no copy); the normalisation is
     fp32, as torchvision's transform does it, then cast to the compute dtype.
@@ -154,7 +157,7 @@ def runner(model: nn.Module, arch: str, device: torch.device, precision: str, co
     """
     backbone.to_inference(model, device, precision)
     transform = backbone.preprocessing(arch, 224)
-    features = backbone.PoolingBranches(model.features, poolings) if poolings else model.features
+    features = backbone.trunk(model, poolings)
     module = Normalised(features, backbone.compute_dtype(precision), tuple(transform.mean),
                         tuple(transform.std)).to(device).eval()
     if not compile_graph:
@@ -169,8 +172,10 @@ def runner(model: nn.Module, arch: str, device: torch.device, precision: str, co
 
 
 def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_size: int, resize: int,
-                crop: int, device: torch.device, on_batch=None) -> tuple[np.ndarray, list[float], list[int], dict]:
-    """Every batch through ``module``: (N, 512, h, w) float32 (a tuple of them when the module has
+                crop: int, device: torch.device, on_batch=None,
+                interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
+                ) -> tuple[np.ndarray, list[float], list[int], dict]:
+    """Every batch through ``module``: the trunk's output, e.g. (N, 512, h, w) float32 (a tuple of them when the module has
     several outputs), per-batch seconds (wall time from one batch's end to the next's, decoding
     included), images per batch, and where the time went: ``decode_s`` (the decoding thread's
     seconds), ``compute_s`` (the forward passes', copies included) and ``wait_s`` (the forward
@@ -179,7 +184,8 @@ def run_batches(module: nn.Module, dataset: Dataset, order: np.ndarray, batch_si
     spent = {"decode_s": 0.0, "compute_s": 0.0, "wait_s": 0.0}
     with torch.inference_mode():
         began = time.perf_counter()
-        for pixels, real, decode_s in batches(dataset, order, batch_size, resize, crop, pin=device.type == "cuda"):
+        for pixels, real, decode_s in batches(dataset, order, batch_size, resize, crop, pin=device.type == "cuda",
+                                              interpolation=interpolation):
             computing = time.perf_counter()
             spent["wait_s"] += computing - began
             out = module(pixels.to(device, non_blocking=True))  # (B, 512, S/32, S/32), or a tuple

@@ -43,14 +43,6 @@ class FeatureMaps:
         return self.thresholded.mean(axis=(2, 3))
 
 
-def first_conv(model: torch.nn.Module) -> torch.nn.Sequential:
-    """conv1_1 and its ReLU: the first two modules of VGG's ``features``."""
-    conv, relu = model.features[0], model.features[1]
-    if not isinstance(conv, torch.nn.Conv2d) or not isinstance(relu, torch.nn.ReLU):
-        raise TypeError(f"expected Conv2d then ReLU at the start of features, got {conv} and {relu}")
-    return torch.nn.Sequential(conv, relu).eval()
-
-
 def first_conv_maps(paths: Sequence[str | os.PathLike], weights: str = "imagenet", arch: str = "vgg16",
                     image_size: int = 224, threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
                     device: str = "auto") -> FeatureMaps:
@@ -74,8 +66,8 @@ def first_conv_maps(paths: Sequence[str | os.PathLike], weights: str = "imagenet
     transform = backbone.preprocessing(arch, image_size)
     # Only conv1_1 is needed, but its weights come from the full checkpoint: build the whole
     # network once (fc widths and pooling do not touch the first layer).
-    model = backbone.build_backbone(arch, weights, seed=seed)
-    layer = first_conv(model).to(resolve_device(device))
+    model = backbone.build_backbone(arch, weights, seed=seed, image_size=image_size)
+    layer = backbone.first_conv(model).to(resolve_device(device))
     del model
     batch = torch.stack([transform(read_image(path)) for path in paths])  # (N, 3, S, S), normalised
     with torch.inference_mode():

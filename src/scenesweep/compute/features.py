@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.backbones import family_of
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
 from ..core.errors import ConfigError, UserError, first_line
 from ..core.progress import progress_bar
@@ -65,8 +66,9 @@ def cpu_has_native_bf16() -> bool:
 def choose_precision(config: RunConfig, device: torch.device) -> precision.PrecisionChoice:
     """The extraction precision of ``config``: as given, or for "auto" the faster one measured on
     this machine at the run's image size and batch (kept in the cache folder)."""
-    return precision.choose_extraction(config.precision, lambda: backbone.architecture(config.arch).features,
-                                       config.arch, config.image_size, config.batch_size, device, config.cache_path)
+    return precision.choose_extraction(
+        config.precision, lambda: backbone.trunk(backbone.architecture(config.arch, image_size=config.image_size)),
+        config.arch, config.image_size, config.batch_size, device, config.cache_path)
 
 
 def batch_timing_stats(seconds: list[float], images: list[int], warmup: int = WARMUP_BATCHES) -> dict[str, float]:
@@ -90,17 +92,26 @@ def _digest(parts: dict[str, Any]) -> str:
 
 
 def conv_key_parts(config: RunConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
-    """Everything that changes the stored conv output (the transform is given by image_size)."""
-    return {"format": CACHE_FORMAT, "stage": "conv", "dataset": dataset.fingerprint,
-            "weights": backbone.weights_identity(config.weights, config.arch, config.seed),
-            "arch": config.arch, "pooling": config.pooling, "image_size": config.image_size,
-            "transform": "torchvision-ImageClassification-resize256/224-crop-imagenet-norm",
-            "precision": precision}
+    """Everything that changes the stored trunk output (the transform's size is image_size).
+
+    The pooling is a part only where it sits inside the trunk (VGG's max-pools): a global pooling
+    comes after it, so one entry serves every pooling type (``layer_key_parts`` names it).
+    """
+    parts = {"format": CACHE_FORMAT, "stage": "conv", "dataset": dataset.fingerprint,
+             "weights": backbone.weights_identity(config.weights, config.arch, config.seed),
+             "arch": config.arch, "pooling": config.pooling, "image_size": config.image_size,
+             "transform": backbone.transform_identity(config.arch), "precision": precision}
+    if not family_of(config.arch).pools_in_trunk:
+        del parts["pooling"]
+    return parts
 
 
 def layer_key_parts(config: RunConfig, conv_key: str) -> dict[str, Any]:
+    family = family_of(config.arch)
     parts = {"format": CACHE_FORMAT, "stage": "layer", "conv": conv_key, "layer": config.layer}
-    if config.layer != "pool5":
+    if not family.pools_in_trunk:
+        parts["pooling"] = config.pooling
+    if config.layer in family.fc_taps:
         parts["fc_width"] = config.fc_width
         if config.fc_width != FC_WIDTH_PRETRAINED:
             parts["fc_seed"] = config.seed  # new fc layers are seeded
@@ -247,7 +258,7 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     forward pass (``decode_overlap``); whether it ran compiled.
     """
     order = np.arange(len(dataset.paths)) if indices is None else np.asarray(indices)
-    resize, crop = extractor.transform_sizes(arch, image_size)
+    resize, crop, interpolation = extractor.transform_sizes(arch, image_size)
     module, mode = extractor.compile_or_eager(model, arch, device, precision, len(order), image_size, cache_dir,
                                               poolings)
     shown = f", poolings {'+'.join(poolings)}" if poolings else ""
@@ -256,7 +267,7 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
     began = time.perf_counter()
     try:
         out, seconds, counts, spent = extractor.run_batches(module, dataset, order, batch_size, resize, crop,
-                                                               device, on_batch=bar.update)
+                                                            device, on_batch=bar.update, interpolation=interpolation)
     except UserError:
         raise
     except Exception as error:  # the compiled graph failed at its first call: eager is correct
@@ -267,7 +278,7 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
         bar.reset()
         module, mode = extractor.runner(model, arch, device, precision, False, cache_dir, poolings)
         out, seconds, counts, spent = extractor.run_batches(module, dataset, order, batch_size, resize, crop,
-                                                               device, on_batch=bar.update)
+                                                            device, on_batch=bar.update, interpolation=interpolation)
     bar.close()
     timing = batch_timing_stats(seconds, counts)
     total_s = time.perf_counter() - began
@@ -282,17 +293,17 @@ def extract_conv(model: torch.nn.Module, dataset: Dataset, image_size: int, arch
 
 def layer_from_conv(model: torch.nn.Module, conv_out: np.ndarray, layer: str, device: torch.device,
                     precision: str = "fp32", chunk: int = 256) -> np.ndarray:
-    """(N, 512, h, w) conv output -> (N, D) features of ``layer``, float32.
+    """The trunk's output (VGG: (N, 512, h, w)) -> (N, D) features of ``layer``, float32.
 
-    fc6/fc7 run in the extraction precision (bf16 fc6 is 0.9 TFLOP for 4485 images, five times
-    quicker than fp32 on AMX), as the served model runs them.
+    VGG's fc6/fc7 run in the extraction precision (bf16 fc6 is 0.9 TFLOP for 4485 images, five
+    times quicker than fp32 on AMX), as the served model runs them.
     """
     backbone.to_inference(model, device, precision, layer)
     parts = []
     with torch.inference_mode():
         for start in range(0, len(conv_out), chunk):
             block = torch.from_numpy(conv_out[start:start + chunk]).to(device)
-            parts.append(backbone.from_conv(model, block, layer).float().cpu().numpy())
+            parts.append(backbone.from_trunk(model, block, layer).cpu().numpy())
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
@@ -304,11 +315,11 @@ _BUILT: dict[tuple, torch.nn.Module] = {}
 
 def built_backbone(config: RunConfig, device: torch.device, precision: str) -> torch.nn.Module:
     key = (config.arch, backbone.weights_identity(config.weights, config.arch, config.seed), config.pooling,
-           config.fc_width, config.seed, str(device), precision)
+           config.fc_width, config.seed, config.image_size, str(device), precision)
     if key not in _BUILT:
         _BUILT.clear()  # one at a time: a VGG16 is 550 MB
         _BUILT[key] = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width,
-                                              config.seed)
+                                              config.seed, config.image_size)
     return _BUILT[key]
 
 
@@ -346,7 +357,9 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
     else:
         model = built_backbone(config, device, precision)
         # Other poolings the study will need and nobody has extracted yet: in the same pass.
+        # (Only where the pooling is inside the trunk: otherwise one trunk entry serves them all.)
         others = tuple(p for p in dict.fromkeys(share_poolings) if p != config.pooling
+                       and family_of(config.arch).pools_in_trunk and p in family_of(config.arch).poolings
                        and cache.meta(_digest(conv_key_parts(config.replace(pooling=p), dataset, precision))) is None)
         poolings = (config.pooling, *others) if others else ()
         conv_out, timing = extract_conv(model, dataset, config.image_size, config.arch, config.batch_size,

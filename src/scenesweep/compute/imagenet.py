@@ -68,7 +68,7 @@ def top_classes(paths: list[str | os.PathLike], weights: str = "imagenet", arch:
 
     transform = backbone.preprocessing(arch, image_size)
     pixels = [transform(read_image(path)) for path in paths]  # each (3, S, S), decoded before any compute
-    model = backbone.build_backbone(arch, str(weights), "max", FC_WIDTH_PRETRAINED, seed)
+    model = backbone.build_backbone(arch, str(weights), None, FC_WIDTH_PRETRAINED, seed, image_size)
     model = model.to(memory_format=torch.channels_last)  # oneDNN's fastest convolutions
     names = imagenet_categories(arch)
     found = []

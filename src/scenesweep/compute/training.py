@@ -120,7 +120,7 @@ def check_setting(config: RunConfig, skip: tuple[str, ...] = ()) -> tuple[Datase
     if "device" not in skip:
         resolve_device(config.device)
     if not {"arch", "weights"} & set(skip):
-        check_weights(config.arch, config.weights)
+        check_weights(config.arch, config.weights, config.image_size)
     if set(data_parameters()) & set(skip):
         return None
     return load_data(config)

@@ -13,21 +13,19 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from . import backbones
 from .errors import ConfigError
 
-# Pooling types that replace every max-pool of the VGG backbone (study Q12.3).
-# "lp1" is LPPool2d with p=1, the study's "sum" pooling; "lp2" its "norm-2" pooling.
-POOLINGS = ("max", "avg", "lp1", "lp2")
-
-# Feature layers, in network order, with what they are. pool5 is the flattened output of the
-# convolutional part (512 x 7 x 7 = 25088 at any input size, thanks to VGG's adaptive pool).
-LAYERS = ("pool5", "fc6", "relu6", "fc7", "relu7")
+# Pooling types, feature layers (taps) and architectures: declared per backbone family in
+# core/backbones.py (VGG: pool5 .. relu7 and four poolings inside its trunk; ResNet, ConvNeXt, ...:
+# the global pooling's penultimate features). "lp1" is LPPool2d with p=1, the study's "sum"
+# pooling; "lp2" its "norm-2" pooling.
+POOLINGS = backbones.POOLINGS
+LAYERS = backbones.LAYERS
+ARCHS = backbones.ARCHS
 
 # Heads trained on cached features: "svm" (study Q8/Q10, Q12.1) and "mlp" (study Q11/Q12.2).
 HEADS = ("svm", "mlp")
-
-# VGG depths torchvision provides; the study uses vgg16.
-ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 
 DEVICES = ("auto", "cpu", "cuda")
 # "auto" takes the faster of fp32 and bf16 as measured on the machine at the run's shapes
@@ -35,10 +33,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 FC_WIDTH_MIN, FC_WIDTH_MAX, FC_WIDTH_PRETRAINED = 1024, 16384, 4096
-
-# Defaults that differ by head: the study trains its new head on pool5 (Q11/Q12.2) and the
-# SVM on relu7 (Q8/Q10).
-HEAD_DEFAULTS = {"mlp": {"layer": "pool5"}, "svm": {"layer": "relu7"}}
 
 # What each entry point runs: the head it trains ("extract" trains none).
 ENTRY_HEADS = {"extract": None, "svm": "svm", "finetune": "mlp"}
@@ -145,6 +139,15 @@ def _boolean(name: str) -> Callable[[Any], bool]:
     return convert
 
 
+def _optional_choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    """A choice, or "" for "the backbone's own" (resolved by ``make_config``)."""
+    convert = _choice(name, choices)
+    return lambda value: "" if value is None or str(value).strip() == "" else convert(value)
+
+
+BACKBONE_DEFAULT = "the backbone's own: VGG relu7 (svm, extract) or pool5 (mlp) and max; others pool and their own pooling"
+
+
 def _text(value: Any) -> str:
     return str(value)
 
@@ -180,6 +183,7 @@ class Parameter:
     changes_result: bool | tuple[str, ...] = True
     selects_data: bool = False
     tuning: bool = False
+    shown_default: str = ""  # what help text says the default is, where "" means more than nothing
 
     def changes_result_of(self, head: str | None) -> bool:
         if isinstance(self.changes_result, bool):
@@ -192,10 +196,15 @@ PARAMETERS: tuple[Parameter, ...] = (
               "'digits' (scikit-learn's bundled digits, offline) or a folder in the 15-Scene layout", selects_data=True),
     Parameter("weights", "random", _text,
               "'imagenet' (torchvision's IMAGENET1K_V1), 'random' (seeded init) or a state_dict file"),
-    Parameter("arch", "vgg16", _choice("arch", ARCHS), "VGG depth"),
+    Parameter("arch", "vgg16", _choice("arch", ARCHS), "backbone: a torchvision classifier (core/backbones.py)"),
     Parameter("image_size", 32, number("image_size", int, 16, 1024), "input side in pixels (224 for the study)", unit="px"),
-    Parameter("layer", "relu7", _choice("layer", LAYERS), "feature layer the head reads"),
-    Parameter("pooling", "max", _choice("pooling", POOLINGS), "pooling that replaces every max-pool"),
+    # "" (the default): the backbone's own (core/backbones.py): VGG relu7 for the SVM, pool5 for
+    # the new head, and its max-pools; the other families' penultimate "pool", their own pooling.
+    Parameter("layer", "", _optional_choice("layer", LAYERS), "feature layer the head reads",
+              shown_default=BACKBONE_DEFAULT),
+    Parameter("pooling", "", _optional_choice("pooling", POOLINGS),
+              "pooling swapped in: VGG's every max-pool, or another family's global pooling",
+              shown_default=BACKBONE_DEFAULT),
     Parameter("fc_width", FC_WIDTH_PRETRAINED,
               number("fc_width", int, FC_WIDTH_MIN, FC_WIDTH_MAX),
               "width of fc6/fc7; other than 4096 gives new seeded random layers", unit="units"),
@@ -304,7 +313,7 @@ def make_config(head: str | None, values: dict[str, Any] | None = None) -> RunCo
     if head is not None and head not in HEADS:
         raise ConfigError(f"head={head!r}: expected one of {', '.join(HEADS)}")
     allowed = run_parameters(head)
-    values = {**HEAD_DEFAULTS.get(head or "", {}), **(values or {})}
+    values = dict(values or {})
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for head {head or 'none'}; "
@@ -314,4 +323,11 @@ def make_config(head: str | None, values: dict[str, Any] | None = None) -> RunCo
         param = PARAMETER_BY_NAME[name]
         raw = values.get(name, param.default)
         resolved[name] = param.convert(raw)
+    # What the backbone decides: its own tap for this head and its own pooling unless told,
+    # then whether it has them (core/backbones.py).
+    family = backbones.family_of(resolved["arch"])
+    resolved["layer"] = resolved["layer"] or family.default_tap(head)
+    resolved["pooling"] = resolved["pooling"] or family.own_pooling
+    backbones.check_backbone(resolved["arch"], resolved["layer"], resolved["pooling"], resolved["fc_width"],
+                             FC_WIDTH_PRETRAINED, resolved["image_size"])
     return RunConfig(head, resolved)

@@ -104,16 +104,19 @@ def storage_precision(extraction_precision: str) -> str:
 
 
 def backbone_state(config, precision: str = "fp32") -> dict:
-    """The backbone's parameters up to the configured layer (fc8 and unused fc layers dropped),
-    in ``precision`` ("fp32" or "bf16").
+    """The backbone's parameters and buffers up to the configured layer (the ImageNet classifier
+    and unused fc layers dropped), floating-point ones in ``precision`` ("fp32" or "bf16"; counts
+    such as BatchNorm's ``num_batches_tracked`` stay integers).
 
-    With relu7 that is 134 M parameters (538 MB in fp32, 269 MB in bf16); with pool5 the conv
-    layers alone (59 MB, 29 MB).
+    VGG16 with relu7: 134 M parameters (538 MB in fp32, 269 MB in bf16); with pool5 the conv
+    layers alone (59 MB, 29 MB); ResNet-50's pool: 23.5 M (94 MB in fp32).
     """
-    model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed)
+    model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed,
+                                    config.image_size)
     state = model.state_dict()
     dtype = backbone.compute_dtype(precision)
-    return {key: state[key].to(dtype) for key in backbone.layer_state_keys(state, config.layer)}
+    return {key: state[key].to(dtype) if state[key].is_floating_point() else state[key]
+            for key in backbone.tap_state_keys(model, config.layer)}
 
 
 SHARED_BACKBONES = Path(".shared") / "backbones"  # under the store's artifact root
@@ -126,7 +129,7 @@ def state_digest(state: dict) -> str:
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # 0-d counts too
     return digest.hexdigest()
 
 

@@ -189,15 +189,15 @@ class ImageClassifier(PythonModel):
         self.layer = spec["layer"]
         self.device = resolve_device("auto")
         self.precision = serving_precision(spec.get("precision", "fp32"), self.device)
-        # The structure on the meta device, then the stored tensors assigned in place: fc8 (and
-        # fc6/fc7 for pool5) are not stored and stay on meta, never computed.
-        model = backbone.architecture(spec["arch"], spec["pooling"], spec["fc_width"])
+        # The structure on the meta device, then the stored tensors assigned in place: the ImageNet
+        # classifier (VGG's fc8, and fc6/fc7 for pool5) is not stored and stays on meta, never computed.
+        model = backbone.architecture(spec["arch"], spec["pooling"], spec["fc_width"], spec["image_size"])
         state = torch.load(context.artifacts["backbone"], map_location="cpu", weights_only=True)
-        missing = set(backbone.layer_state_keys(model.state_dict(), self.layer)) - set(state)
+        missing = set(backbone.tap_state_keys(model, self.layer)) - set(state)
         if missing:
             raise MlflowException(f"backbone.pt lacks {', '.join(sorted(missing))} needed for layer {self.layer}")
         model.load_state_dict(state, strict=False, assign=True)
-        # As in extraction: the conv part and fc6/fc7 in the extraction precision, channels_last.
+        # As in extraction: the trunk and the tap's layers in the extraction precision, channels_last.
         # The stored weights are in that precision already (bf16 for bf16 features, see
         # models.logged.storage_precision); a bf16 backbone served where bf16 is not native
         # runs in fp32 on the same (bf16-rounded) weights.
@@ -221,15 +221,15 @@ class ImageClassifier(PythonModel):
         return tensors
 
     def features(self, images: list[bytes]) -> np.ndarray:
-        """Image file bytes -> (N, D) features of the model's layer (D = 25088 for pool5)."""
+        """Image file bytes -> (N, D) features of the model's layer (D = 25088 for VGG's pool5)."""
         tensors = self._pixels(images)
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(tensors), BATCH_SIZE):
                 x = torch.stack(tensors[start:start + BATCH_SIZE]).to(self.device)  # (B, 3, S, S)
                 x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-                conv_out = backbone.conv(self.model, x).float()  # (B, 512, S/32, S/32)
-                outputs.append(backbone.from_conv(self.model, conv_out, self.layer).cpu().numpy())  # (B, D)
+                trunk_out = backbone.trunk_forward(self.model, x).float()  # VGG: (B, 512, S/32, S/32)
+                outputs.append(backbone.from_trunk(self.model, trunk_out, self.layer).cpu().numpy())  # (B, D)
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
     # The hint pd.DataFrame is one MLflow infers no schema from: the table reaches predict as

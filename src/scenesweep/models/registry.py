@@ -46,7 +46,7 @@ MODEL_METRICS = tuple(RECORD_METRICS)
 # Version tags set at registration, and whether higher is better.
 TAG_METRICS = {"val_acc": True, "test_acc": True, "val_loss": False}
 PROMOTION_METRICS = {**RECORD_METRICS, **TAG_METRICS}
-MODEL_DESCRIPTION = ("VGG transfer-learning image classifier (scenesweep). Input: a column `image` of "
+MODEL_DESCRIPTION = ("Transfer-learning image classifier (scenesweep). Input: a column `image` of "
                      "base64-encoded image file bytes. Output per image: `label`, `class_index` and "
                      "`score_<class>` per class. Serve: `mlflow models serve -m models:/{name}@champion "
                      "--env-manager local`")

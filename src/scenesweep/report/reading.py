@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from ..core.config import LAYERS, POOLINGS
+from ..core.config import ARCHS, LAYERS, POOLINGS
 from ..core.machine import hardware_summary
 from .finding import Found, resolved_params
 
@@ -19,7 +19,7 @@ STABILITY_EPOCHS = 5  # stability: spread of val/acc over the last epochs
 STABLE_SPREAD = 0.02  # a spread up to 2 percentage points counts as stable
 DEMO_LABEL = "DEMO"
 # The order in which group values are listed (the registries' own order where there is one).
-GROUP_ORDER = {"pooling": POOLINGS, "layer": LAYERS}
+GROUP_ORDER = {"pooling": POOLINGS, "layer": LAYERS, "arch": ARCHS}
 
 
 def hardware_text(tags: dict[str, str]) -> str:
@@ -92,6 +92,15 @@ def extraction_batch_s(run: Any) -> float | None:
     if "time/extract_batch_mean_s" in run.data.metrics:
         return run.data.metrics["time/extract_batch_mean_s"]
     tagged = run.data.tags.get("cache.extraction_batch_mean_s")
+    return float(tagged) if tagged else None
+
+
+def extraction_images_per_s(run: Any) -> float | None:
+    """Images per second of the extraction behind a run's features (its own, or the one that
+    filled the cache), as ``extraction_batch_s``."""
+    if "time/extract_images_per_s" in run.data.metrics:
+        return run.data.metrics["time/extract_images_per_s"]
+    tagged = run.data.tags.get("cache.extraction_images_per_s")
     return float(tagged) if tagged else None
 
 

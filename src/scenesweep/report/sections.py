@@ -31,7 +31,8 @@ from ..search.trials import USER_ATTR_RUN_ID, best_per_group, state_counts
 from ..specs.experiments import TAG_TEST_PER
 from ..tracking import plots
 from .finding import Found
-from .reading import (DEMO_LABEL, GROUP_ORDER, download, epoch_summary, extraction_batch_s, hardware_text, is_number,
+from .reading import (DEMO_LABEL, GROUP_ORDER, download, epoch_summary, extraction_batch_s, extraction_images_per_s,
+                      hardware_text, is_number,
                       pct, run_params, seconds, setting_text, short, stability_text, table, when)
 
 SectionParts = tuple[str, str, str, list[str]]  # body, our figure, measured on, missing runs
@@ -268,6 +269,8 @@ def study(page: Page, found: Found) -> SectionParts:
                     "convolutional features were computed (feature cache).")
     body.append(table([view.key or "trial", "trial", "params", "train acc", "val acc", "test acc",
                        "best val acc (epoch)", "stable", "s/batch extraction", "s/batch training", "study"], rows))
+    if view.key == "arch":
+        body.append(_backbone_table(view, ordered))
     body += _study_figures(page, found, view, series)
     body.append("<details><summary>All trials</summary>\n\n" + table(
         ["trial", "state", "params", "val acc"],
@@ -275,6 +278,31 @@ def study(page: Page, found: Found) -> SectionParts:
           pct(t.value) if t.value is not None else "–"] for t in view.trials]) + "\n\n</details>")
     our = "; ".join(f"{g}: test {pct(view.test_acc(t))} (val {pct(t.value)})" for g, t in ordered) or "no completed trial"
     return "\n\n".join(body), our, hardware, missing
+
+
+KORNBLITH = ("Kornblith, Shlens and Le (CVPR 2019) found that with fixed ImageNet features and a linear "
+             "classifier, transfer accuracy rises with ImageNet top-1 accuracy (r = 0.99 over 16 networks, 12 "
+             "datasets); the column *ImageNet top-1* is torchvision's figure for each network's IMAGENET1K_V1 "
+             "weights, to set the transfer accuracies against.")
+
+
+def _backbone_table(view: StudyView, ordered: list[tuple[str, Any]]) -> str:
+    """A study over backbones (``test_per: arch``): one row per backbone, what it costs and gives."""
+    rows = []
+    for arch, trial in ordered:
+        run = view.runs.get(trial.number)
+        params = run.data.params if run else {}
+        width = params.get("backbone.feature_dim")
+        count = params.get("backbone.params")
+        speed = extraction_images_per_s(run) if run else None
+        rows.append([arch, params.get("backbone.family", "–"), f"{int(count) / 1e6:.1f} M" if count else "–",
+                     f"{params.get('layer', '–')} ({width})" if width else params.get("layer", "–"),
+                     f"{float(params['backbone.imagenet_top1']):.2f} %" if "backbone.imagenet_top1" in params else "–",
+                     f"{speed:.0f}" if speed else "–", pct(trial.value), pct(view.test_acc(trial))])
+    return ("Backbones side by side (the best trial of each; images/s of the extraction on the machine named "
+            f"above; test accuracy computed once per backbone). {KORNBLITH}\n\n"
+            + table(["backbone", "family", "parameters", "features (width)", "ImageNet top-1",
+                     "extraction images/s", "val acc", "test acc"], rows))
 
 
 def scatter_figure(trials: list, numeric: list[str], colour_by: str | None, tests: dict[int, float | None],

@@ -130,7 +130,7 @@ class Objective:
             self._hardware = sink.hardware_tags(prepared.features.device)
         sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
                                        "dataset_fingerprint": prepared.dataset.fingerprint,
-                                       **sink.precision_params(prepared.features)},
+                                       **sink.backbone_params(config), **sink.precision_params(prepared.features)},
                        tags={**sink.cache_tags(prepared.features), **self._hardware, **sink.unit_tags(config)})
         sink.log_datasets(run_id, prepared.dataset, prepared.split)
         log_epoch = sink.epoch_logger(run_id)

@@ -13,24 +13,27 @@ import mlflow
 
 from ..compute.backbone import architecture, layer_table
 from ..compute.training import RunResult, check_setting, fit_head, prepare
-from ..core.config import ENTRY_HEADS, RunConfig, make_config
+from ..core.config import ENTRY_HEADS, PARAMETER_BY_NAME, RunConfig, make_config
 from ..models.logged import log_head_model
 from ..models.registry import register_result
 from ..tracking import lifecycle, mlflow_store, sink
 
 
 def run_name(entry_point: str, config: RunConfig) -> str:
-    """A name that says what the run is, e.g. 'svm relu7 C=0.1'."""
+    """A name that says what the run is, e.g. 'svm relu7 C=0.1' or 'svm resnet50 pool C=1' (the
+    architecture named unless it is the default VGG16)."""
+    arch = "" if config.arch == PARAMETER_BY_NAME["arch"].default else f"{config.arch} "
     if entry_point == "svm":
-        return f"svm {config.layer} C={config.C:g}" + ("" if config.fc_width == 4096 else f" fc={config.fc_width}")
+        return f"svm {arch}{config.layer} C={config.C:g}" + ("" if config.fc_width == 4096 else f" fc={config.fc_width}")
     if entry_point == "finetune":
-        return f"finetune {config.layer} {config.pooling} h={config.hidden} lr={config.lr:g}"
-    return f"{entry_point} {config.layer} {config.pooling} {config.image_size}px"
+        return f"finetune {arch}{config.layer} {config.pooling} h={config.hidden} lr={config.lr:g}"
+    return f"{entry_point} {arch}{config.layer} {config.pooling} {config.image_size}px"
 
 
 def log_network(run_id: str, config: RunConfig) -> str:
     """The Q1 table of the configured network (from its structure alone) as ``layer_table.md``."""
-    rows = layer_table(architecture(config.arch, config.pooling, config.fc_width), config.image_size)
+    rows = layer_table(architecture(config.arch, config.pooling, config.fc_width, config.image_size),
+                       config.image_size)
     return sink.log_layer_table(run_id, config, rows)
 
 

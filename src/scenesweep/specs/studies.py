@@ -317,6 +317,18 @@ def _enqueue(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> list
     return enqueue
 
 
+def _check_choices(path: Path, head: str, fixed: dict, space: dict) -> None:
+    """Each choice of a categorical dimension fits the fixed settings (a backbone has the layer,
+    the pooling and the image size they name): a study that could only fail is refused here,
+    not trial by trial (``--arch resnet50`` on a study searching VGG's layers)."""
+    for name, dimension in space.items():
+        for choice in dimension.choices if dimension.type == "categorical" else ():
+            try:
+                make_config(head, {**fixed, name: choice})
+            except ConfigError as error:
+                raise file_error(path, f"space.{name}: choice {choice!r} with the fixed settings: {error}") from None
+
+
 def _tuning(path: Path, raw: dict, head: str, fixed: dict, space: dict) -> dict[str, Any]:
     """Settings of the tuning trials (not the enqueued ones): ``tuning: {batch_size: 64}``."""
     tuning = raw.get("tuning") or {}
@@ -360,6 +372,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     space = {name: _dimension(path, head, name, dim) for name, dim in space_raw.items()}
 
     fixed = _fixed(path, raw, overrides or {}, head, space)
+    _check_choices(path, head, fixed, space)
     metric, direction = _objective(path, raw)
     n_trials, timeout = _budget(path, raw)
     enqueue = _enqueue(path, raw, head, fixed, space)

@@ -24,7 +24,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
-from ..compute.backbone import LayerRow, format_layer_table
+from ..compute.backbone import LayerRow, backbone_facts, format_layer_table
 from ..core.config import PARAMETER_BY_NAME, RunConfig
 from . import plots, provenance
 
@@ -94,6 +94,11 @@ def head_precision_params(result: RunResult) -> dict[str, str]:
     choice = result.head_precision
     return {} if choice is None else {"resolved.head_precision": choice.precision,
                                       "head_precision_reason": choice.reason}
+
+
+def backbone_params(config: RunConfig) -> dict[str, Any]:
+    """``backbone.*``: family, parameters, feature width, ImageNet top-1 of its weights."""
+    return backbone_facts(config.arch, config.layer, config.pooling, config.fc_width, config.image_size)
 
 
 def unit_tags(config: RunConfig) -> dict[str, str]:
@@ -213,7 +218,7 @@ def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_po
     """Everything a run logs before fitting: config, dataset, cache, hardware."""
     features = prepared.features
     log_batch(run_id,
-              params={**config_params(config), "head": config.head or "none",
+              params={**config_params(config), "head": config.head or "none", **backbone_params(config),
                       "dataset_fingerprint": prepared.dataset.fingerprint,
                       "split_fingerprint": prepared.split.fingerprint, "cache_key": features.key,
                       "conv_cache_key": features.conv_key, **precision_params(features),
