@@ -28,7 +28,7 @@ def study_file(tmp_path, flat_scenes):
         study: moments
         experiment: svm
         tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, cache_dir: "{tmp_path / 'cache'}"}}
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, cache_dir: "{tmp_path / 'cache'}"}}
         space:
           C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
         sampler: {{name: tpe, seed: 0}}

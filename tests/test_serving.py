@@ -25,6 +25,7 @@ from click.testing import CliRunner
 
 from scenesweep.compute import backbone
 from scenesweep.cli.main import main
+from scenesweep.core.backbones import FAMILIES
 from scenesweep.core.config import make_config
 from scenesweep.compute.imagenet import imagenet_categories, top_classes
 from scenesweep.models.registry import promote
@@ -233,7 +234,7 @@ def test_predict_imagenet_command(flat_scenes):
         assert " ".join(cells[3:-1]) == names[int(cells[2])]
 
     assert_one_error(invoke("predict", str(image), "--imagenet", "--model-uri", CHAMPION_URI),
-                     "--model-uri and --imagenet exclude each other: --imagenet uses the full VGG, not a model")
+                     "--model-uri and --imagenet exclude each other: --imagenet uses the full network, not a model")
     assert_one_error(invoke("predict", str(image), "--top", "3"), "--top: only with --imagenet")
     assert_one_error(invoke("predict", str(image), "--imagenet", "--top", "0"),
                      "top=0: expected an integer from 1 to 1000")
@@ -390,3 +391,34 @@ def test_bf16_stored_backbone_serves_the_scores_of_the_fp32_stored_one(store, mo
                    for name, uri in (("fp32", fp32_uri), ("bf16", CHAMPION_URI))}
     np.testing.assert_allclose(fp32_served["bf16"], fp32_served["fp32"], atol=0.02 * np.abs(fp32_scores).max())
     assert (fp32_served["bf16"].argmax(axis=1) == fp32_served["fp32"].argmax(axis=1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_every_backbone_family_is_cached_registered_and_served(family, flat_scenes, tmp_path):
+    """Each family's first architecture and first feature layer at 32 px, random weights: a second
+    run reads the trunk and the layer from the cache; the registered version, loaded as `mlflow
+    models serve` loads it, classifies the test images from their file bytes as the head did."""
+    from scenesweep.runs.single import track_single_run
+
+    arch, layer = family.archs[0], family.taps[0]
+    name = f"scenes-{family.name}"
+    settings = {"data": str(flat_scenes), "train_per_class": 10, "image_size": 32, "arch": arch, "layer": layer,
+                "cache_dir": str(tmp_path / "cache")}
+    first_id, result = track_single_run("svm", settings, progress=False, register=name)
+    second_id, _ = track_single_run("svm", {**settings, "C": 0.5}, progress=False)
+    client = mlflow.MlflowClient()
+    first, second = client.get_run(first_id).data, client.get_run(second_id).data
+    assert (first.tags["conv_cache"], first.tags["cache"]) == ("miss", "miss")
+    assert (second.tags["conv_cache"], second.tags["cache"]) == ("hit", "hit")
+    assert first.params["backbone.family"] == family.name
+    assert int(first.params["backbone.feature_dim"]) == backbone.layer_width(arch, layer) == result.prepared.features.values.shape[1]
+
+    version = client.get_model_version(name, "1")
+    assert (version.tags["arch"], version.tags["layer"]) == (arch, layer)
+    served = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    paths = [result.prepared.dataset.absolute(int(i)) for i in result.prepared.split.test]
+    predictions = served.predict(table(paths))
+    X_test, _ = result.prepared.part("test")
+    scores = result.head.predict_scores(X_test)
+    np.testing.assert_allclose(score_matrix(predictions), scores, rtol=1e-3, atol=1e-3 * np.abs(scores).max())
+    assert list(predictions["class_index"]) == list(result.head.predict(X_test))

@@ -5,7 +5,7 @@ One real PostgreSQL cluster and one real ``mlflow server`` (proxied artifacts) s
 ``MLFLOW_TRACKING_URI=http://...`` and ``OPTUNA_STORAGE=postgresql://...``, as the exports of
 ``scenesweep services start`` set them. Each test has its own study, experiment and (where a
 test needs a new database) its own empty schema in the ``optuna`` database, so the tests do not
-depend on each other's order. Tiny data: 3 classes, 32 px, 10 training images per class, pool5.
+depend on each other's order. Tiny data: 3 classes, 32 px, 10 training images per class, ResNet-18 pool features (the smallest backbone).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def svm_study(tmp_path, flat_scenes, name, n_trials, register=""):
         study: STUDY
         experiment: STUDY
         tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, image_size: 32,
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, image_size: 32,
                 cache_dir: "{tmp_path / 'cache'}"}}
         space:
           C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
@@ -94,7 +94,7 @@ def mlp_study(tmp_path, flat_scenes, name, n_trials, epochs):
         study: STUDY
         experiment: STUDY
         tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, image_size: 32, hidden: "64",
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, image_size: 32, hidden: "64",
                 epochs: {epochs}, cache_dir: "{tmp_path / 'cache'}"}}
         space:
           lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}

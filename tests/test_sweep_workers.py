@@ -103,7 +103,7 @@ def test_three_workers_share_one_study_exactly(flat_scenes, tmp_path):
         study: shared
         experiment: svm
         tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, cache_dir: "{tmp_path / 'cache'}"}}
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, cache_dir: "{tmp_path / 'cache'}"}}
         space:
           C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
         sampler: {{name: tpe, seed: 0}}
@@ -139,7 +139,7 @@ def test_a_seeded_study_is_reproducible_with_one_worker(flat_scenes, tmp_path, m
     study = write_study(tmp_path, f"""
         study: seeded
         tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, layer: pool5, cache_dir: "{tmp_path / 'cache'}"}}
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, cache_dir: "{tmp_path / 'cache'}"}}
         space:
           C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
         sampler: {{name: random, seed: 7}}

@@ -357,16 +357,21 @@ class EfficientNetCode(FamilyCode):
 
 class ViTTrunk(nn.Module):
     """ViT up to its class token: (N, 3, S, S) -> patches (N, S/16 * S/16, 768), the class token
-    prepended, the encoder (its last LayerNorm included) -> the class token (N, 768)."""
+    prepended, the encoder (its last LayerNorm included) -> the class token (N, 768).
+
+    It holds the patch embedding, the class token and the encoder, not the ImageNet head (which a
+    served model does not store): moved to a device or dtype, it moves only what it runs.
+    """
 
     def __init__(self, vit: nn.Module):
         super().__init__()
-        self.vit = vit
+        self.conv_proj, self.encoder, self.class_token = vit.conv_proj, vit.encoder, vit.class_token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit._process_input(x)  # (N, P, 768)
-        tokens = torch.cat([self.vit.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (N, 1+P, 768)
-        return self.vit.encoder(tokens)[:, 0]
+        patches = self.conv_proj(x)  # (N, 768, S/16, S/16)
+        tokens = patches.flatten(2).transpose(1, 2)  # (N, P, 768), torchvision's _process_input
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (N, 1+P, 768)
+        return self.encoder(tokens)[:, 0]
 
 
 class ViTCode(FamilyCode):

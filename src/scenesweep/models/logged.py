@@ -34,6 +34,7 @@ from mlflow.pyfunc.model import PythonModelContext
 from mlflow.types import ColSpec, DataType, Schema
 
 from ..compute import backbone
+from ..compute.features import built_backbone, resolve_device
 from ..tracking.provenance import pip_requirements
 from ..tracking.mlflow_store import artifact_root
 from .pyfunc import IMAGE_COLUMN, INPUT_DESCRIPTION, HeadModel, ImageClassifier
@@ -103,19 +104,27 @@ def storage_precision(extraction_precision: str) -> str:
     return "bf16" if extraction_precision == "bf16" else "fp32"
 
 
-def backbone_state(config, precision: str = "fp32") -> dict:
+def backbone_state(config, precision: str = "fp32", extraction_precision: str | None = None) -> dict:
     """The backbone's parameters and buffers up to the configured layer (the ImageNet classifier
-    and unused fc layers dropped), floating-point ones in ``precision`` ("fp32" or "bf16"; counts
-    such as BatchNorm's ``num_batches_tracked`` stay integers).
+    and unused fc layers dropped), on the CPU, floating-point ones in ``precision`` ("fp32" or
+    "bf16"; counts such as BatchNorm's ``num_batches_tracked`` stay integers).
+
+    The network this process built for the features is reused when there is one (a sweep's
+    summary registers right after its trials: VGG16 with fc6/fc7 16384 wide is 700 M parameters
+    to initialise again); its weights are those of a fresh build, rounded to the extraction
+    precision, which is the stored precision (``storage_precision``).
 
     VGG16 with relu7: 134 M parameters (538 MB in fp32, 269 MB in bf16); with pool5 the conv
     layers alone (59 MB, 29 MB); ResNet-50's pool: 23.5 M (94 MB in fp32).
     """
-    model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed,
-                                    config.image_size)
+    if extraction_precision is not None and storage_precision(extraction_precision) == precision:
+        model = built_backbone(config, resolve_device(config.device), extraction_precision)
+    else:
+        model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed,
+                                        config.image_size)
     state = model.state_dict()
     dtype = backbone.compute_dtype(precision)
-    return {key: state[key].to(dtype) if state[key].is_floating_point() else state[key]
+    return {key: state[key].to("cpu", dtype) if state[key].is_floating_point() else state[key].cpu()
             for key in backbone.tap_state_keys(model, config.layer)}
 
 
@@ -233,7 +242,7 @@ def log_image_classifier(result, name: str = "model", example_images: list[bytes
         with tempfile.TemporaryDirectory() as tmp:
             paths = {"spec": Path(tmp) / "spec.json", "backbone": Path(tmp) / "backbone.pt",
                      "head": Path(tmp) / "head.pkl"}
-            state = backbone_state(prepared.config, spec["backbone_precision"])
+            state = backbone_state(prepared.config, spec["backbone_precision"], prepared.features.precision)
             spec["backbone_sha256"] = state_digest(state)
             torch.save(state, paths["backbone"])
             del state
