@@ -283,7 +283,17 @@ def test_report_from_the_demo_runs_holds_each_table(tmp_path_factory, tmp_path, 
     assert "report/report.md" in logged and "report/figures" in logged and "report/studies.csv" in logged
     # Every study in the store, side by side.
     studies = markdown.split("## Studies in the tracking store", 1)[1]
-    assert studies.count("| DEMO |") == 3 and (out / "studies.csv").is_file()
+    assert studies.count("| DEMO |") == 4 and (out / "studies.csv").is_file()
+    # Beyond VGG: one row per backbone, what it costs and gives, beside Kornblith et al.
+    backbones = section_of(markdown, "Backbones")
+    assert "Kornblith, Shlens and Le" in backbones and "89.15 % test" in backbones
+    header = next(line for line in backbones.splitlines() if line.startswith("| backbone | family |"))
+    for column in ("parameters", "features (width)", "ImageNet top-1", "extraction images/s", "val acc", "test acc"):
+        assert column in header, column
+    for arch, family, width in (("vgg16", "vgg", "relu7 (4096)"), ("resnet50", "resnet", "pool (2048)"),
+                                ("convnext_tiny", "convnext", "pool (768)")):
+        row = next(line for line in backbones.splitlines() if line.startswith(f"| {arch} | {family} |"))
+        assert width in row and row.count("%") >= 3, row  # ImageNet top-1, val and test accuracy
 
 
 def test_studies_lists_every_study_side_by_side_and_compares_two(tmp_path_factory, tmp_path, monkeypatch):
@@ -295,7 +305,7 @@ def test_studies_lists_every_study_side_by_side_and_compares_two(tmp_path_factor
     client = MlflowClient()
     parents = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'parent'")
     names = sorted(p.data.tags["study"] for p in parents)
-    assert len(names) == 3
+    assert len(names) == 4
     result = CliRunner().invoke(main, ["studies", "--out", str(tmp_path / "side"), "--compare", *names[:2]])
     assert result.exit_code == 0, result.output[-4000:]
     lines = result.stdout.splitlines()

@@ -122,9 +122,10 @@ def test_a_deleted_conv_entry_is_reported_absent_not_hit(flat_scenes, tmp_path):
 
 
 def _conv_features(dataset, compile_flag, monkeypatch, tmp_path, batch_size=8):
+    # VGG11: the fewest convolutions of a registered network, so the fewest kernels to compile.
     monkeypatch.setenv("SCENESWEEP_COMPILE", compile_flag)
-    model = feat.backbone.build_backbone("vgg16", "random", "max", seed=0)
-    out, timing = feat.extract_conv(model, dataset, 32, "vgg16", batch_size, feat.torch.device("cpu"), "bf16",
+    model = feat.backbone.build_backbone("vgg11", "random", "max", seed=0)
+    out, timing = feat.extract_conv(model, dataset, 32, "vgg11", batch_size, feat.torch.device("cpu"), "bf16",
                                     progress=False, cache_dir=tmp_path)
     return out.reshape(len(out), -1), timing
 

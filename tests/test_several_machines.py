@@ -382,16 +382,18 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_path):
     """A model registered through the server is promoted, predicted with and served from a
-    folder that cannot see the services' artifact directory: artifacts come through the proxy."""
+    folder that cannot see the services' artifact directory: artifacts come through the proxy.
+    A ResNet-18 with an SVM on its pooled features: served over REST as a VGG one is."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     model = "scene-classifier"
-    trained = run_cli("svm", "--data", str(flat_scenes), "--train_per_class", "10", "--layer", "pool5",
+    trained = run_cli("svm", "--data", str(flat_scenes), "--train_per_class", "10", "--arch", "resnet18", "--layer", "pool",
                       "--image_size", "32", "--cache_dir", str(tmp_path / "cache"), "--register", model,
                       "--no-progress", cwd=elsewhere)
     assert trained.returncode == 0, trained.stderr[-4000:]
     client = MlflowClient()
     (version,) = client.search_model_versions(f"name='{model}'")
+    assert (version.tags["arch"], version.tags["layer"]) == ("resnet18", "pool")
     assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
 
     def cli(*args):

@@ -251,8 +251,17 @@ class FamilyCode:
         return model.features[0]
 
     def table_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The network's parts, in forward order, for the layer table."""
-        return list(model.named_children())
+        """The network's parts, in forward order, for the layer table (``features`` by stage)."""
+        parts = []
+        for name, module in model.named_children():
+            if name == "features" and isinstance(module, nn.Sequential):
+                parts += [(f"features.{index}", stage) for index, stage in enumerate(module)]
+            else:
+                parts.append((name, module))
+        return parts
+
+    def layer_rows(self, model: nn.Module, image_size: int) -> list["LayerRow"]:
+        return stage_table(model, self.table_modules(model), image_size)
 
 
 class VggCode(FamilyCode):
@@ -304,6 +313,9 @@ class VggCode(FamilyCode):
     def first_conv(self, model: nn.Module) -> nn.Sequential:
         return nn.Sequential(model.features[0], model.features[1])  # conv1_1 and its ReLU
 
+    def layer_rows(self, model: nn.Module, image_size: int) -> list["LayerRow"]:
+        return vgg_layer_table(model, image_size)  # the study's Q1 table
+
 
 class ResNetCode(FamilyCode):
     """ResNet: conv1 .. layer4 (N, C, S/32, S/32), then ``avgpool`` and ``fc``."""
@@ -325,10 +337,6 @@ class ResNetCode(FamilyCode):
 
     def first_conv(self, model: nn.Module) -> nn.Sequential:
         return nn.Sequential(model.conv1, model.bn1, model.relu)
-
-    def table_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(name, module) for name, module in model.named_children()]
-
 
 class ConvNeXtCode(FamilyCode):
     """ConvNeXt: ``features`` (N, 768, S/32, S/32), ``avgpool``, then the classifier
@@ -578,9 +586,7 @@ class LayerRow:
 def layer_table(model: nn.Module, image_size: int = 224) -> list[LayerRow]:
     """Q1: the network's layers with channels, weight and bias counts, output size (VGG: every
     conv, pool and fc layer, as the study has it; others: their stages, in forward order)."""
-    if isinstance(model, VggCode.model_class):
-        return vgg_layer_table(model, image_size)
-    return stage_table(model, _code_of(model).table_modules(model), image_size)
+    return _code_of(model).layer_rows(model, image_size)
 
 
 def _shape_text(shape: tuple[int, ...]) -> tuple[int, str]:
