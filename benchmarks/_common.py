@@ -74,7 +74,7 @@ def flops_per_image(image_size: int, arch: str = "vgg16", fc_width: int = 4096, 
     """
     from scenesweep.compute import backbone, precision
 
-    conv = sum(s.gflop for s in precision.conv_shapes(backbone.architecture(arch).features, image_size, 1)) * 1e9
+    conv = sum(s.gflop for s in precision.conv_shapes(backbone.trunk(backbone.architecture(arch)), image_size, 1)) * 1e9
     fc_layers = {"pool5": 0, "fc6": 1, "relu6": 1, "fc7": 2, "relu7": 2}[layer]
     fc = 2.0 * (512 * 7 * 7 * fc_width * (fc_layers >= 1) + fc_width * fc_width * (fc_layers >= 2))
     return conv, fc

@@ -187,8 +187,8 @@ class Setting:
         """(B, 3, S, S) fp32 NCHW -> (B, 4096) fp32 relu7 features."""
         x = batch.to(dtype=self.dtype, memory_format=self.memory_format)
         with self.context():
-            conv_out = backbone.conv(self.model, x)  # (B, 512, S/32, S/32)
-            return backbone.from_conv(self.model, conv_out, "relu7").float()  # (B, 4096)
+            conv_out = backbone.trunk_forward(self.model, x)  # (B, 512, S/32, S/32)
+            return backbone.from_trunk(self.model, conv_out, "relu7")  # (B, 4096)
 
 
 def make_settings(model: nn.Module, device: torch.device) -> list[Setting]:
@@ -306,7 +306,7 @@ def conv_stack_speed(device: torch.device, precision: str, image_size: int, batc
     model.features.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, image_size, image_size).to(device=device, dtype=dtype,
                                                               memory_format=torch.channels_last)
-    seconds = time_repeats(lambda: backbone.conv(model, x), device, batches)  # (B, 512, S/32, S/32)
+    seconds = time_repeats(lambda: backbone.trunk_forward(model, x), device, batches)  # (B, 512, S/32, S/32)
     return batch_size / statistics.median(seconds)
 
 

@@ -69,10 +69,10 @@ def test_lp1_pooling_sums_windows():
 
 
 def test_wider_fc_layers_are_new_seeded_layers():
-    a = backbone.build_backbone("vgg16", "random", fc_width=8192, seed=0)
-    b = backbone.build_backbone("vgg16", "random", fc_width=8192, seed=0)
-    c = backbone.build_backbone("vgg16", "random", fc_width=8192, seed=1)
-    assert a.classifier[0].weight.shape == (8192, 25088)
+    a = backbone.build_backbone("vgg11", "random", fc_width=1024, seed=0)
+    b = backbone.build_backbone("vgg11", "random", fc_width=1024, seed=0)
+    c = backbone.build_backbone("vgg11", "random", fc_width=1024, seed=1)
+    assert a.classifier[0].weight.shape == (1024, 25088)
     assert torch.equal(a.classifier[0].weight, b.classifier[0].weight)
     assert not torch.equal(a.classifier[0].weight, c.classifier[0].weight)
 

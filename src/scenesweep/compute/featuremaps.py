@@ -1,4 +1,4 @@
-"""Study Q4: the 64 maps after VGG's first convolution (conv1_1 + ReLU) for given images.
+"""Study Q4: the maps after the first convolution (VGG: the 64 of conv1_1 + ReLU) for given images.
 
 The study looks at these maps raw and thresholded at 2 (some fire on eyes and nose, others on
 edges). Plain functions returning arrays; plotting and logging live with the experiment runner.
@@ -51,7 +51,7 @@ def first_conv_maps(paths: Sequence[str | os.PathLike], weights: str = "imagenet
     Args:
         paths: image files (grayscale is repeated to 3 channels, as everywhere else).
         weights: "imagenet", "random" (seeded) or a state_dict file, as for the backbone.
-        arch: VGG depth.
+        arch: a registered architecture (its first convolution: ``backbone.first_conv``).
         image_size: input side; the weights' own preprocessing (resize, centre crop, normalise).
         threshold: a map pixel counts as "firing" above this value (the study used 2).
         seed: seed of random weights.

@@ -1,4 +1,4 @@
-"""The full VGG with its ImageNet head: top-k ImageNet classes of image files (study Q3).
+"""The full network (VGG16 in the study) with its ImageNet head: top-k ImageNet classes of image files (study Q3).
 
 The network is ``backbone.build_backbone`` with its original pooling and fc layers, and the
 preprocessing is the weights' own transform (``backbone.preprocessing``). Class names come from
@@ -31,13 +31,13 @@ def imagenet_categories(arch: str = "vgg16") -> list[str]:
 
 def top_classes(paths: list[str | os.PathLike], weights: str = "imagenet", arch: str = "vgg16",
                 image_size: int = 224, top: int = 5, seed: int = 0) -> list[list[tuple[int, str, float]]]:
-    """The ``top`` most probable ImageNet classes of each image, by the full VGG.
+    """The ``top`` most probable ImageNet classes of each image, by the full network.
 
     Args:
         paths: image files (JPEG, PNG, ...; grayscale is repeated to 3 channels).
         weights: "imagenet" (torchvision's IMAGENET1K_V1, from TORCH_HOME), "random" (seeded
             initialisation) or a state_dict file of the same architecture.
-        arch: VGG depth, e.g. "vgg16".
+        arch: a registered architecture, e.g. "vgg16" or "resnet50".
         image_size: input side in pixels after resize and centre crop (224 natively).
         top: how many classes per image, 1 to 1000.
         seed: seed of the random initialisation (weights="random").
