@@ -33,6 +33,11 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("services", *args, env=env, timeout=300, process=True)
 
 
+def cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A services command that starts nothing (refused, or reading a folder), in this process."""
+    return run_cli("services", *args, env=env)
+
+
 def evaluated(exports: str) -> dict[str, str]:
     """What a shell has after ``eval "$EXPORTS"``."""
     script = 'eval "$1"; printf "%s\\n%s\\n" "$MLFLOW_TRACKING_URI" "$OPTUNA_STORAGE"'
@@ -256,7 +261,7 @@ def bad_inputs(tmp_path: Path, port: int) -> list[tuple[list[str], dict, str]]:
 
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, listening):
     for args, env, message in bad_inputs(tmp_path, listening):
-        result = cli(*args, env=env)
+        result = cli_here(*args, env=env)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
@@ -265,7 +270,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, listening):
 
 
 def test_status_and_stop_of_a_folder_without_services(tmp_path):
-    status = cli("status", "--dir", str(tmp_path / "none"))
+    status = cli_here("status", "--dir", str(tmp_path / "none"))
     assert status.returncode == 3 and status.stdout.count("not running") == 2
-    stop = cli("stop", "--dir", str(tmp_path / "none"))
+    stop = cli_here("stop", "--dir", str(tmp_path / "none"))
     assert stop.returncode == 0 and "nothing runs" in stop.stderr
