@@ -19,7 +19,11 @@ def test_every_sampler_and_pruner_option_is_a_keyword_of_its_optuna_class(table,
     cls = search.optuna_class(table[name])
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     assert set(table[name].options) <= accepted, set(table[name].options) - accepted
-    built = search.make_sampler(name, 0) if table is studies.SAMPLERS else search.make_pruner(name)
+    space = {"C": studies.Dimension("C", "float", 0.1, 1.0, values=(0.1, 1.0)),
+             "layer": studies.Dimension("layer", "categorical", choices=("relu7", "fc7"))}
+    required = {"percentile": 25.0, "patience": 2, "lower": 0.1}
+    built = (search.make_sampler(name, 0, space) if table is studies.SAMPLERS
+             else search.make_pruner(name, **{k: required[k] for k in (*table[name].required, *(("lower",) if name == "threshold" else ()))}))
     assert isinstance(built, cls)
 
 

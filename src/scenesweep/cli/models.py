@@ -173,3 +173,24 @@ def predict(ctx: click.Context, images: tuple[str, ...], model_uri: str, as_json
     click.echo(_table(["file", "label", "class_index", "score"],
                       [[r["file"], r["label"], str(r["class_index"]), f"{r['score']:.4f}"] for r in rows],
                       right={2, 3}))
+
+
+@main.command("register")
+@click.option("--study", "study_name", required=True, metavar="NAME", help="the Optuna study (its name as run)")
+@click.option("--trial", "trial_number", required=True, metavar="N", help="the trial's number (#N in its run's name)")
+@option("storage", default=None,
+        help="Optuna storage URL [default: OPTUNA_STORAGE, else sqlite optuna.db beside the MLflow store]")
+@click.option("--name", default="", metavar="NAME", help="registered model name [default: the study file's register:]")
+@user_errors
+def register(study_name: str, trial_number: str, storage: str | None, name: str) -> None:
+    """Register trial N of a finished study as a new version (a multi-objective study's other
+    Pareto-optimal trials: their heads are kept). Its test accuracy is computed once, for it; its
+    model record carries its own configuration and metrics."""
+    from ..core.config import number
+    from ..runs.register_trial import register_trial
+
+    _use_project_store()
+    trial = number("--trial", int, 0)(trial_number)
+    model, version, metrics = register_trial(study_name, trial, storage or None, name or None)
+    click.echo(f"registered {model} version {version} from trial #{trial} of study {study_name}: "
+               f"val/acc={metrics['val/acc']:.4f} test/acc={metrics['test/acc']:.4f}")

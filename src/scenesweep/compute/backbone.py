@@ -14,6 +14,7 @@ This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -559,6 +560,13 @@ def parameter_count(model: nn.Module) -> int:
 
 def backbone_facts(arch: str, layer: str, pooling: str | None = None, fc_width: int = FC_WIDTH_PRETRAINED,
                    image_size: int = 224) -> dict[str, str | int | float]:
+    """See ``_backbone_facts``; counted once per architecture and setting in a process."""
+    return dict(_backbone_facts(arch, layer, pooling, fc_width, image_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _backbone_facts(arch: str, layer: str, pooling: str | None, fc_width: int,
+                    image_size: int) -> dict[str, str | int | float]:
     """What a run records of its backbone, for comparing backbones: its family, parameter count
     (the whole network as built), feature width, and the ImageNet top-1 accuracy torchvision
     reports for its IMAGENET1K_V1 weights (Kornblith et al. set transfer against it)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import StratifiedKFold
 
 from .atomic_files import sweep_orphans
 from .backbone import check_weights
@@ -185,6 +186,50 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
     timings["train"]["fit_s"] = fit_seconds
     return RunResult(prepared, head, metrics, list(getattr(head, "history_", [])), timings, confusion,
                      head_precision)
+
+
+def check_folds(dataset: Dataset, split: Split, folds: int) -> None:
+    """Every class has at least ``folds`` training images (train + validation split).
+
+    Raises:
+        ConfigError: naming the class and its count.
+    """
+    counts = np.bincount(dataset.labels[np.concatenate([split.train, split.val])], minlength=len(dataset.classes))
+    smallest = int(np.argmin(counts))
+    if counts[smallest] < folds:
+        raise ConfigError(f"validation.folds={folds}: class {dataset.classes[smallest]!r} has {counts[smallest]} "
+                          f"training images; each fold needs one of every class (folds <= {counts[smallest]})")
+
+
+def fit_head_folds(prepared: Prepared, config: RunConfig, folds: int, on_fold: EpochCallback | None = None,
+                   progress: bool = False) -> RunResult:
+    """Cross-validated selection: stratified ``folds``-fold over the training images (the train
+    and validation splits together), each fold's head fitted on the others and scored on it, then
+    the head fitted on all of them (the one a study keeps and scores on test, once).
+
+    ``val/acc`` and ``val/loss`` are the folds' means (``val/acc_std`` their spread); ``on_fold``
+    receives (fold, {"fold/val/acc": ..., "fold/val/loss": ...}) after each fold, fold = 1..K: the
+    steps a pruner compares (Optuna's WilcoxonPruner tests them pairwise against the best trial's).
+    """
+    index = np.concatenate([prepared.split.train, prepared.split.val])
+    X, y = prepared.features.values[index], prepared.dataset.labels[index]  # (N, D), (N,)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    params = head_params(config, progress=False)
+    accuracy, loss = [], []
+    began = time.perf_counter()
+    for fold, (fit_index, held_out) in enumerate(splitter.split(X, y), start=1):
+        head = make_head(config.head, **params).fit(X[fit_index], y[fit_index])
+        accuracy.append(float(np.mean(head.predict(X[held_out]) == y[held_out])))
+        loss.append(head.loss(X[held_out], y[held_out]))
+        if on_fold is not None:
+            on_fold(fold, {"fold/val/acc": accuracy[-1], "fold/val/loss": loss[-1]})
+    head = make_head(config.head, **params).fit(X, y)
+    fit_seconds = time.perf_counter() - began
+    metrics = {"train/acc": float(np.mean(head.predict(X) == y)), "train/loss": head.loss(X, y),
+               "val/acc": float(np.mean(accuracy)), "val/loss": float(np.mean(loss)),
+               "val/acc_std": float(np.std(accuracy)), "val/folds": float(folds)}
+    timings = {**prepared.features.stage_timing(), "train": {"fit_s": fit_seconds}}
+    return RunResult(prepared, head, metrics, [], timings)
 
 
 def fit_metrics(prepared: Prepared, head: BaseEstimator) -> dict[str, float]:

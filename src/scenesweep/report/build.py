@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from ..core.errors import UserError
 from ..specs.experiments import experiment_files, load_experiment
 from ..tracking import lifecycle, mlflow_store, provenance, sink
+from .cost import cost_section
 from .finding import all_experiment_ids, find_runs
 from .reading import DEMO_LABEL, table
 from .sections import Page, Section, section
@@ -75,11 +76,12 @@ def build_report(out: str | Path = "reports/latest", experiments_dir: str | Path
     page.figures.mkdir(parents=True, exist_ok=True)
     try:
         sections = [section(page, find_runs(client, e, experiment_ids)) for e in experiments]
+        costs = cost_section(client, page.figures, page.downloads / "pareto")
     finally:
         shutil.rmtree(page.downloads, ignore_errors=True)
     missing = [line for s in sections for line in s.missing]
     studies = list_studies(client)
-    markdown = render(sections, missing) + studies_section(studies)
+    markdown = render(sections, missing) + costs + studies_section(studies)
     path = out / "report.md"
     path.write_text(markdown)
     (out / "studies.csv").write_text(csv_text(studies))

@@ -18,13 +18,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna_dashboard import save_note
 
+from ..compute import serving_cost
 from ..compute.features import resolve_device
-from ..compute.training import RunResult, fit_head, prepare
+from ..compute.training import RunResult, fit_head, fit_head_folds, prepare
 from ..core.config import data_parameters
 from ..core.errors import UserError
+from ..models.logged import model_size_mb, storage_precision
+from ..models.pyfunc import serving_precision
 from ..search.kept_heads import heads_folder, keep_if_best
 from ..search.sampling import suggest
-from ..search.trials import USER_ATTR_RUN_ID, is_own_setting, this_worker
+from ..search.trials import USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, is_own_setting, this_worker
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle, provenance, sink
 
@@ -33,13 +36,17 @@ INHERITED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "ml
                   "mlflow.source.git.branch", "mlflow.source.git.repoURL", "mlflow.project.entryPoint")
 
 
-def trial_run_name(study_name: str, number: int, params: dict[str, Any], metric: str | None = None,
-                   value: float | None = None) -> str:
-    """'svm-scenes #12 C=93.8 layer=pool5', and once it completed '... · val/acc 0.955': the study's
-    name as given (``--study_name``), so two studies of one experiment read apart in the runs table."""
+def trial_run_name(study_name: str, number: int, params: dict[str, Any], metrics: dict[str, float] | None = None,
+                   feasible: bool = True) -> str:
+    """'svm-scenes #12 C=93.8 layer=pool5', and once it completed '... · val/acc 0.955' (each
+    objective: '· val/acc 0.955 · time/predict_ms_per_image 3.1'), '· infeasible' when it broke a
+    constraint: the study's name as given (``--study_name``), so two studies of one experiment
+    read apart in the runs table."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     name = f"{study_name} #{number} {shown}"
-    return name if value is None else f"{name} · {metric} {value:.3g}"
+    for metric, value in (metrics or {}).items():
+        name += f" · {metric} {value:.3g}"
+    return name if feasible else f"{name} · infeasible"
 
 
 def trial_note(study_name: str, number: int, params: dict[str, Any], experiment_id: str, run_id: str,
@@ -104,7 +111,8 @@ class Objective:
                   "sampler_seed": str(seed),
                   "mlflow.note.content": f"Trial #{trial.number} of study `{self.study_name}`: "
                                          + ", ".join(f"{k}={v}" for k, v in params.items())
-                                         + f"; objective {self.spec.direction} {self.spec.metric}."})
+                                         + "; objective " + ", ".join(
+                                             f"{g.direction} {g.metric}" for g in self.spec.goals) + "."})
         trial.set_user_attr(USER_ATTR_RUN_ID, run.info.run_id)
         with contextlib.suppress(Exception):  # a note is a convenience, never why a trial fails
             save_note(trial, trial_note(self.study_name, trial.number, params, self.experiment_id, run.info.run_id,
@@ -138,20 +146,70 @@ class Objective:
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             log_epoch(epoch, metrics)
+            if metric not in metrics:  # a cost objective: nothing to compare epoch by epoch
+                return
             trial.report(metrics[metric], epoch)
             if prunable and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={metrics[metric]:.4f}")
 
-        result = fit_head(prepared, config, on_epoch=on_epoch)
+        if self.spec.folds:
+            fold_metric = f"fold/{metric}"
+
+            def on_fold(fold: int, metrics: dict) -> None:
+                log_epoch(fold, metrics)
+                if fold_metric in metrics and not self.spec.multi_objective:
+                    trial.report(metrics[fold_metric], fold)
+                    if prunable and trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned at fold {fold}: {metric}={metrics[fold_metric]:.4f}")
+
+            result = fit_head_folds(prepared, config, self.spec.folds, on_fold=on_fold)
+        else:
+            # Optuna prunes (and takes reports from) single-objective studies only.
+            result = fit_head(prepared, config, on_epoch=log_epoch if self.spec.multi_objective else on_epoch)
+        result.metrics.update(self._costs(result, config))
         sink.log_batch(run_id, metrics=sink.final_metrics(result), params=sink.head_precision_params(result),
                        step=len(result.history))
         return result
 
-    def _keep_head(self, trial: optuna.Trial, run_id: str, value: float, result: RunResult, config) -> None:
-        """The head, when the trial is the best so far: the summary scores the test split with it."""
+    def _costs(self, result: RunResult, config) -> dict[str, float]:
+        """What the trial's servable model would cost: ``model/size_mb`` and ``backbone.params``
+        (counted), and, when the study weighs it, ``time/predict_ms_per_image`` (the backbone's
+        part measured once per shape and machine, the head's per trial)."""
+        prepared = result.prepared
+        extraction = prepared.features.precision
+        costs = {"model/size_mb": model_size_mb(config, extraction, result.head),
+                 "backbone.params": float(sink.backbone_params(config)["backbone.params"])}
+        if self.spec.needs_metric("time/predict_ms_per_image"):
+            device = prepared.features.device
+            served = serving_precision(storage_precision(extraction), resolve_device(device))
+            backbone_ms, _ = serving_cost.backbone_ms(config.arch, config.pooling, config.fc_width, config.layer,
+                                                      config.image_size, served, resolve_device(device),
+                                                      config.cache_path)
+            costs["time/predict_ms_per_image"] = backbone_ms + serving_cost.head_ms(
+                result.head, prepared.features.values.shape[1])
+        return costs
+
+    def _constrain(self, trial: optuna.Trial, run_id: str, metrics: dict[str, float]) -> dict[str, float]:
+        """The study's constraints on the trial (Optuna's ``trial.set_constraint``: samplers that
+        use constraints read them, ``study.best_trial(s)`` leaves infeasible trials out); an
+        infeasible trial's run is tagged ``feasible=false``. Returns the constraint values."""
+        values = {str(c): c.value(metrics[c.metric]) for c in self.spec.constraints}
+        for key, value in values.items():
+            trial.set_constraint(key, value)
+        if values:
+            broken = [key for key, value in values.items() if value > 0]
+            self.client.set_tag(run_id, "feasible", "false" if broken else "true")
+            if broken:
+                self.client.set_tag(run_id, "infeasible", "; ".join(broken))
+        return values
+
+    def _keep_head(self, trial: optuna.Trial, run_id: str, values: list[float], result: RunResult, config,
+                   constraints: dict[str, float]) -> None:
+        """The head, when the trial is the best so far (or on the Pareto front): the summary
+        scores the test split with it, and ``scenesweep register --trial`` registers it."""
         try:
-            kept = keep_if_best(trial, value, result.head, heads_folder(config.cache_path, self.parent_run_id),
-                                self.spec.direction, self.keep_best_per)
+            kept = keep_if_best(trial, values, result.head, heads_folder(config.cache_path, self.parent_run_id),
+                                self.spec.directions, self.keep_best_per, constraints)
         except (OSError, UserError) as error:  # a full disk: the summary refits this trial instead, and says so
             print(f"note: trial #{trial.number}'s head was not kept ({getattr(error, 'strerror', None) or error})",
                   file=sys.stderr)
@@ -159,22 +217,30 @@ class Objective:
         if kept:
             self.client.set_tag(run_id, "head_kept", "true")
 
-    def __call__(self, trial: optuna.Trial, seed: int | None = None) -> float:
+    def __call__(self, trial: optuna.Trial, seed: int | None = None) -> float | list[float]:
+        """Run the trial; its objective (a list of one value per objective with several)."""
         params = suggest(trial, self.spec.space)
-        # The study's own settings (enqueued: the reference study's points) run in full, as the
-        # file fixes them; tuning trials take the file's tuning settings and may be pruned.
+        # The study's own settings (enqueued: the reference study's points, or earlier runs' by a
+        # warm start) run in full, as the file fixes them; tuning trials take the file's tuning
+        # settings and may be pruned.
         own = is_own_setting(trial)
         config = self.spec.trial_config(params, tuning=not own)
         run_id = self._create_run(trial, params, seed)
         self.client.set_tag(run_id, "trial_kind", "own setting" if own else "tuning")
+        source = trial.user_attrs.get(USER_ATTR_WARM_SOURCE)
+        if source:
+            self.client.set_tag(run_id, USER_ATTR_WARM_SOURCE, source)
         # FINISHED, or KILLED (pruned; Ctrl-C or SIGTERM), or FAILED with its error (a bug's
         # traceback beside the run, one line on the terminal).
         with lifecycle.ending(run_id, pruned=(optuna.TrialPruned,)):
             result = self._fit(trial, run_id, config, prunable=not own)
-            value = result.metrics[self.spec.metric]
-            if not math.isfinite(value):
-                raise ValueError(f"{self.spec.metric} is {value}")
-            self._keep_head(trial, run_id, value, result, config)
-            self.client.set_tag(run_id, "mlflow.runName",
-                                trial_run_name(self.study_name, trial.number, params, self.spec.metric, value))
-        return value
+            values = [result.metrics[metric] for metric in self.spec.metrics]
+            for metric, value in zip(self.spec.metrics, values):
+                if not math.isfinite(value):
+                    raise ValueError(f"{metric} is {value}")
+            constraints = self._constrain(trial, run_id, result.metrics)
+            self._keep_head(trial, run_id, values, result, config, constraints)
+            self.client.set_tag(run_id, "mlflow.runName", trial_run_name(
+                self.study_name, trial.number, params, dict(zip(self.spec.metrics, values)),
+                feasible=all(v <= 0 for v in constraints.values())))
+        return values if self.spec.multi_objective else values[0]

@@ -96,6 +96,13 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     setting = {k: v for k, v in spec.trial_config({}).values.items() if k not in spec.space}
     sink.log_batch(run_id, params={**setting, "study_name": study.study_name, "tunes": spec.tunes,
                                    "objective": f"{spec.direction} {spec.metric}",
+                                   **({"objectives": ", ".join(f"{g.direction} {g.metric}" for g in spec.goals)}
+                                      if spec.multi_objective else {}),
+                                   **({"constraints": "; ".join(map(str, spec.constraints))} if spec.constraints else {}),
+                                   **({"select": f"{spec.select.direction} {spec.select.metric}"
+                                                 + (f" where {spec.select.where}" if spec.select.where else "")}
+                                      if spec.select else {}),
+                                   **({"validation": f"{spec.folds}-fold"} if spec.folds else {}),
                                    "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
                                    **{f"fixed.{k}": v for k, v in spec.fixed.items()},
                                    **{f"space.{k}": describe_dimension(d) for k, d in spec.space.items()}})

@@ -9,6 +9,7 @@ ends here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import tempfile
 import time
@@ -20,23 +21,25 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as oplt
 from optuna_dashboard import save_note
 
-from ..compute.training import RunResult, evaluate_test_split, fit_head, prepare, score_head
+from ..compute.training import RunResult, evaluate_test_split, fit_head, fit_head_folds, prepare, score_head
 from ..models.registry import register_result
 from ..search.kept_heads import kept_head
-from ..search.trials import (USER_ATTR_RUN_ID, TrialBudget, best_per_group, count_metrics, is_dead_here,
-                             is_own_setting, state_counts, this_worker)
+from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, TrialBudget, best_per_group, count_metrics,
+                             is_dead_here, is_feasible, is_own_setting, pareto_optimal, state_counts, this_worker)
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle, plots, provenance, sink
 
 STUDY_ATTR_SUMMARY = "summary"  # {"finished", "parent", "best_trial", "registered_version"}
 STUDY_ATTR_SUMMARY_CLAIM = "summary_claim"
 CLAIM_EXPIRY_S = 3600  # a summary claimed by a worker that never wrote it is taken over after this
+NO_MATCH = "no Pareto-optimal trial"  # how a multi-objective study's select rule says it picked none
 
 
 def claim_summary(study: optuna.Study, parent_id: str, lock) -> bool:
@@ -100,9 +103,14 @@ def evaluate_trial(spec: StudySpec, trial: FrozenTrial, what: str, progress: boo
     head, why = kept_head(trial)
     if head is not None:
         result = score_head(prepared, head)
+        if spec.folds:
+            # Its head was fitted on every training image: its validation figures are the folds'.
+            result.metrics.update({k: v for k, v in _run_metrics(MlflowClient(), trial).items()
+                                   if k in ("val/acc", "val/loss", "val/acc_std")})
     else:
         print(f"refitting {what} to score the test split once: {why}", file=sys.stderr)
-        result = fit_head(prepared, config, progress=progress)
+        result = (fit_head_folds(prepared, config, spec.folds) if spec.folds
+                  else fit_head(prepared, config, progress=progress))
         result.refitted = True
     test_metrics, result.confusion = evaluate_test_split(prepared, result.head)
     result.metrics.update(test_metrics)
@@ -118,7 +126,7 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
     resume whose best trial did not change does not append its per-class rows again)."""
     # A refit's own validation accuracy says whether it reproduced the trial (a kept head is the trial's).
     refit = {"best/val/acc_refit": result.metrics["val/acc"]} if result.refitted else {}
-    sink.log_batch(parent_id, metrics={f"best/{spec.metric}": best.value,
+    sink.log_batch(parent_id, metrics={**{f"best/{m}": v for m, v in zip(spec.metrics, best.values)},
                                        **{k: v for k, v in result.metrics.items() if k.startswith("test/")},
                                        **refit},
                    params={f"best.{k}": v for k, v in best.params.items()},
@@ -136,7 +144,8 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
     mlflow.log_dict(result.prepared.config.as_dict(), "best_config.yaml")
     # The UI shows the first lines of a description: the result first, then how it was obtained.
     mlflow.set_tag("mlflow.note.content", (
-        f"Best trial #{best.number}: {spec.metric} = {best.value:.4f} with "
+        f"Best trial #{best.number}: "
+        + ", ".join(f"{m} = {v:.4g}" for m, v in zip(spec.metrics, best.values)) + " with "
         + ", ".join(f"{k}={v}" for k, v in best.params.items())
         + f"; test/acc = {result.metrics['test/acc']:.4f} (computed once, for this trial)\n\n"
         f"{spec.description}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
@@ -171,10 +180,11 @@ def _save_study_note(study: optuna.Study, parent_id: str, experiment_id: str, su
         save_note(study, study_note(study, parent_id, experiment_id, summary, model_name))
 
 
-def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenTrial], states: dict) -> dict:
+def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenTrial], states: dict,
+                       error: str | None = None) -> dict:
     first = _first_error(MlflowClient(), trials)
-    error = (f"no trial of study {study.study_name!r} completed ({states['FAIL']} failed, {states['PRUNED']} pruned)"
-             + (f"; first error: {first}" if first else ""))
+    error = error or (f"no trial of study {study.study_name!r} completed ({states['FAIL']} failed, "
+                      f"{states['PRUNED']} pruned)" + (f"; first error: {first}" if first else ""))
     study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                              "best_trial": None})
     lifecycle.end_run(parent_id, "FAILED", error, failure="error", best_trial="none: no trial completed")
@@ -201,27 +211,145 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
             failure = _summarise_failure(study, parent_id, trials, states)
             _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
             return failure
-        # The first of equal values (Optuna leaves ties to the database's order): the trial whose
-        # head was kept (search.kept_heads) and the one each worker would name.
-        best = best_per_group(trials, None, spec.direction)["best"]
-        best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID, "")
+        best, why_none = choose_best(study, spec, parent_id, active.info.experiment_id, trials)
+        if best is None and why_none.startswith(NO_MATCH):
+            # The study ran well; its rule picks nothing to register: said, not failed.
+            print(f"note: {why_none}", file=sys.stderr)
+            mlflow.set_tags({"best_trial": "none: select.where matched no Pareto-optimal trial",
+                             "mlflow.note.content": f"{why_none}\n\n{spec.description}"})
+            study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
+                                                     "best_trial": None})
+            return {"note": why_none}
+        if best is None:
+            failure = _summarise_failure(study, parent_id, trials, states, why_none)
+            _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
+            return failure
+        best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID) or best.user_attrs.get(USER_ATTR_WARM_SOURCE, "")
         _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
         mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})
         result = evaluate_best(spec, best, progress)
         summarised_before = (previous.get("best_trial"), previous.get("parent")) == (best.number, parent_id)
         _log_best(study, spec, parent_id, best, result, new_best=not summarised_before)
-        summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
+        summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.values[0],
+                   "best_values": dict(zip(spec.metrics, best.values)),
                    "best_run_id": best_run_id, "test_acc": result.metrics["test/acc"], "result": result}
         version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
         if register and spec.register and version is None:
             version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
                 "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id},
-                source_run_id=best_run_id or None, objective=(spec.metric, spec.direction))
+                source_run_id=best_run_id or None, objective=registry_objective(spec))
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
         _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},
                          spec.register if register else None)
     return summary
+
+
+def registry_objective(spec: StudySpec) -> tuple[str, str]:
+    """What ``@challenger`` is compared on: the selection's (or first objective's) metric when it
+    is a validation metric a version records, else val/acc."""
+    metric, direction = (spec.select.metric, spec.select.direction) if spec.select else (spec.metric, spec.direction)
+    return (metric, direction) if metric.startswith("val/") else ("val/acc", "maximize")
+
+
+def choose_best(study: optuna.Study, spec: StudySpec, parent_id: str, experiment_id: str,
+                trials: list[FrozenTrial]) -> tuple[FrozenTrial | None, str]:
+    """The trial the study registers, or None with why.
+
+    One objective: the best complete feasible trial (the first of equal values: Optuna leaves
+    ties to the database's order; it is the trial whose head was kept, search.kept_heads, and
+    the one each worker would name). Several: the Pareto front (logged: ``log_pareto``), then the
+    study's ``select`` rule: the best on its metric among the front's trials whose runs match its
+    ``where``; by default the front's best on the first objective.
+    """
+    if not spec.multi_objective:
+        found = best_per_group(trials, None, spec.direction)
+        if found:
+            return found["best"], ""
+        return None, (f"no trial of study {study.study_name!r} meets its constraints "
+                      f"({'; '.join(map(str, spec.constraints))}): nothing is best, nothing registered")
+    front = pareto_optimal(trials, spec.directions)
+    client = MlflowClient()
+    metrics = {t.number: _run_metrics(client, t) for t in front}
+    log_pareto(study, spec, parent_id, experiment_id, trials, front, metrics)
+    if not front:
+        return None, f"no trial of study {study.study_name!r} is feasible: the Pareto front is empty"
+    select = spec.select
+    metric, direction = (select.metric, select.direction) if select else (spec.metric, spec.direction)
+    candidates = front
+    if select is not None and select.where:
+        matching = {r.info.run_id for r in client.search_runs(
+            [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' AND {select.where}",
+            max_results=10000)}
+        candidates = [t for t in front if t.user_attrs.get(USER_ATTR_RUN_ID) in matching]
+        if not candidates:
+            return None, (f"{NO_MATCH} of study {study.study_name!r} matches select.where: "
+                          f"{select.where}; nothing registered (the front is in pareto.csv)")
+    sign = 1.0 if direction == "maximize" else -1.0
+    scored = [t for t in candidates if metrics[t.number].get(metric) is not None]
+    if not scored:
+        return None, f"no Pareto-optimal trial logged {metric}"
+    return max(scored, key=lambda t: (sign * metrics[t.number][metric], -t.number)), ""
+
+
+def _run_metrics(client: MlflowClient, trial: FrozenTrial) -> dict[str, float]:
+    """The trial's logged metrics (an earlier run's for a warm start's result), its objectives on top."""
+    run_id = trial.user_attrs.get(USER_ATTR_RUN_ID) or trial.user_attrs.get(USER_ATTR_WARM_SOURCE)
+    metrics: dict[str, float] = {}
+    if run_id:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            metrics = dict(client.get_run(run_id).data.metrics)
+    return metrics
+
+
+def log_pareto(study: optuna.Study, spec: StudySpec, parent_id: str, experiment_id: str, trials: list[FrozenTrial],
+               front: list[FrozenTrial], metrics: dict[int, dict[str, float]]) -> None:
+    """A multi-objective study's Pareto front on its parent: ``pareto.csv`` (every
+    Pareto-optimal trial: number, run, params, objectives), ``plots/optuna_pareto_front.png``
+    (every trial, the front highlighted, infeasible ones apart) and one metric series per
+    objective over the front, ``pareto/<metric>`` at step = rank on the first objective (MLflow's
+    charts draw the trade-off); the front's runs tagged ``pareto=true`` and named ``... · pareto``,
+    the other complete ones ``pareto=false``."""
+    client = MlflowClient()
+    ranked = sorted(front, key=lambda t: -t.values[0] if spec.directions[0] == "maximize" else t.values[0])
+    rows = [{"rank": rank, "trial": t.number, "run_id": t.user_attrs.get(USER_ATTR_RUN_ID, ""),
+             "warm_start_source": t.user_attrs.get(USER_ATTR_WARM_SOURCE, ""),
+             **{f"param.{k}": v for k, v in t.params.items()}, **dict(zip(spec.metrics, t.values)),
+             **{m: metrics[t.number].get(m) for m in ("model/size_mb", "time/predict_ms_per_image", "backbone.params")
+                if m not in spec.metrics and metrics[t.number].get(m) is not None}}
+            for rank, t in enumerate(ranked)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pareto.csv"
+        pd.DataFrame(rows, columns=None if rows else ["rank", "trial", "run_id", *spec.metrics]).to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    for rank, trial in enumerate(ranked):
+        sink.log_batch(parent_id, metrics={f"pareto/{m}": v for m, v in zip(spec.metrics, trial.values)}, step=rank)
+    sink.log_batch(parent_id, metrics={"pareto/size": len(front)}, tags={
+        "pareto_trials": ",".join(str(t.number) for t in sorted(front, key=lambda t: t.number))[:5000]})
+    on_front = {t.number for t in front}
+    for trial in trials:
+        run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
+        if trial.state != TrialState.COMPLETE or not run_id:
+            continue
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.set_tag(run_id, "pareto", "true" if trial.number in on_front else "false")
+            name = client.get_run(run_id).info.run_name or ""
+            if trial.number in on_front and " · pareto" not in name:
+                client.set_tag(run_id, "mlflow.runName", name.replace(" · best", "") + " · pareto")
+            elif trial.number not in on_front and " · pareto" in name:
+                client.set_tag(run_id, "mlflow.runName", name.replace(" · pareto", ""))
+    if len(spec.metrics) in (2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = oplt.plot_pareto_front(study, target_names=list(spec.metrics))
+                figure = axes.get_figure()
+                figure.set_size_inches(8, 6)
+                figure.tight_layout()
+                plots.log_figure(figure, "plots/optuna_pareto_front.png")
+            except (ValueError, RuntimeError, IndexError) as error:
+                mlflow.set_tag("plot.pareto_front", f"skipped: {error}"[:250])
+        plt.close("all")
 
 
 def log_trials_table(study: optuna.Study) -> None:
@@ -243,6 +371,11 @@ def log_optuna_plots(study: optuna.Study, spec: StudySpec) -> list[str]:
         plots_["contour"] = oplt.plot_contour
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         plots_["intermediate_values"] = oplt.plot_intermediate_values
+    if spec.multi_objective:
+        # Optuna's single-objective plots, on the first objective (the front has its own plot).
+        first = functools.partial
+        plots_ = {name: first(plot, target=lambda t: t.values[0], target_name=spec.metric)
+                  for name, plot in plots_.items() if name != "intermediate_values"}
     logged = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -272,8 +405,9 @@ def summary_lines(summary: dict, spec: StudySpec) -> list[str]:
                      "(best trial, test accuracy, registered model) when they end")
     if "best_trial" in summary:
         params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-        lines.append(f"best trial #{summary['best_trial']}: {spec.metric}={summary['best_value']:.4f} ({params}); "
-                     f"test/acc={summary['test_acc']:.4f}")
+        values = ", ".join(f"{m}={v:.4f}" for m, v in summary.get("best_values", {spec.metric: summary["best_value"]}).items())
+        what = "selected trial" if spec.multi_objective else "best trial"
+        lines.append(f"{what} #{summary['best_trial']}: {values} ({params}); test/acc={summary['test_acc']:.4f}")
         if summary.get("model_version"):
             lines.append(f"registered {spec.register} version {summary['model_version']} (alias @challenger)")
     return lines

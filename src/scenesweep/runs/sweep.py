@@ -36,15 +36,18 @@ from ..core.disk_space import StoreFullError, disk_full_message, is_disk_full, r
 from ..core.errors import ConfigError, UserError
 from ..core.progress import progress_bar
 from ..core.store_urls import redact
-from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler
+from ..compute.training import check_folds
+from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler, check_sampler
 from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
-                             fail_dead_trials, mark_failure, own_record, retry, state_counts, this_worker)
-from ..specs.studies import StudySpec
+                             best_per_group, fail_dead_trials, is_feasible, mark_failure, own_record, pareto_optimal, retry,
+                             state_counts, this_worker)
+from ..specs.studies import SAMPLERS, StudySpec
 from ..tracking import lifecycle, mlflow_store, sink
 from .objective import Objective
 from .parent import attach_parent
 from .summary import claim_summary, summarise
+from .warm_start import EarlierTrial, add_earlier_trials, find_earlier_trials
 
 STUDY_ATTR_ENQUEUED = "own_settings_enqueued"  # set once every enqueued setting is in the storage
 
@@ -61,8 +64,9 @@ def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -
 
 
 def finished_value(spec: StudySpec):
-    """For a dead trial: the objective its MLflow run finished with (FINISHED, metric logged), or None."""
-    def value(trial: FrozenTrial) -> float | None:
+    """For a dead trial: the objectives its MLflow run finished with (FINISHED, every objective's
+    metric logged), or None."""
+    def values(trial: FrozenTrial) -> list[float] | None:
         run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
         if not run_id:
             return None
@@ -70,10 +74,12 @@ def finished_value(spec: StudySpec):
             run = mlflow.tracking.MlflowClient().get_run(run_id)
         except mlflow.exceptions.MlflowException:
             return None
-        metric = run.data.metrics.get(spec.metric)
-        return metric if run.info.status == "FINISHED" and metric is not None and math.isfinite(metric) else None
+        found = [run.data.metrics.get(metric) for metric in spec.metrics]
+        if run.info.status != "FINISHED" or any(v is None or not math.isfinite(v) for v in found):
+            return None
+        return found
 
-    return value
+    return values
 
 
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -133,17 +139,45 @@ def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str,
 
 
 def check_study_setting(spec: StudySpec):
-    """The study's fixed setting checked before any trial (data, weights, device, cache folder).
+    """The study's fixed setting checked before any trial (data, weights, device, cache folder,
+    enough images per class for its folds, its filters).
 
     Returns:
         The dataset and split, loaded once for every trial (None when the study searches a
         data parameter).
     """
+    check_filters(spec)
     try:
-        return check_setting(spec.trial_config({}), skip=tuple(spec.space))
+        data = check_setting(spec.trial_config({}), skip=tuple(spec.space))
+        if data is not None and spec.folds:
+            check_folds(*data, spec.folds)
+        return data
     except UserError as error:
         # The file names the setting (its fixed:) unless the command line overrode it.
         raise ConfigError(f"{spec.path}: {error}") from None
+
+
+def check_filters(spec: StudySpec) -> None:
+    """``select.where`` and ``warm_start.where`` parse as MLflow's run filters (one error naming
+    the key, before any trial)."""
+    from mlflow.utils.search_utils import SearchUtils
+
+    for key, where in (("select.where", spec.select.where if spec.select else ""),
+                       ("warm_start.where", spec.warm_start.where if spec.warm_start else "")):
+        if not where:
+            continue
+        comparators = {"metric": SearchUtils.VALID_METRIC_COMPARATORS, "parameter": SearchUtils.VALID_PARAM_COMPARATORS,
+                       "tag": SearchUtils.VALID_TAG_COMPARATORS}
+        try:
+            for clause in SearchUtils.parse_search_filter(where):
+                allowed = comparators.get(clause["type"])
+                if allowed is not None and clause["comparator"].upper() not in allowed:
+                    raise ConfigError(f"{clause['comparator']!r} is not a comparator of {clause['type']}s; "
+                                      f"expected one of {', '.join(sorted(allowed))}")
+        except (mlflow.exceptions.MlflowException, ConfigError) as error:
+            message = error.message if isinstance(error, mlflow.exceptions.MlflowException) else str(error)
+            raise ConfigError(f"{spec.path}: {key}={where!r}: not a filter MLflow reads "
+                              f"({str(message).splitlines()[0]}); e.g. \"metrics.`model/size_mb` <= 300\"") from None
 
 
 @dataclasses.dataclass
@@ -238,23 +272,36 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
     log_progress(sweep, trial.number)
     if bar is not None:
         bar.update(1)
-        with contextlib.suppress(ValueError):
-            bar.set_postfix_str(f"best {sweep.spec.metric}={sweep.study.best_value:.4f}")
+        if not sweep.spec.multi_objective:
+            with contextlib.suppress(ValueError):
+                bar.set_postfix_str(f"best {sweep.spec.metric}={sweep.study.best_value:.4f}")
 
 
-def trial_line(sweep: Sweep, trial: optuna.Trial, state: TrialState, value: float | None, pruned: str,
+def trial_line(sweep: Sweep, trial: optuna.Trial, state: TrialState, value, pruned: str,
                seconds: float) -> str:
-    """'trial #3 C=0.012 layer=relu7: val/acc 0.9550 in 4.2 s (best 0.9600, #1)', or '...: pruned at epoch 2 ...'."""
+    """'trial #3 C=0.012 layer=relu7: val/acc 0.9550 in 4.2 s (best 0.9600, #1)', or '...: pruned
+    at epoch 2 ...'; with several objectives each one and the Pareto front's size; an infeasible
+    trial says so."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-    outcome = f"{sweep.spec.metric} {value:.4f}" if state == TrialState.COMPLETE else (pruned or state.name.lower())
+    values = value if isinstance(value, (list, tuple)) else [value]
+    outcome = (", ".join(f"{m} {v:.4g}" for m, v in zip(sweep.spec.metrics, values)) if state == TrialState.COMPLETE
+               else (pruned or state.name.lower()))
+    frozen = sweep.storage.get_trial(trial._trial_id)
+    if state == TrialState.COMPLETE and not is_feasible(frozen):
+        outcome += " (infeasible: " + ", ".join(k for k, v in frozen.constraints.items() if v > 0) + ")"
+    trials = sweep.study.get_trials(deepcopy=False)
     best = ""
-    with contextlib.suppress(ValueError):
-        best_trial = sweep.study.best_trial
-        best = f" (best {best_trial.value:.4f}, #{best_trial.number})"
+    if sweep.spec.multi_objective:
+        best = f" (Pareto front: {len(pareto_optimal(trials, sweep.spec.directions))} trials)"
+    else:
+        found = best_per_group(trials, None, sweep.spec.direction)
+        if found:
+            best = f" (best {found['best'].values[0]:.4f}, #{found['best'].number})"
     return f"trial #{trial.number} {shown}: {outcome} in {seconds:.1f} s{best}"
 
 
-def _tell(sweep: Sweep, trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
+def _tell(sweep: Sweep, trial: optuna.Trial, state: TrialState, value=None) -> None:
+    """Tell Optuna how the trial ended (``value``: one float, or a list with several objectives)."""
     try:
         if state == TrialState.COMPLETE:
             sweep.study.tell(trial, value)
@@ -270,12 +317,16 @@ def log_progress(sweep: Sweep, number: int) -> None:
     at step = trial number (the optimisation history while the study runs)."""
     trials = sweep.study.get_trials(deepcopy=False)
     trial = next((t for t in trials if t.number == number), None)
-    name = sweep.spec.metric.replace("/", "_")
     metrics = count_metrics(trials)
     if trial is not None and trial.state == TrialState.COMPLETE:
-        metrics[f"trial/{name}"] = trial.value
-    with contextlib.suppress(ValueError):
-        metrics[f"best/{name}"] = sweep.study.best_value
+        for metric, value in zip(sweep.spec.metrics, trial.values):
+            metrics[f"trial/{metric.replace('/', '_')}"] = value
+    if sweep.spec.multi_objective:
+        metrics["pareto/size"] = len(pareto_optimal(trials, sweep.spec.directions))
+    else:
+        found = best_per_group(trials, None, sweep.spec.direction)  # feasible trials only
+        if found:
+            metrics[f"best/{sweep.spec.metric.replace('/', '_')}"] = found["best"].values[0]
     with contextlib.suppress(mlflow.exceptions.MlflowException):
         sink.log_batch(sweep.parent_id, metrics=metrics, step=number)
 
@@ -338,17 +389,26 @@ def run_worker(sweep: Sweep, n_jobs: int = 1) -> None:
 
 
 def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: int,
-               dataset_fingerprint: str | None = None):
+               dataset_fingerprint: str | None = None, earlier: list[EarlierTrial] | None = None):
     """The study in its storage (created on first use), its setting recorded or checked, its
-    own points enqueued once. Returns (RDB storage, study)."""
+    own points enqueued once, and the earlier trials of a warm start added once.
+    Returns (RDB storage, study, how many earlier trials this worker added)."""
     rdb = open_storage(storage_url, heartbeat_s, on_stale=stale_trial_callback)
-    study = optuna.create_study(study_name=study_name, storage=rdb, sampler=build_sampler(spec),
-                                pruner=build_pruner(spec), direction=spec.direction, load_if_exists=True)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=rdb, sampler=build_sampler(spec),
+                                    pruner=build_pruner(spec), directions=list(spec.directions), load_if_exists=True)
+    except ValueError as error:  # a study stored with other directions
+        raise ConfigError(f"study {study_name!r} in {redact(storage_url)}: {error}; start a new study with "
+                          "--study_name NAME") from None
+    if [d.name.lower() for d in study.directions] != list(spec.directions):
+        raise ConfigError(f"study {study_name!r} in {redact(storage_url)} was created with the objectives' directions "
+                          f"{[d.name.lower() for d in study.directions]}, this file says {list(spec.directions)}; "
+                          "start a new study with --study_name NAME")
     with study_lock(rdb, study_name):
-        # optuna-dashboard labels the objective axis with this ("Objective 0" otherwise).
+        # optuna-dashboard labels the objective axes with these ("Objective 0" otherwise).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.metric])
+            study.set_metric_names(list(spec.metrics))
         check_same_setting(study, spec, storage_url, dataset_fingerprint)
         if not study.user_attrs.get("mlflow_experiment"):
             study.set_user_attr("mlflow_experiment", spec.mlflow_experiment)
@@ -360,7 +420,8 @@ def open_study(spec: StudySpec, storage_url: str, study_name: str, heartbeat_s: 
                 study.enqueue_trial(params, skip_if_exists=True)
                 faults.moment("study-enqueue")
             study.set_user_attr(STUDY_ATTR_ENQUEUED, len(spec.enqueue))
-    return rdb, study
+        added = add_earlier_trials(study, spec, earlier or [])
+    return rdb, study, added
 
 
 def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
@@ -406,12 +467,24 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     storage_url = resolve_storage(storage)
     study_name = study_name or spec.study
     n_trials = n_trials if n_trials is not None else spec.n_trials
-    build_sampler(spec), build_pruner(spec)  # a bad sampler or pruner option: before anything
+    check_sampler(spec), build_pruner(spec)  # a bad sampler or pruner option: before anything
     data = check_study_setting(spec)
     mlflow_store.setup_tracking()
-    rdb, study = open_study(spec, storage_url, study_name, heartbeat_s, data[0].fingerprint if data else None)
+    fingerprint = data[0].fingerprint if data else None
+    earlier = find_earlier_trials(spec, study_setting(spec, fingerprint)) if spec.warm_start else []
+    if spec.constraints and not SAMPLERS[spec.sampler["name"]].constraints:
+        print(f"note: sampler {spec.sampler['name']} does not use constraints in its search (tpe, gp, nsgaii and "
+              "nsgaiii do); infeasible trials are still never best nor registered", file=sys.stderr)
+    rdb, study, added = open_study(spec, storage_url, study_name, heartbeat_s, fingerprint, earlier)
     fail_dead_trials(study, dead_here_callback, finished_value(spec))
     parent_id, experiment_id, created = attach_parent(study, spec, storage_url, study_lock(rdb, study_name))
+    if added:
+        source = spec.warm_start.experiment or spec.warm_start.study
+        how = "added with their results" if spec.warm_start.mode == "results" else "enqueued to run first"
+        print(f"warm start: {added} earlier trials of {source!r} {how}", file=sys.stderr)
+        sink.log_batch(parent_id, tags={"warm_start.count": added, "warm_start.as": spec.warm_start.mode,
+                                        "warm_start.source": source,
+                                        "warm_start.where": spec.warm_start.where or "(all)"})
     objective = Objective(spec, study_name, parent_id, experiment_id, data=data, progress=progress,
                           keep_best_per=keep_best_per)
     sweep = Sweep(spec, study, rdb, TrialBudget(n_trials), timeout if timeout is not None else spec.timeout,

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sklearn.base import BaseEstimator
 
 from ..compute.heads import load_head, save_head
-from .trials import best_per_group
+from .trials import best_per_group, pareto_optimal
 
 USER_ATTR_KEPT_HEAD = "kept_head"  # {"path": ..., "sha256": ...}
 
@@ -33,28 +33,36 @@ def heads_folder(cache_path: Path, parent_run_id: str) -> Path:
     return Path(cache_path) / "heads" / parent_run_id
 
 
-def needed(trials: list, direction: str, group_key: str | None) -> set[int]:
-    """Numbers of the complete trials that are the best overall or of their group; among equal
-    values the first (``best_per_group``'s rule, which the summary follows)."""
-    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
+def needed(trials: list, directions, group_key: str | None) -> set[int]:
+    """Numbers of the complete, feasible trials that are the best overall or of their group;
+    among equal values the first (``best_per_group``'s rule, which the summary follows). With
+    several objectives: every Pareto-optimal trial (any of them may be registered)."""
+    directions = [directions] if isinstance(directions, str) else list(directions)
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.values is not None),
                       key=lambda t: t.number)
-    keep = {best_per_group(complete, None, direction)["best"].number} if complete else set()
+    if len(directions) > 1:
+        return {t.number for t in pareto_optimal(complete, directions)}
+    best = best_per_group(complete, None, directions[0])
+    keep = {best["best"].number} if best else set()
     if group_key:
-        keep |= {t.number for t in best_per_group(complete, group_key, direction).values()}
+        keep |= {t.number for t in best_per_group(complete, group_key, directions[0]).values()}
     return keep
 
 
-def keep_if_best(trial: optuna.Trial, value: float, head: BaseEstimator, folder: Path, direction: str,
-                 group_key: str | None = None) -> bool:
-    """Keep ``head`` when the trial (completing with ``value``) is the best so far, overall or in
-    its group of ``group_key``; remove the heads of complete trials that no longer are.
+def keep_if_best(trial: optuna.Trial, values: list[float], head: BaseEstimator, folder: Path, directions,
+                 group_key: str | None = None, constraints: dict[str, float] | None = None) -> bool:
+    """Keep ``head`` when the trial (completing with ``values``, one per objective, meeting
+    ``constraints``) is the best so far, overall or in its group of ``group_key``, or on the
+    Pareto front; remove the heads of complete trials that no longer are.
 
     Returns:
         Whether the head was kept.
     """
-    others = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    this = SimpleNamespace(number=trial.number, state=TrialState.COMPLETE, value=value, params=trial.params)
-    keep = needed([*others, this], direction, group_key)
+    others = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.number != trial.number]
+    this = SimpleNamespace(number=trial.number, state=TrialState.COMPLETE, values=list(values), params=trial.params,
+                           constraints=dict(constraints or {}))
+    keep = needed([*others, this], directions, group_key)
     if trial.number not in keep:
         return False
     path = folder / f"trial-{trial.number}.pkl"

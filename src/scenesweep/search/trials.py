@@ -22,6 +22,10 @@ USER_ATTR_RUN_ID = "mlflow_run_id"
 USER_ATTR_WORKER = "worker"  # {"host", "pid", "pid_started", "trial"}: who runs a trial
 USER_ATTR_SEED = "sampler_seed"
 USER_ATTR_FAILURE = "failure"  # pruned, killed, stale, error or interrupted: what a trial died of
+# A trial that came from an earlier run (warm_start): that run's id, and how it came ("results":
+# added finished with its values; "enqueue": its parameters run again here).
+USER_ATTR_WARM_SOURCE = "warm_start.source_run_id"
+USER_ATTR_WARM_MODE = "warm_start.as"
 MAX_RETRY = 2  # a trial whose process dies is retried at most twice
 
 
@@ -62,9 +66,11 @@ class TrialBudget:
 
     @staticmethod
     def finished(trials: list[FrozenTrial]) -> int:
+        """Trials that ran in this study and are over (earlier runs' results added by a warm
+        start ran elsewhere: they do not spend the budget)."""
         retried = retried_numbers(trials)
-        return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   or (t.state == TrialState.FAIL and t.number not in retried))
+        return sum(1 for t in trials if not is_warm_result(t) and (t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   or (t.state == TrialState.FAIL and t.number not in retried)))
 
     def has_room(self, trials: list[FrozenTrial]) -> bool:
         if self.n_trials is None:
@@ -72,8 +78,11 @@ class TrialBudget:
         running = sum(t.state == TrialState.RUNNING for t in trials)
         return self.finished(trials) + running < self.n_trials
 
-    def remaining(self, trials: list[FrozenTrial]) -> int | None:
-        return None if self.n_trials is None else max(0, self.n_trials - self.finished(trials))
+
+
+def is_warm_result(trial: FrozenTrial) -> bool:
+    """Whether the trial is an earlier run's result added by a warm start (not run here)."""
+    return trial.user_attrs.get(USER_ATTR_WARM_MODE) == "results"
 
 
 def this_worker() -> dict[str, Any]:
@@ -105,7 +114,7 @@ def own_record(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, FrozenTrial], None],
-                     finished_value: Callable[[FrozenTrial], float | None] | None = None) -> list[int]:
+                     finished_value: Callable[[FrozenTrial], list[float] | None] | None = None) -> list[int]:
     """Fail the running trials whose process is gone: at once on this host, by heartbeat elsewhere
     (the storage calls its stale-trial callback for those). A dead trial whose work had finished
     (``finished_value`` gives its objective: its process died after ending its run, before telling
@@ -114,7 +123,7 @@ def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Froze
     Args:
         study: the study.
         on_dead: called with each trial failed here (its MLflow run, its retry).
-        finished_value: the objective a dead trial finished with, or None.
+        finished_value: the objectives a dead trial finished with (one value each), or None.
 
     Returns:
         The numbers of the trials failed here.
@@ -132,7 +141,7 @@ def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Froze
         value = finished_value(trial) if finished_value is not None else None
         try:
             if value is not None:
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[value])
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=list(value))
             elif not dead_here:
                 mark_failure(storage, trial._trial_id, "stale")  # failed below by Optuna's fail_stale_trials
             else:
@@ -181,18 +190,51 @@ def is_own_setting(trial: optuna.Trial | FrozenTrial) -> bool:
     return "fixed_params" in attrs
 
 
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Whether the trial meets the study's constraints (Optuna's rule: every constraint value <= 0;
+    a trial without constraints is feasible)."""
+    return all(value <= 0.0 for value in (getattr(trial, "constraints", None) or {}).values())
+
+
+def _sign(direction) -> float:
+    return 1.0 if direction in ("maximize", optuna.study.StudyDirection.MAXIMIZE) else -1.0
+
+
+def pareto_optimal(trials: list, directions) -> list:
+    """The complete, feasible trials that no other such trial dominates (at least as good on
+    every objective, better on one), in trial-number order: the study's Pareto front.
+
+    Args:
+        trials: FrozenTrials (or anything with number, state, values and constraints).
+        directions: one per objective, "maximize"/"minimize" or Optuna's StudyDirection.
+    """
+    signs = [_sign(d) for d in directions]
+    candidates = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+                         and is_feasible(t)), key=lambda t: t.number)
+    scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in candidates]
+
+    def dominated(mine: list[float]) -> bool:
+        return any(all(o >= m for o, m in zip(other, mine)) and any(o > m for o, m in zip(other, mine))
+                   for _, other in scored)
+
+    # Equal points are all on the front (as Optuna's ``study.best_trials`` has them).
+    return [trial for trial, mine in scored if not dominated(mine)]
+
+
 def best_per_group(trials: list[FrozenTrial], key: str | None, direction: str) -> dict[str, FrozenTrial]:
-    """The best complete trial (by the objective) of each value of ``key`` (all: one group "best").
+    """The best complete, feasible trial (by the first objective) of each value of ``key`` (all:
+    one group "best").
 
     Selection reads the objective, a validation metric: the study compares pooling types, fc
     widths or layers by the test accuracy of each group's best trial, computed once after this.
+    An infeasible trial (a constraint broken) is never best.
     """
-    sign = 1.0 if direction in ("maximize", optuna.study.StudyDirection.MAXIMIZE) else -1.0
+    sign = _sign(direction)
     best: dict[str, FrozenTrial] = {}
     for trial in trials:
-        if trial.state != TrialState.COMPLETE:
+        if trial.state != TrialState.COMPLETE or not is_feasible(trial):
             continue
         group = str(trial.params.get(key)) if key else "best"
-        if group not in best or sign * trial.value > sign * best[group].value:
+        if group not in best or sign * trial.values[0] > sign * best[group].values[0]:
             best[group] = trial
     return best

@@ -10,6 +10,7 @@ This module imports neither MLflow, Optuna nor click.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +20,17 @@ from ..core.config import (HEADS, PARAMETER_BY_NAME, REGISTERED_MODEL, make_conf
                            tuning_parameters)
 from ..core.errors import ConfigError, file_error, first_line
 
-STUDY_KEYS = {"study", "experiment", "description", "tunes", "fixed", "space", "objective", "sampler",
-              "pruner", "n_trials", "timeout", "enqueue", "register", "tuning"}
+STUDY_KEYS = {"study", "experiment", "description", "tunes", "fixed", "space", "objective", "objectives",
+              "constraints", "select", "warm_start", "validation", "sampler", "pruner", "n_trials", "timeout",
+              "enqueue", "register", "tuning"}
 SPACE_TYPES = ("float", "int", "categorical")
-OBJECTIVE_METRICS = ("val/acc", "val/loss")
+# What a trial is judged on: its validation results (selection never reads the test split) and
+# what its model costs to serve (measured per trial: runs.objective).
+QUALITY_METRICS = ("val/acc", "val/loss")
+COST_METRICS = ("time/predict_ms_per_image", "model/size_mb", "backbone.params")
+OBJECTIVE_METRICS = QUALITY_METRICS + COST_METRICS
+MAX_GRID_POINTS = 100_000
+MAX_FOLDS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +44,70 @@ class Dimension:
     log: bool = False
     step: float | None = None
     choices: tuple | None = None
+    values: tuple | None = None  # int/float: the grid's points (other samplers search low..high)
+
+    def grid_points(self) -> tuple | None:
+        """The finite set of values a grid (or brute force) runs, or None for a continuous range:
+        the choices, the ``values:`` list, low..high by ``step``, or every integer of an int range."""
+        if self.type == "categorical":
+            return self.choices
+        if self.values is not None:
+            return self.values
+        if self.type == "int":
+            step = int(self.step or 1)
+            return tuple(range(int(self.low), int(self.high) + 1, step))
+        if self.step is not None:
+            count = int(round((self.high - self.low) / self.step))
+            return tuple(round(self.low + i * self.step, 12) for i in range(count + 1)
+                         if self.low + i * self.step <= self.high + 1e-12)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """One objective of a study: a metric every trial logs, and which way is better."""
+
+    metric: str
+    direction: str  # "maximize" or "minimize"
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """``model/size_mb <= 300``: a trial whose metric breaks it is infeasible (never best, never
+    registered). ``value`` is Optuna's constraint value: feasible when <= 0."""
+
+    metric: str
+    operator: str  # "<=" or ">=" ("<" and ">" read as those: a metric equal to the bound is a tie)
+    bound: float
+
+    def value(self, metric_value: float) -> float:
+        return metric_value - self.bound if self.operator == "<=" else self.bound - metric_value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.operator} {self.bound:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which trial of a multi-objective study is registered: the best on ``metric`` among the
+    Pareto-optimal, feasible trials whose runs match ``where`` (MLflow's filter language)."""
+
+    metric: str
+    direction: str
+    where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """Earlier finished trial runs to start from: ``experiment`` or ``study`` (one of them), those
+    matching ``where``, at most ``max`` (best first); ``mode`` "results" adds them as finished
+    trials, "enqueue" runs their parameters again first."""
+
+    experiment: str | None
+    study: str | None
+    where: str
+    mode: str
+    max: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +121,7 @@ class StudySpec:
     tunes: str
     fixed: dict[str, Any]
     space: dict[str, Dimension]
-    metric: str
-    direction: str
+    goals: tuple[Goal, ...]
     sampler: dict[str, Any]
     pruner: dict[str, Any]
     n_trials: int | None
@@ -58,6 +129,36 @@ class StudySpec:
     enqueue: tuple[dict[str, Any], ...]
     register: str
     tuning: dict[str, Any] = dataclasses.field(default_factory=dict)
+    constraints: tuple[Constraint, ...] = ()
+    select: Selection | None = None
+    warm_start: WarmStart | None = None
+    folds: int | None = None  # validation: {folds: K}: stratified K-fold on the training images
+
+    @property
+    def metric(self) -> str:
+        """The first objective's metric (the only one of a single-objective study)."""
+        return self.goals[0].metric
+
+    @property
+    def direction(self) -> str:
+        return self.goals[0].direction
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.goals) > 1
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(goal.metric for goal in self.goals)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(goal.direction for goal in self.goals)
+
+    def needs_metric(self, metric: str) -> bool:
+        """Whether any objective, constraint or the selection rule reads ``metric``."""
+        return (metric in self.metrics or any(c.metric == metric for c in self.constraints)
+                or (self.select is not None and (metric == self.select.metric or metric in self.select.where)))
 
     def trial_config(self, params: dict[str, Any], tuning: bool = False):
         """The full run configuration of a trial: fixed settings plus the trial's params, plus the
@@ -72,7 +173,7 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
         raise file_error(path, f"space key {name!r} is not a parameter of {head!r}; expected some of: {', '.join(allowed)}")
     if not isinstance(raw, dict) or raw.get("type") not in SPACE_TYPES:
         raise file_error(path, f"space.{name}: expected a mapping with type: one of {', '.join(SPACE_TYPES)}")
-    extra = set(raw) - {"type", "low", "high", "log", "step", "choices"}
+    extra = set(raw) - {"type", "low", "high", "log", "step", "choices", "values"}
     if extra:
         raise file_error(path, f"space.{name}: unknown key(s) {', '.join(sorted(extra))}")
     convert = PARAMETER_BY_NAME[name].convert
@@ -84,11 +185,19 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
             for choice in choices:
                 convert(choice)
             return Dimension(name, "categorical", choices=tuple(choices))
-        if "low" not in raw or "high" not in raw:
-            raise ConfigError("expected 'low' and 'high'")
         kind = float if raw["type"] == "float" else int
+        values = raw.get("values")
+        if values is not None:
+            if not isinstance(values, list) or len(values) < 2 or any(isinstance(v, bool) for v in values):
+                raise ConfigError("'values' (the grid's points): expected a list of two numbers or more")
+            values = tuple(sorted({kind(convert(v)) for v in values}))
+            raw = {"low": values[0], "high": values[-1], **raw}
+        if "low" not in raw or "high" not in raw:
+            raise ConfigError("expected 'low' and 'high' (or a 'values' list)")
         low, high = convert(raw["low"]), convert(raw["high"])
         low, high = kind(low), kind(high)
+        if values is not None and (values[0] < low or values[-1] > high):
+            raise ConfigError(f"values {list(values)} lie outside low={low}..high={high}")
         if low >= high:
             raise ConfigError(f"low={low} must be below high={high}")
         log = bool(raw.get("log", False))
@@ -101,7 +210,9 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
             number("step", kind, 0, low_open=True, parse=False)(step)
             if step > high - low:
                 raise ConfigError(f"step={step!r}: larger than the range {low}..{high}")
-        return Dimension(name, raw["type"], low=low, high=high, log=log, step=step)
+        if step is not None and values is not None:
+            raise ConfigError("'step' and 'values' cannot be combined")
+        return Dimension(name, raw["type"], low=low, high=high, log=log, step=step, values=values)
     except ConfigError as error:
         raise file_error(path, f"space.{name}: {error}") from None
 
@@ -116,44 +227,137 @@ def _option_bool(value: Any) -> bool:
     return value
 
 
+def _option_choice(*names: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in names:
+            raise ConfigError(f"expected one of {', '.join(names)}")
+        return value
+    return check
+
+
 _option_positive = number("", float, 0, low_open=True, parse=False)
+_option_probability = number("", float, 0, 1, parse=False)
+_option_number = number("", float, parse=False)
 
 
 def _option_resource(value: Any) -> Any:
     return value if value == "auto" else _option_int(1)(value)
 
 
+def _option_pruner(value: Any) -> Any:
+    """PatientPruner's ``wrapped_pruner``: another pruner by name or ``{name: ..., options}``."""
+    if isinstance(value, str) and value in PRUNERS and value not in ("patient", "none"):
+        return value
+    if isinstance(value, dict) and value.get("name") in PRUNERS and value.get("name") not in ("patient", "none"):
+        _named_options(Path("<wrapped>"), "pruner", value, PRUNERS, "none")
+        return value
+    raise ConfigError(f"expected a pruner name or mapping with name: (one of "
+                      f"{', '.join(n for n in PRUNERS if n not in ('patient', 'none'))})")
+
+
+# NSGA-II/III's crossover operators by name (optuna.samplers.nsgaii.<Name>Crossover).
+CROSSOVERS = ("uniform", "blxalpha", "sbx", "vsbx", "undx", "spx")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchMethod:
     """A sampler or pruner a study file may name: the Optuna class it builds (as
-    ``"samplers.TPESampler"``: this layer does not import Optuna) and the options a file may
-    give it, each with its check, so that a study file is refused before any trial rather than
-    with a TypeError from Optuna's constructor at the first one. Option names are the keyword
-    arguments of the Optuna class (tests/test_registries.py checks them against Optuna)."""
+    ``"samplers.TPESampler"``: this layer does not import Optuna), the options a file may give it,
+    each with its check (so that a study file is refused before any trial rather than with a
+    TypeError from Optuna's constructor at the first one), and what studies it can run. Option
+    names are the keyword arguments of the Optuna class (tests/test_registries.py checks them).
+
+    Attributes:
+        required: options a file must give (PercentilePruner's ``percentile``).
+        single_objective_only: refuses a study with several objectives (CMA-ES).
+        constraints: uses the trials' constraints in its search (Optuna 5 reads
+            ``trial.constraints``; every sampler's study still never picks an infeasible best).
+        discrete: runs a finite space only (every dimension categorical, an int range, a
+            ``values:`` list or a float ``step``; ``"step"``: a float needs a step).
+        numeric: needs at least one int or float dimension (CMA-ES: categorical ones are
+            sampled independently, a purely categorical space gives it nothing to do).
+        seed_per_trial: a sampler rebuilt per trial with the trial's own seed
+            (``search.sampling.TrialSeededSampler``); False where the seed orders something the
+            whole study shares (the grid's order, the QMC sequence's scrambling).
+        use: what it is for (the README's table and ``--help``).
+    """
 
     optuna_class: str
     options: dict[str, Callable[[Any], Any]]
+    required: tuple[str, ...] = ()
+    single_objective_only: bool = False
+    constraints: bool = False
+    discrete: str = ""
+    numeric: bool = False
+    seed_per_trial: bool = True
+    needs_folds: bool = False
+    use: str = ""
 
+
+_NSGA_OPTIONS = {"seed": _option_int(0), "population_size": _option_int(2), "mutation_prob": _option_probability,
+                 "crossover": _option_choice(*CROSSOVERS), "crossover_prob": _option_probability,
+                 "swapping_prob": _option_probability}
 
 # The registry of samplers and pruners: the one place their names and options are declared.
 SAMPLERS: dict[str, SearchMethod] = {
     "tpe": SearchMethod("samplers.TPESampler", {
         "seed": _option_int(0), "n_startup_trials": _option_int(0), "n_ei_candidates": _option_int(1),
         "multivariate": _option_bool, "group": _option_bool, "constant_liar": _option_bool,
-        "consider_endpoints": _option_bool, "prior_weight": _option_positive}),
-    "random": SearchMethod("samplers.RandomSampler", {"seed": _option_int(0)}),
+        "consider_endpoints": _option_bool, "prior_weight": _option_positive}, constraints=True,
+        use="the default: any space, one or several objectives, constraints"),
+    "random": SearchMethod("samplers.RandomSampler", {"seed": _option_int(0)},
+                           use="a baseline; any space"),
+    "grid": SearchMethod("samplers.GridSampler", {"seed": _option_int(0)}, discrete="values",
+                         seed_per_trial=False,
+                         use="every point of a finite space once (n_trials defaults to the grid's size)"),
+    "bruteforce": SearchMethod("samplers.BruteForceSampler", {"seed": _option_int(0),
+                                                              "avoid_premature_stop": _option_bool},
+                               discrete="step", seed_per_trial=False,
+                               use="every point of a finite space, also one whose dimensions depend on others"),
+    "gp": SearchMethod("samplers.GPSampler", {
+        "seed": _option_int(0), "n_startup_trials": _option_int(0), "deterministic_objective": _option_bool,
+        "warn_independent_sampling": _option_bool}, constraints=True,
+        use="Gaussian-process Bayesian optimisation: few, costly trials of numeric dimensions"),
+    "cmaes": SearchMethod("samplers.CmaEsSampler", {
+        "seed": _option_int(0), "n_startup_trials": _option_int(0), "sigma0": _option_positive,
+        "popsize": _option_int(1), "consider_pruned_trials": _option_bool, "use_separable_cma": _option_bool,
+        "with_margin": _option_bool, "lr_adapt": _option_bool, "warn_independent_sampling": _option_bool},
+        single_objective_only=True, numeric=True,
+        use="CMA-ES: many trials over continuous dimensions (categorical ones sampled at random)"),
+    "qmc": SearchMethod("samplers.QMCSampler", {
+        "seed": _option_int(0), "qmc_type": _option_choice("sobol", "halton"), "scramble": _option_bool,
+        "warn_independent_sampling": _option_bool, "warn_asynchronous_seeding": _option_bool},
+        seed_per_trial=False, use="quasi-random points that cover the space evenly (a better random)"),
+    "nsgaii": SearchMethod("samplers.NSGAIISampler", _NSGA_OPTIONS, constraints=True,
+                           use="NSGA-II: several objectives, a genetic search of the Pareto front"),
+    "nsgaiii": SearchMethod("samplers.NSGAIIISampler", {**_NSGA_OPTIONS, "dividing_parameter": _option_int(1)},
+                            constraints=True, use="NSGA-III: three objectives or more"),
 }
 PRUNERS: dict[str, SearchMethod] = {
-    "none": SearchMethod("pruners.NopPruner", {}),
+    "none": SearchMethod("pruners.NopPruner", {}, use="every trial runs in full"),
     "median": SearchMethod("pruners.MedianPruner", {
         "n_startup_trials": _option_int(0), "n_warmup_steps": _option_int(0), "interval_steps": _option_int(1),
-        "n_min_trials": _option_int(1)}),
+        "n_min_trials": _option_int(1)}, use="stop a trial below the median of others at the same epoch"),
+    "percentile": SearchMethod("pruners.PercentilePruner", {
+        "percentile": number("", float, 0, 100, parse=False), "n_startup_trials": _option_int(0),
+        "n_warmup_steps": _option_int(0), "interval_steps": _option_int(1), "n_min_trials": _option_int(1)},
+        required=("percentile",), use="the median pruner at another percentile (25: keep the top quarter)"),
     "successive_halving": SearchMethod("pruners.SuccessiveHalvingPruner", {
         "min_resource": _option_resource, "reduction_factor": _option_int(2),
-        "min_early_stopping_rate": _option_int(0), "bootstrap_count": _option_int(0)}),
+        "min_early_stopping_rate": _option_int(0), "bootstrap_count": _option_int(0)},
+        use="asynchronous successive halving: the best 1/reduction_factor go on at each rung"),
     "hyperband": SearchMethod("pruners.HyperbandPruner", {
         "min_resource": _option_int(1), "max_resource": _option_resource, "reduction_factor": _option_int(2),
-        "bootstrap_count": _option_int(0)}),
+        "bootstrap_count": _option_int(0)}, use="successive halving at several budgets at once"),
+    "patient": SearchMethod("pruners.PatientPruner", {
+        "patience": _option_int(0), "min_delta": number("", float, 0, parse=False), "wrapped_pruner": _option_pruner},
+        required=("patience",), use="stop a trial whose objective has not improved for `patience` epochs"),
+    "threshold": SearchMethod("pruners.ThresholdPruner", {
+        "lower": _option_number, "upper": _option_number, "n_warmup_steps": _option_int(0),
+        "interval_steps": _option_int(1)}, use="stop a trial whose objective leaves [lower, upper] (a diverging head)"),
+    "wilcoxon": SearchMethod("pruners.WilcoxonPruner", {
+        "p_threshold": _option_probability, "n_startup_steps": _option_int(0)}, needs_folds=True,
+        use="an SVM study with validation: {folds: K}: stop when its folds are significantly worse than the best's"),
 }
 
 
@@ -166,6 +370,11 @@ def _named_options(path: Path, key: str, raw: Any, table: dict[str, SearchMethod
     if raw["name"] not in table:
         raise file_error(path, f"{key}.name={raw['name']!r}: expected one of {', '.join(table)}")
     allowed = table[raw["name"]].options
+    missing = [option for option in table[raw["name"]].required if option not in raw]
+    if missing:
+        raise file_error(path, f"{key}: the {raw['name']} {key} needs {', '.join(missing)}")
+    if raw["name"] == "threshold" and "lower" not in raw and "upper" not in raw:
+        raise file_error(path, f"{key}: the threshold {key} needs lower or upper")
     for option, value in raw.items():
         if option == "name":
             continue
@@ -275,22 +484,166 @@ def _fixed(path: Path, raw: dict, overrides: dict[str, Any], head: str, space: d
     return fixed
 
 
-def _objective(path: Path, raw: dict) -> tuple[str, str]:
-    """(metric, direction): a validation metric only, selection never reads the test split."""
-    objective = raw.get("objective") or {}
-    metric = objective.get("metric", "val/acc")
+def _default_direction(metric: str) -> str:
+    return "maximize" if metric.endswith("acc") else "minimize"
+
+
+def _metric_name(path: Path, key: str, metric: Any) -> str:
     if metric not in OBJECTIVE_METRICS:
-        raise file_error(path, f"objective.metric={metric!r}: expected one of {', '.join(OBJECTIVE_METRICS)} "
-                               "(selection never looks at the test split)")
-    direction = objective.get("direction", "maximize" if metric.endswith("acc") else "minimize")
+        raise file_error(path, f"{key}={metric!r}: not a metric a trial logs to be judged on; expected one of "
+                               f"{', '.join(OBJECTIVE_METRICS)} (selection never looks at the test split)")
+    return metric
+
+
+def _goals(path: Path, raw: dict) -> tuple[Goal, ...]:
+    """The study's objectives: ``objective: {metric, direction}`` or ``objectives:`` a list of them."""
+    if "objective" in raw and "objectives" in raw:
+        raise file_error(path, "objective and objectives both set; give one (objectives: a list for several)")
+    if "objectives" in raw:
+        listed = raw["objectives"]
+        if not isinstance(listed, list) or not listed:
+            raise file_error(path, "objectives: expected a list of {metric, direction}")
+        keyed = [(f"objectives[{i}]", item) for i, item in enumerate(listed)]
+    else:
+        keyed = [("objective", raw.get("objective") or {})]
+    goals = []
+    for key, item in keyed:
+        if not isinstance(item, dict) or set(item) - {"metric", "direction"}:
+            raise file_error(path, f"{key}: expected a mapping with metric: and direction:")
+        metric = _metric_name(path, f"{key}.metric", item.get("metric", "val/acc"))
+        direction = item.get("direction", _default_direction(metric))
+        if direction not in ("maximize", "minimize"):
+            raise file_error(path, f"{key}.direction={direction!r}: expected maximize or minimize")
+        goals.append(Goal(metric, direction))
+    if len({g.metric for g in goals}) < len(goals):
+        raise file_error(path, "objectives: a metric is listed twice")
+    return tuple(goals)
+
+
+_CONSTRAINT = re.compile(r"^\s*(?:metrics\.)?`?([A-Za-z0-9_./]+)`?\s*(<=|>=|<|>)\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
+
+
+def _constraints(path: Path, raw: dict) -> tuple[Constraint, ...]:
+    """``constraints: ["model/size_mb <= 300", ...]``: a metric, <= or >=, a number."""
+    listed = raw.get("constraints") or []
+    if not isinstance(listed, list):
+        raise file_error(path, 'constraints: expected a list such as ["model/size_mb <= 300"]')
+    constraints = []
+    for index, text in enumerate(listed):
+        found = _CONSTRAINT.match(text) if isinstance(text, str) else None
+        if found is None:
+            raise file_error(path, f"constraints[{index}]={text!r}: expected 'METRIC <= NUMBER' or "
+                                   "'METRIC >= NUMBER', e.g. 'model/size_mb <= 300'")
+        metric = _metric_name(path, f"constraints[{index}]", found.group(1))
+        constraints.append(Constraint(metric, found.group(2)[0] + "=", float(found.group(3))))
+    return tuple(constraints)
+
+
+def _select(path: Path, raw: dict, goals: tuple[Goal, ...]) -> Selection | None:
+    """``select: {metric, where}``: which Pareto-optimal trial is registered (default: the best on
+    the first objective)."""
+    if "select" not in raw:
+        return None
+    select = raw["select"]
+    if not isinstance(select, dict) or set(select) - {"metric", "where", "direction"}:
+        raise file_error(path, "select: expected a mapping with metric: and/or where:")
+    metric = _metric_name(path, "select.metric", select.get("metric", goals[0].metric))
+    own = {g.metric: g.direction for g in goals}
+    direction = select.get("direction", own.get(metric, _default_direction(metric)))
     if direction not in ("maximize", "minimize"):
-        raise file_error(path, f"objective.direction={direction!r}: expected maximize or minimize")
-    return metric, direction
+        raise file_error(path, f"select.direction={direction!r}: expected maximize or minimize")
+    where = select.get("where", "")
+    if not isinstance(where, str):
+        raise file_error(path, "select.where: expected a filter such as \"metrics.`model/size_mb` <= 300\"")
+    return Selection(metric, direction, where.strip())
 
 
-def _budget(path: Path, raw: dict) -> tuple[int | None, float | None]:
-    """(n_trials, timeout): at least one, each positive."""
+def _warm_start(path: Path, raw: dict) -> WarmStart | None:
+    """``warm_start: {experiment: NAME | study: NAME, where: FILTER, as: results|enqueue, max: N}``."""
+    if "warm_start" not in raw:
+        return None
+    warm = raw["warm_start"]
+    keys = {"experiment", "study", "where", "as", "max"}
+    if not isinstance(warm, dict) or set(warm) - keys:
+        raise file_error(path, f"warm_start: expected a mapping with some of: {', '.join(sorted(keys))}")
+    if ("experiment" in warm) == ("study" in warm):
+        raise file_error(path, "warm_start: name one source, experiment: NAME or study: NAME")
+    mode = warm.get("as", "results")
+    if mode not in ("results", "enqueue"):
+        raise file_error(path, f"warm_start.as={mode!r}: expected results (add their results) or enqueue "
+                               "(run their parameters again first)")
+    where = warm.get("where", "")
+    if not isinstance(where, str):
+        raise file_error(path, "warm_start.where: expected a filter such as \"params.layer = 'relu7'\"")
+    try:
+        most = number("warm_start.max", int, 1, parse=False)(warm.get("max", 100))
+    except ConfigError as error:
+        raise file_error(path, str(error)) from None
+    return WarmStart(experiment=None if "experiment" not in warm else str(warm["experiment"]),
+                     study=None if "study" not in warm else str(warm["study"]), where=where.strip(), mode=mode,
+                     max=most)
+
+
+def _folds(path: Path, raw: dict, head: str) -> int | None:
+    """``validation: {folds: K}``: stratified K-fold on the training images (svm)."""
+    if "validation" not in raw:
+        return None
+    validation = raw["validation"]
+    if not isinstance(validation, dict) or set(validation) != {"folds"}:
+        raise file_error(path, "validation: expected {folds: K} (stratified K-fold on the training images)")
+    if head != "svm":
+        raise file_error(path, f"validation.folds: the {head} head selects on the validation split; folds are "
+                               "for the svm head")
+    try:
+        return number("validation.folds", int, 2, MAX_FOLDS, parse=False)(validation["folds"])
+    except ConfigError as error:
+        raise file_error(path, str(error)) from None
+
+
+def _check_search(path: Path, raw: dict, sampler: dict, pruner: dict, spec_parts: dict) -> None:
+    """The sampler and pruner can run this study: objectives, space, folds, enqueued points."""
+    method = SAMPLERS[sampler["name"]]
+    name = sampler["name"]
+    space, goals = spec_parts["space"], spec_parts["goals"]
+    if method.single_objective_only and len(goals) > 1:
+        several = [n for n, m in SAMPLERS.items() if not m.single_objective_only]
+        raise file_error(path, f"sampler {name} optimises one objective; this study has {len(goals)} "
+                               f"({', '.join(g.metric for g in goals)}): use one of {', '.join(several)}")
+    if method.numeric and all(d.type == "categorical" for d in space.values()):
+        raise file_error(path, f"sampler {name} searches int and float dimensions; every dimension of this space "
+                               "is categorical: use tpe, grid or random")
+    if method.discrete:
+        for dim_name, dim in space.items():
+            if dim.type == "float" and (dim.step is None and (method.discrete == "step" or dim.values is None)):
+                need = "a step" if method.discrete == "step" else "a values: list or a step"
+                raise file_error(path, f"space.{dim_name}: sampler {name} runs a finite space; a float range needs "
+                                       f"{need} (e.g. values: [{dim.low:g}, {dim.high:g}])")
+        size = grid_size(space)
+        if size > MAX_GRID_POINTS:
+            raise file_error(path, f"sampler {name}: the grid has {size:,} points; expected at most {MAX_GRID_POINTS:,}")
+        if raw.get("enqueue") or raw.get("warm_start"):
+            raise file_error(path, f"sampler {name} runs every point of its grid once; enqueue and warm_start "
+                                   "would run points twice: list the points in the space instead")
+    if PRUNERS[pruner["name"]].needs_folds and not spec_parts["folds"]:
+        raise file_error(path, f"pruner {pruner['name']} compares per-fold results: set validation: {{folds: K}}")
+    if len(goals) > 1 and pruner["name"] != "none":
+        raise file_error(path, f"pruner {pruner['name']}: Optuna prunes single-objective studies only; "
+                               "a study with several objectives takes pruner: none")
+
+
+def grid_size(space: dict[str, Dimension]) -> int:
+    """How many points a grid over ``space`` has (its dimensions' ``grid_points`` multiplied)."""
+    size = 1
+    for dim in space.values():
+        size *= len(dim.grid_points() or ())
+    return size
+
+
+def _budget(path: Path, raw: dict, grid: int | None = None) -> tuple[int | None, float | None]:
+    """(n_trials, timeout): at least one, each positive; a grid's size when neither is given."""
     n_trials, timeout = raw.get("n_trials"), raw.get("timeout")
+    if n_trials is None and timeout is None and grid:
+        return grid, None
     if n_trials is None and timeout is None:
         raise file_error(path, "set n_trials and/or timeout, or the study never ends")
     try:
@@ -373,15 +726,18 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 
     fixed = _fixed(path, raw, overrides or {}, head, space)
     _check_choices(path, head, fixed, space)
-    metric, direction = _objective(path, raw)
-    n_trials, timeout = _budget(path, raw)
+    goals = _goals(path, raw)
+    sampler = _named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
+    pruner = _named_options(path, "pruner", raw.get("pruner"), PRUNERS, "none")
+    folds = _folds(path, raw, head)
+    _check_search(path, raw, sampler, pruner, {"space": space, "goals": goals, "folds": folds})
+    n_trials, timeout = _budget(path, raw, grid_size(space) if SAMPLERS[sampler["name"]].discrete else None)
     enqueue = _enqueue(path, raw, head, fixed, space)
     return StudySpec(path=path, study=str(raw["study"]),
                      mlflow_experiment=str(raw.get("experiment", raw["study"])),
                      description=str(raw.get("description", "")).strip(), tunes=head, fixed=fixed,
-                     space=space, metric=metric, direction=direction,
-                     sampler=_named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
-                     pruner=_named_options(path, "pruner", raw.get("pruner"), PRUNERS, "none"),
+                     space=space, goals=goals, sampler=sampler, pruner=pruner,
                      n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
                      register=str(raw.get("register", REGISTERED_MODEL) or ""),
-                     tuning=_tuning(path, raw, head, fixed, space))
+                     tuning=_tuning(path, raw, head, fixed, space), constraints=_constraints(path, raw),
+                     select=_select(path, raw, goals), warm_start=_warm_start(path, raw), folds=folds)
