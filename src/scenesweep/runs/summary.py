@@ -91,7 +91,8 @@ def _tag_children(client: MlflowClient, parent_id: str, experiment_id: str, tria
 def evaluate_best(spec: StudySpec, best: FrozenTrial, progress: bool) -> RunResult:
     """The one test evaluation of ``best``: its kept head scored (``result.refitted`` False), else
     its configuration (with its tuning settings, for a tuning trial) refitted, saying why."""
-    return evaluate_trial(spec, best, f"the best trial #{best.number}", progress)
+    what = "selected" if spec.multi_objective else "best"
+    return evaluate_trial(spec, best, f"the {what} trial #{best.number}", progress)
 
 
 def evaluate_trial(spec: StudySpec, trial: FrozenTrial, what: str, progress: bool) -> RunResult:
@@ -324,7 +325,9 @@ def log_pareto(study: optuna.Study, spec: StudySpec, parent_id: str, experiment_
         mlflow.log_artifact(str(path))
     for rank, trial in enumerate(ranked):
         sink.log_batch(parent_id, metrics={f"pareto/{m}": v for m, v in zip(spec.metrics, trial.values)}, step=rank)
-    sink.log_batch(parent_id, metrics={"pareto/size": len(front)}, tags={
+    # The front's size at the last trial's step: the live series of runs.sweep.log_progress ends there.
+    last = max((t.number for t in trials), default=0)
+    sink.log_batch(parent_id, metrics={"pareto/size": len(front)}, step=last, tags={
         "pareto_trials": ",".join(str(t.number) for t in sorted(front, key=lambda t: t.number))[:5000]})
     on_front = {t.number for t in front}
     for trial in trials:
