@@ -32,7 +32,7 @@ from ..compute.training import RunResult, evaluate_test_split, fit_head, fit_hea
 from ..models.registry import register_result
 from ..search.kept_heads import kept_head
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, TrialBudget, best_per_group, count_metrics,
-                             is_dead_here, is_feasible, is_own_setting, pareto_optimal, state_counts, this_worker)
+                             is_dead_here, is_own_setting, pareto_optimal, state_counts, this_worker)
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle, plots, provenance, sink
 

@@ -13,7 +13,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ..core.errors import ConfigError
-from ..specs.studies import PRUNERS, SAMPLERS, Dimension, SearchMethod, StudySpec
+from ..specs.search_methods import PRUNERS, SAMPLERS, SearchMethod
+from ..specs.studies import Dimension, StudySpec
 
 def optuna_class(method: SearchMethod) -> type:
     """The Optuna class a registered sampler or pruner names (``specs.studies.SAMPLERS``/``PRUNERS``)."""
