@@ -64,7 +64,9 @@ def test_the_measurement_is_kept_per_machine_and_reused(tmp_path, monkeypatch):
     precision.choose("auto", {"stage": "extraction", "image_size": 64}, "img/s", CPU, tmp_path, measure)
     assert len(calls) == 2
     identity = precision.machine_identity(CPU)
-    monkeypatch.setattr(precision, "machine_identity", lambda device: {**identity, "cpu_flags": "avx2 fma"})
+    # Another CPU: flags this one lacks (an AVX2-only CPU says "avx2 fma" itself).
+    monkeypatch.setattr(precision, "machine_identity",
+                        lambda device: {**identity, "cpu_flags": identity["cpu_flags"] + " amx_tile another-cpu"})
     precision._MEMO.clear()
     precision.choose("auto", {"stage": "extraction", "image_size": 224}, "img/s", CPU, tmp_path, measure)
     assert len(calls) == 3

@@ -349,6 +349,7 @@ def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_sce
     ({"constraints": ["model/size_mb is small"]}, ["constraints[0]", "METRIC <= NUMBER"]),
     ({"objectives": [{"metric": "val/acc"}, {"metric": "model/size_mb"}], "select": {"where": "metrics.x <<= 3"}},
      ["select.where", "not a filter MLflow reads"]),
+    ({"select": {"metric": "val/acc"}}, ["select: picks", "constraints"]),
     ({"pruner": {"name": "wilcoxon"}}, ["pruner wilcoxon", "validation: {folds: K}"]),
     ({"pruner": {"name": "percentile"}}, ["percentile"]),
     ({"tunes": "mlp", "space": {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2}}, "validation": {"folds": 3}},
@@ -357,7 +358,7 @@ def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_sce
     ({"warm_start": {"experiment": "nowhere"}}, ["warm_start.experiment='nowhere'", "no such MLflow experiment"]),
     ({"warm_start": {"study": "never-ran"}}, ["warm_start (study 'never-ran')", "no FINISHED trial run"]),
 ], ids=["grid-float-range", "cmaes-two-objectives", "cmaes-categorical", "test-metric", "unknown-metric",
-        "constraint", "where", "wilcoxon-no-folds", "percentile-missing", "folds-mlp", "folds-too-many",
+        "constraint", "where", "select-one-objective", "wilcoxon-no-folds", "percentile-missing", "folds-mlp", "folds-too-many",
         "warm-no-experiment", "warm-no-runs"])
 def test_a_study_that_cannot_run_is_refused_before_any_trial(fields, fragments, flat_scenes, tmp_path, cache):
     path = tiny_study(tmp_path, flat_scenes, cache, name="refused", **fields)

@@ -129,6 +129,9 @@ def select(path: Path, raw: dict, goals: tuple[Goal, ...]) -> Selection | None:
     if "select" not in raw:
         return None
     select = raw["select"]
+    if len(goals) == 1:
+        raise file_error(path, "select: picks which trial of a Pareto front (several objectives) is registered; "
+                               "with one objective the best trial is, and constraints: say what it must meet")
     if not isinstance(select, dict) or set(select) - {"metric", "where", "direction"}:
         raise file_error(path, "select: expected a mapping with metric: and/or where:")
     metric = _metric_name(path, "select.metric", select.get("metric", goals[0].metric))
