@@ -4,6 +4,7 @@ One tiny study (2 trials, 3 classes, 32 px) runs once for the module against its
 store; the promotion tests register that study's logged model again under names of their own,
 with version tags set to make the better / worse / tied / other-dataset cases.
 """
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,8 +78,9 @@ def test_a_sweep_registers_its_best_trial_with_tags_and_alias_challenger(client,
     tags = version.tags
     assert tags["study"] == "sweep_svm"
     assert tags["trial_number"] == parent.data.tags["best_trial"] == best.data.tags["trial_number"]
-    assert tags["run_id"] == parent.info.run_id  # registered by the study's parent ...
-    assert version.run_id == tags["trial_run_id"] == best.info.run_id  # ... from its best trial's run
+    assert tags["parent_run_id"] == parent.info.run_id  # registered by the study's parent ...
+    # ... from its best trial's run: one name, one meaning (the version's Source Run).
+    assert version.run_id == tags["run_id"] == tags["trial_run_id"] == best.info.run_id
     assert best.data.tags["registered_version"] == "1"
     assert tags["dataset_fingerprint"] == best.data.params["dataset_fingerprint"]
     assert float(tags["val_acc"]) == pytest.approx(parent.data.metrics["best/val/acc"], abs=1e-6)
@@ -94,6 +96,10 @@ def test_a_sweep_registers_its_best_trial_with_tags_and_alias_challenger(client,
     assert tags["model_id"] == model_id and version.model_id in (None, model_id)  # no column for it in SQL stores
     record = client.get_logged_model(model_id)
     assert record.source_run_id == best.info.run_id and record.name == f"scene-classifier-svm-{tags['layer']}"
+    # MLflow's own links both ways: the record lists its version (the logged model page says
+    # "Registered", not "Not registered"), and it is an output of the best trial's run ("Logged models").
+    assert json.loads(record.tags["mlflow.modelVersions"]) == [{"name": "scene-classifier", "version": "1"}]
+    assert model_id in {o.model_id for o in client.get_run(best.info.run_id).outputs.model_outputs}
     trial_params = {k: v for k, v in best.data.params.items() if k in record.params}
     assert record.params["C"] == best.data.params["C"] and record.params == {**trial_params, "head": "svm"}
     linked = {m.key: m.value for m in record.metrics}

@@ -364,3 +364,17 @@ def test_a_study_that_cannot_run_is_refused_before_any_trial(fields, fragments, 
     path = tiny_study(tmp_path, flat_scenes, cache, name="refused", **fields)
     assert_clear_error(sweep(path), *fragments)
     assert not [r for r in parents_and_children()[1] if r.data.tags.get("study") == "refused"]
+
+
+def test_a_worse_study_says_challenger_stays_where_it_is(flat_scenes, tmp_path, cache):
+    """Two studies registering to one model: the second's best is worse on the objective (its
+    hinge loss, C=1e-9), so @challenger stays on version 1, and the sweep's last line says so."""
+    common = dict(objective={"metric": "val/loss"}, n_trials=1, register="scene-classifier",
+                  space={"C": {"type": "float", "low": 1.0e-9, "high": 10.0, "log": True}})
+    first = sweep(tiny_study(tmp_path, flat_scenes, cache, name="good", enqueue=[{"C": 1.0}], **common))
+    assert "registered scene-classifier version 1 (alias @challenger)" in first.stdout
+    second = sweep(tiny_study(tmp_path, flat_scenes, cache, name="worse", enqueue=[{"C": 1.0e-9}], **common))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "note: @challenger stays on version 1" in second.stderr
+    assert "registered scene-classifier version 2 (@challenger stays on version 1)" in second.stdout
+    assert str(MlflowClient().get_registered_model("scene-classifier").aliases["challenger"]) == "1"

@@ -244,7 +244,7 @@ def test_three_workers_on_a_fresh_database_share_one_study_exactly(remote, flat_
     versions = MlflowClient().search_model_versions(f"name='{model}'")
     assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].run_id == parent.data.tags["best_run_id"]  # the best trial's model
-    assert versions[0].tags["run_id"] == parent.info.run_id
+    assert versions[0].tags["parent_run_id"] == parent.info.run_id
     assert parent.data.tags["optuna.storage"].startswith("postgresql://scenesweep:***@")
     assert_nothing_running(runs)
     assert_no_password(remote, runs, outputs)

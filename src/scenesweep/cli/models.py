@@ -191,6 +191,8 @@ def register(study_name: str, trial_number: str, storage: str | None, name: str)
 
     _use_project_store()
     trial = number("--trial", int, 0)(trial_number)
+    from ..models.registry import challenger_text
+
     model, version, metrics = register_trial(study_name, trial, storage or None, name or None)
-    click.echo(f"registered {model} version {version} from trial #{trial} of study {study_name}: "
-               f"val/acc={metrics['val/acc']:.4f} test/acc={metrics['test/acc']:.4f}")
+    click.echo(f"registered {model} version {version} {challenger_text(model, version)} from trial #{trial} of "
+               f"study {study_name}: val/acc={metrics['val/acc']:.4f} test/acc={metrics['test/acc']:.4f}")

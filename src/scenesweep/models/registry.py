@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import sys
 import time
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ..core import faults
 from ..core.errors import ConfigError, first_line
@@ -89,6 +91,32 @@ def _move_challenger(client: MlflowClient, model_name: str, version: str, tags: 
     return None
 
 
+def link_record(client: MlflowClient, model_id: str, model_name: str, version: str, source_run_id: str,
+                step: int) -> None:
+    """MLflow's own links between a model record and its versions, as ``mlflow.register_model``
+    makes them: the record's ``mlflow.modelVersions`` tag lists its versions (the UI's logged
+    model page shows them, not "Not registered"; the experiment's Models tab its registered
+    models), and the record is an output of the run it came from (the run page's "Logged
+    models"). Idempotent: a resume adds nothing twice."""
+    record = client.get_logged_model(model_id)
+    listed = json.loads(record.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": model_name, "version": str(version)}
+    if entry not in [{"name": e.get("name"), "version": str(e.get("version"))} for e in listed]:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
+    outputs = client.get_run(source_run_id).outputs
+    if model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+        client.log_outputs(source_run_id, [LoggedModelOutput(model_id=model_id, step=step)])
+
+
+def challenger_text(model_name: str, version: str) -> str:
+    """'(alias @challenger)' when the version holds it, else '(@challenger stays on version N)':
+    what registering did, as a sweep prints it."""
+    holder = MlflowClient().get_registered_model(model_name).aliases.get(CHALLENGER)
+    if str(holder) == str(version):
+        return f"(alias @{CHALLENGER})"
+    return f"(@{CHALLENGER} stays on version {holder})" if holder is not None else f"(no @{CHALLENGER})"
+
+
 @dataclasses.dataclass
 class SimpleVersion:
     """Tags alone, read as a version's (``_metric``)."""
@@ -125,7 +153,10 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     config, metrics = result.prepared.config, result.metrics
     # A study's version is made once: a resume that finds it (its process was killed after the
     # version was written) completes its description and alias instead of registering again.
-    identity = {"run_id": run_id, **{k: v for k, v in (extra_tags or {}).items() if k in ("study", "trial_number")}}
+    # The run that registers: the parent of a study (``parent_run_id``), else the run itself;
+    # ``run_id`` is always the run the model comes from, as the version's own source run.
+    registering = {"parent_run_id": run_id} if run_id != source_run_id else {"run_id": run_id}
+    identity = {**registering, **{k: v for k, v in (extra_tags or {}).items() if k in ("study", "trial_number")}}
     existing = find_version(client, model_name, identity) if len(identity) > 1 else None
     if existing:
         model_uri, model_id = existing.tags.get("model_uri", existing.source), existing.tags.get("model_id")
@@ -141,7 +172,7 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         linked = {k: metrics[k] for k in MODEL_METRICS if k in metrics and math.isfinite(metrics[k])}
         client.log_batch(source_run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in
                                                  {**linked, "model/size_mb": logged.size_mb}.items()])
-    tags = {"run_id": run_id, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
+    tags = {"run_id": source_run_id, **registering, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
             "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
             "head": config.head, "arch": config.arch, "layer": config.layer, "pooling": config.pooling,
             "fc_width": str(config.fc_width), "image_size": str(config.image_size), "data": str(config.data),
@@ -159,6 +190,8 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         version = client.create_model_version(model_name, model_uri, run_id=source_run_id, tags=tags,
                                               model_id=model_id).version
     faults.moment("version-registered")
+    if model_id:
+        link_record(client, model_id, model_name, str(version), source_run_id, len(result.history))
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
     where = (f"study {tags['study']} trial #{tags['trial_number']}" if "study" in tags and "trial_number" in tags
@@ -170,6 +203,7 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     kept = _move_challenger(client, model_name, str(version), tags, objective)
     if kept:
         print(f"note: {kept}", file=sys.stderr)
+
     for run in {run_id, source_run_id}:
         client.set_tag(run, "registered_model", model_name)
         client.set_tag(run, "registered_version", str(version))

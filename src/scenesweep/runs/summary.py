@@ -29,7 +29,7 @@ from optuna.visualization import matplotlib as oplt
 from optuna_dashboard import save_note
 
 from ..compute.training import RunResult, evaluate_test_split, fit_head, fit_head_folds, prepare, score_head
-from ..models.registry import register_result
+from ..models.registry import challenger_text, register_result
 from ..search.kept_heads import kept_head
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, TrialBudget, best_per_group, count_metrics,
                              is_dead_here, is_own_setting, pareto_optimal, state_counts, this_worker)
@@ -239,6 +239,7 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
             version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
                 "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id},
                 source_run_id=best_run_id or None, objective=registry_objective(spec))
+            summary["alias"] = challenger_text(spec.register, version)
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
         _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},
@@ -412,5 +413,6 @@ def summary_lines(summary: dict, spec: StudySpec) -> list[str]:
         what = "selected trial" if spec.multi_objective else "best trial"
         lines.append(f"{what} #{summary['best_trial']}: {values} ({params}); test/acc={summary['test_acc']:.4f}")
         if summary.get("model_version"):
-            lines.append(f"registered {spec.register} version {summary['model_version']} (alias @challenger)")
+            lines.append(f"registered {spec.register} version {summary['model_version']} "
+                         + summary.get("alias", "(alias @challenger)"))
     return lines
