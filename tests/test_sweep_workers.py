@@ -85,6 +85,7 @@ def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes,
     killed_run = [r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"]][0]
     assert killed_run.info.status == "FAILED" and "heartbeat" in killed_run.data.tags["error"]
     assert killed_run.data.tags["failure"] in ("killed", "stale")  # found by its pid, or its heartbeat
+    assert killed_run.info.run_name.endswith(f" · failed: {killed_run.data.tags['failure']}")
     # The killed worker's parent is the study's: the resume attached to it and finished it.
     parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -84,6 +84,8 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
     _, children = parents_and_children()
     pruned = [c for c in children if c.data.tags["trial_number"] == "1"][0]
     assert pruned.info.status == "KILLED" and pruned.data.tags["pruned"].startswith("pruned at epoch")
+    # The runs table says why, as the log line does (a red cross alone says nothing).
+    assert pruned.info.run_name.endswith(" · " + pruned.data.tags["pruned"].split(":")[0])
     assert pruned.data.tags["failure"] == "pruned"  # what died of what: filterable in the runs table
     assert trials[1].user_attrs["failure"] == "pruned"  # and in Optuna, whose FAIL/PRUNED say less
 

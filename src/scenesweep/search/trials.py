@@ -104,7 +104,10 @@ def is_dead_here(worker: dict[str, Any]) -> bool:
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a dead or interrupted trial's parameters again (at most ``MAX_RETRY`` times)."""
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    with warnings.catch_warnings():
+        # Optuna marks it experimental (since 2.8): known, and an interrupt's one line stays one line.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
 def own_record(trial: FrozenTrial) -> dict[str, Any]:

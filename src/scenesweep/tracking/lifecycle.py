@@ -59,6 +59,18 @@ def _terminate(run_id: str, status: str) -> None:
         MlflowClient().set_terminated(run_id, status)
 
 
+def _ended_name(run, failure: str, pruned: str) -> str | None:
+    """A trial's run name saying how it ended, as its log line does: '... · pruned at epoch 2'
+    (the runs table shows only a red cross otherwise), '... · failed: killed'; None for a run
+    that is not a trial, or whose name says it already."""
+    if "mlflow.parentRunId" not in run.data.tags:
+        return None
+    name = run.info.run_name or ""
+    ending = pruned.split(":", 1)[0] if failure == "pruned" and pruned.startswith("pruned") else \
+        ("pruned" if failure == "pruned" else f"failed: {failure}")
+    return None if name.endswith(f" · {ending}") else f"{name} · {ending}"
+
+
 def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | None = None,
             failure: str | None = None, only_running: bool = False, **tags: Any) -> bool:
     """End ``run_id`` with ``status``; an ``error`` (exception or text) goes into the ``error`` tag
@@ -86,6 +98,11 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
         labels["error"] = describe_error(error) if isinstance(error, BaseException) else str(error)[:5000]
     if failure is not None:
         labels["failure"] = failure
+    if failure is not None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            name = _ended_name(client.get_run(run_id), failure, labels.get("pruned", ""))
+            if name:
+                labels["mlflow.runName"] = name
     if labels:
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in labels.items()])
     if isinstance(error, BaseException) and failure == "error" and not isinstance(error, UserError) and not full:
