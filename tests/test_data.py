@@ -121,3 +121,20 @@ def test_a_class_folder_whose_name_is_not_utf8_is_shown_readably(flat_scenes):
     assert all(read_image(dataset.absolute(i)) for i in range(len(dataset.paths)))  # the files still open
     figure = plots.confusion_figure(np.eye(3, dtype=int), dataset.classes, "test")
     figure.savefig(io.BytesIO(), format="png")  # matplotlib shows the name
+
+
+def test_an_image_past_pillows_warning_size_is_named_in_one_warning_line(flat_scenes, capfd):
+    """10000x10000 px (100 M pixels, past Pillow's 89 M warning, below its 179 M refusal): one
+    `warning:` line naming the file and its size, never Pillow's DecompressionBombWarning text."""
+    from PIL import Image
+
+    huge = flat_scenes / "street" / "zz_huge.png"
+    Image.new("L", (10_000, 10_000), 128).save(huge)
+    dataset = load_dataset(flat_scenes, train_per_class=10)
+    assert "street/zz_huge.png" in [str(p) for p in dataset.paths]
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"warning: {huge}: 10000x10000 px (100 megapixels), over the 89 M Pillow decodes without a "
+                     "warning: read anyway (images over 179 M are refused)"], err
+    read_image(huge, keep_gray=True)  # the extraction reads it quietly: said once, above
+    assert capfd.readouterr().err == ""

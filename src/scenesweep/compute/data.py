@@ -21,6 +21,7 @@ import os
 import sys
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +169,20 @@ def decode_check(path: Path) -> None:
         DataError: naming the file and what is wrong with it.
     """
     try:
-        with Image.open(path) as image:
-            image.load()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                size = image.size
+                image.load()
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(path, str(error)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {error})") from None
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        # Pillow's own warning would say neither which file nor what happens next.
+        print(f"warning: {path}: {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} megapixels), over the "
+              f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} M Pillow decodes without a warning: read anyway (images over "
+              f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} M are refused)", file=sys.stderr)
 
 
 def _check_decodes(root: Path, paths: list[Path], fingerprint: str, cache_dir: str | os.PathLike | None) -> None:
@@ -298,12 +307,15 @@ def read_image(path: str | os.PathLike | None = None, data: bytes | None = None,
     """
     source = io.BytesIO(data) if data is not None else path
     try:
-        with Image.open(source) as image:
-            image.load()
-            if keep_gray and image.mode == "L":
-                return image.copy()
-            # "L" -> "RGB" repeats the single channel three times, as the study does.
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # A large image was named when the dataset was checked (decode_check); decoded quietly here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.load()
+                if keep_gray and image.mode == "L":
+                    return image.copy()
+                # "L" -> "RGB" repeats the single channel three times, as the study does.
+                return image.convert("RGB")
     except Image.DecompressionBombError as error:
         where = path if path is not None else "image bytes"
         raise ImageTooLargeError(where, str(error)) from None
