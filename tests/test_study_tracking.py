@@ -199,7 +199,7 @@ def test_dashboard_notes_link_each_trial_and_the_study_to_mlflow(study_store):
     for trial in s.study.trials:
         note = get_note(optuna.Trial(s.study, trial._trial_id))
         run_id = trial.user_attrs["mlflow_run_id"]
-        assert f"(http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id})" in note
+        assert f"(http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)" in note
         assert "scenesweep ui" in note and f"run id `{run_id}`" in note
         assert f"#/experiments/{experiment_id}/runs/{s.parent.info.run_id}" in note
     note = get_note(s.study)
@@ -212,17 +212,17 @@ def test_dashboard_notes_link_each_trial_and_the_study_to_mlflow(study_store):
 
 def test_ui_links_point_at_a_tracking_server_when_there_is_one(monkeypatch):
     path = provenance.run_ui_path("3", "abc")
-    assert provenance.ui_link("run", path, "http://mlflow.lab:5000/") == "[run](http://mlflow.lab:5000/#/experiments/3/runs/abc)"
+    assert provenance.ui_link("run", path, "http://mlflow.lab:5000/") == "[run](http://mlflow.lab:5000/#/experiments/3/runs/abc?workflowType=machine_learning)"
     assert provenance.ui_link("run", path, "https://user:secret@host").startswith("[run](https://user:***@host/#/")
     assert provenance.ui_hint("http://mlflow.lab:5000") == ""
     sqlite = "sqlite:////data/mlruns/mlflow.db"
-    assert provenance.ui_link("run", path, sqlite) == "[run](http://127.0.0.1:5000/#/experiments/3/runs/abc)"
+    assert provenance.ui_link("run", path, sqlite) == "[run](http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning)"
     assert "`scenesweep ui`, or `mlflow ui --backend-store-uri sqlite:////data/mlruns/mlflow.db`" in \
         provenance.ui_hint(sqlite)
     assert provenance.model_version_ui_path("scene classifier", 2) == "#/models/scene%20classifier/versions/2"
     # A UI elsewhere than scenesweep ui's default address (another --port, another machine).
     monkeypatch.setenv("SCENESWEEP_UI_URL", "http://lab-box:8080/")
-    assert provenance.ui_link("run", path, sqlite) == "[run](http://lab-box:8080/#/experiments/3/runs/abc)"
+    assert provenance.ui_link("run", path, sqlite) == "[run](http://lab-box:8080/#/experiments/3/runs/abc?workflowType=machine_learning)"
     assert "at http://lab-box:8080:" in provenance.ui_hint(sqlite)
 
 

@@ -20,7 +20,7 @@ from .group import main, user_errors
 
 # MLflow 3.17 opens experiments in its GenAI view (traces); runs, metrics and charts are under
 # "Model training". The UI reads this query parameter (and remembers the toggle once clicked).
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # = tracking.provenance.MODEL_TRAINING_VIEW
 
 
 def tracking_store_uri() -> str:

@@ -109,8 +109,13 @@ def local_ui() -> str:
     return (os.environ.get("SCENESWEEP_UI_URL", "").strip() or LOCAL_UI).rstrip("/")
 
 
+# MLflow 3's UI opens a run in its GenAI view unless the URL asks for the training one.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_ui_path(experiment_id: str, run_id: str) -> str:
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page in MLflow's model-training view (params, metrics, charts)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def model_version_ui_path(name: str, version: str | int) -> str:
