@@ -356,3 +356,11 @@ def test_a_real_run_is_shown_as_real_and_is_no_longer_missing(store, tmp_path):
     assert "A demo run also exists" in q1_text
     missing = markdown.split("## Missing runs", 1)[1].split("\n## ", 1)[0]
     assert "q1_parameter_count" not in missing and "q8_svm_relu7.yaml --data path/to/15-Scene" in missing
+
+
+def test_the_studies_table_gives_wall_times_in_one_unit():
+    """'111 s' beside '7.0 min' read badly: minutes for the whole column, the header says so."""
+    from scenesweep.report.studies import COLUMNS, wall_text
+
+    assert "wall time (min)" in COLUMNS
+    assert [wall_text(s) for s in (42, 111, 420, 11_580)] == ["0.7", "1.9", "7.0", "193.0"]

@@ -24,7 +24,7 @@ from .reading import DEMO_LABEL
 # The parent's live metrics (``runs.sweep.log_progress``): counts by state, the best so far.
 COUNTS = {"complete": "trials/complete", "pruned": "trials/pruned", "failed": "trials/fail"}
 COLUMNS = ("study", "experiment", "setting", "objective", "complete", "pruned", "failed", "running", "best", "best trial",
-           "test acc", "version", "wall time", "status", "hardware")
+           "test acc", "version", "wall time (min)", "status", "hardware")
 
 
 @dataclasses.dataclass
@@ -68,10 +68,8 @@ class StudyRow:
 
 
 def wall_text(seconds: float) -> str:
-    """'42 s', '12.5 min', '3.2 h'."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    """Minutes, one unit for the whole column (its header says so): '0.7', '12.5', '193.0'."""
+    return f"{seconds / 60:.1f}"
 
 
 def short_hardware(tags: dict[str, str]) -> str:
