@@ -45,8 +45,13 @@ def test_sweep_pooling_extracts_every_pooling_in_one_pass_and_logs_epochs(flat_s
     result = sweep(REPO / "sweeps" / "pooling.yaml", "--n_trials", "4", "--epochs", "3", "--data", str(flat_scenes),
                    "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-4000:]
-    _, children = parents_and_children()
+    parents, children = parents_and_children()
     assert sorted(c.data.params["pooling"] for c in children) == ["avg", "lp1", "lp2", "max"]
+    # The file's description says 40 epochs; the pages say what ran.
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "epochs=3 (the file says 40)" in note
+    experiment = MlflowClient().get_experiment(parents[0].info.experiment_id)
+    assert "epochs=3 (the file says 40)" in experiment.tags["mlflow.note.content"]
     by_number = sorted(children, key=lambda c: int(c.data.tags["trial_number"]))
     assert [c.data.tags["conv_cache"] for c in by_number] == ["miss", "hit", "hit", "hit"]
     assert by_number[0].data.metrics["time/extract_branches"] == 4

@@ -78,7 +78,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
             "optuna.study_id": str(study._study_id),
             "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{study.study_name} study",
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
-                                   f"Command: `{provenance.command_line()}`\n\n{spec.description}",
+                                   f"Command: `{provenance.command_line()}`\n\n{spec.description_as_run}",
             # The machine of the worker that created it (each trial tags its own).
             **sink.hardware_tags(str(resolve_device(spec.trial_config({}).device)))}
     launched = lifecycle.launched_run_id()
@@ -92,7 +92,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
                                    tags={**provenance.source_tags(), **tags}).info.run_id
     if not client.get_experiment(experiment).tags.get("mlflow.note.content"):
         # The experiments list shows it in its Description column.
-        client.set_experiment_tag(experiment, "mlflow.note.content", spec.description)
+        client.set_experiment_tag(experiment, "mlflow.note.content", spec.description_as_run)
     setting = {k: v for k, v in spec.trial_config({}).values.items() if k not in spec.space}
     sink.log_batch(run_id, params={**setting, "study_name": study.study_name, "tunes": spec.tunes,
                                    "objective": f"{spec.direction} {spec.metric}",

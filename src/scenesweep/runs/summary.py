@@ -149,7 +149,7 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
         + ", ".join(f"{m} = {v:.4g}" for m, v in zip(spec.metrics, best.values)) + " with "
         + ", ".join(f"{k}={v}" for k, v in best.params.items())
         + f"; test/acc = {result.metrics['test/acc']:.4f} (computed once, for this trial)\n\n"
-        f"{spec.description}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
+        f"{spec.description_as_run}\n\nStudy `{study.study_name}` from `{spec.path}`\n\n"
         f"Command: `{provenance.command_line()}`"))
 
 
@@ -217,7 +217,7 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
             # The study ran well; its rule picks nothing to register: said, not failed.
             print(f"note: {why_none}", file=sys.stderr)
             mlflow.set_tags({"best_trial": "none: select.where matched no Pareto-optimal trial",
-                             "mlflow.note.content": f"{why_none}\n\n{spec.description}"})
+                             "mlflow.note.content": f"{why_none}\n\n{spec.description_as_run}"})
             study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                      "best_trial": None})
             return {"note": why_none}

@@ -80,6 +80,18 @@ class StudySpec:
     select: Selection | None = None
     warm_start: WarmStart | None = None
     folds: int | None = None  # validation: {folds: K}: stratified K-fold on the training images
+    file_fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # the file's fixed: before overrides
+
+    @property
+    def description_as_run(self) -> str:
+        """The file's description, and the settings the command line changed (the description
+        may say '40 epochs' of a study run with ``--epochs 4``): what a run's page must say."""
+        changed = {k: v for k, v in self.fixed.items() if k not in self.file_fixed or self.file_fixed[k] != v}
+        if not changed:
+            return self.description
+        shown = ", ".join(f"{k}={v}" + (f" (the file says {self.file_fixed[k]})" if k in self.file_fixed else "")
+                          for k, v in changed.items())
+        return f"{self.description}\n\nRun with settings the command line changed: {shown}.".strip()
 
     @property
     def metric(self) -> str:
@@ -282,4 +294,5 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
                      n_trials=n_trials, timeout=timeout, enqueue=tuple(enqueue),
                      register=str(raw.get("register", REGISTERED_MODEL) or ""),
                      tuning=_tuning(path, raw, head, fixed, space), constraints=constraints(path, raw),
-                     select=select(path, raw, goals_), warm_start=warm_start(path, raw), folds=folds_)
+                     select=select(path, raw, goals_), warm_start=warm_start(path, raw), folds=folds_,
+                     file_fixed=dict(raw.get("fixed") or {}))
