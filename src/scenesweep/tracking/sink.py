@@ -18,6 +18,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
@@ -208,10 +209,28 @@ def dataset_inputs(dataset: Dataset, split: Split) -> list[DatasetInput]:
     return inputs
 
 
+# What MLflow's SQL store answers when two processes insert the same dataset of an experiment at
+# once (PostgreSQL's UniqueViolation on "dataset_pk", SQLite's "UNIQUE constraint failed: datasets").
+DATASET_RACE = ("dataset_pk", "UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint")
+DATASET_TRIES = 5
+
+
 def log_datasets(run_id: str, dataset: Dataset, split: Split) -> None:
     """``log_inputs`` of the three splits into ``run_id`` (the runs table's Dataset column).
-    Logging the same splits again into a run adds nothing."""
-    MlflowClient().log_inputs(run_id, datasets=dataset_inputs(dataset, split))
+    Logging the same splits again into a run adds nothing.
+
+    MLflow's store looks a dataset up and inserts it when missing, not atomically: workers starting
+    together on PostgreSQL race, and the loser's insert fails on the table's key. The dataset is
+    there by then, so the same call again links it (up to ``DATASET_TRIES`` times)."""
+    client = MlflowClient()
+    for attempt in range(DATASET_TRIES):
+        try:
+            client.log_inputs(run_id, datasets=dataset_inputs(dataset, split))
+            return
+        except MlflowException as error:
+            if attempt == DATASET_TRIES - 1 or not any(text in str(error) for text in DATASET_RACE):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_point: str) -> None:
