@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -234,7 +235,15 @@ def test_sigterm_to_mlflow_run_ends_its_sweep_as_ctrl_c_does(flat_scenes, tmp_pa
     command = [mlflow_bin, "run", ".", "-e", "sweep", "--env-manager", "local", "--experiment-name", "pooling",
                "-P", f"file={study}"]
     kill_during_trial(study, 0, sig=signal.SIGTERM, command=command)
+    stopped = time.time()
+    child = load("mlflow_terminated").trials[0].user_attrs["worker"]["pid"]  # the sweep mlflow run started
     deadline = time.time() + 120  # the orphaned child cleans up after mlflow run is gone
+    while time.time() < deadline and psutil.pid_exists(child) and \
+            psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, \
+        "the sweep outlived mlflow run"
+    print(f"the sweep exited {time.time() - stopped:.1f} s after mlflow run's own exit")  # README: how fast
     while time.time() < deadline:
         runs = all_runs()
         if runs and not [r for r in runs if r.info.status == "RUNNING"]:
