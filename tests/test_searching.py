@@ -378,3 +378,28 @@ def test_a_worse_study_says_challenger_stays_where_it_is(flat_scenes, tmp_path, 
     assert "note: @challenger stays on version 1" in second.stderr
     assert "registered scene-classifier version 2 (@challenger stays on version 1)" in second.stdout
     assert str(MlflowClient().get_registered_model("scene-classifier").aliases["challenger"]) == "1"
+
+
+def test_a_progress_line_never_reports_an_older_best_than_the_trial_lines(flat_scenes, tmp_path, cache,
+                                                                         monkeypatch):
+    """Off a terminal every progress line (here one per trial but the last) comes after its
+    trial's line and reports the best so far including that trial (it reported the one before)."""
+    import re
+
+    monkeypatch.setenv("SCENESWEEP_LOG_EVERY", "0")
+    monkeypatch.delenv("TQDM_DISABLE")  # the suite's quiet default
+    path = tiny_study(tmp_path, flat_scenes, cache, name="progress", n_trials=3, objective={"metric": "val/loss"},
+                      enqueue=[{"C": 1.0e-3}, {"C": 10.0}])
+    result = invoke("sweep", str(path))  # progress shown: stderr is not a terminal here
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = None
+    checked = 0
+    for line in result.stderr.splitlines():
+        trial = re.match(r"trial #\d+ .*\(best ([0-9.]+), #\d+\)$", line)
+        if trial:
+            best = trial.group(1)
+        shown = re.search(r"(\d)/3 trial.*best val/loss=([0-9.]+)", line)
+        if shown:
+            assert best is not None and shown.group(2) == best, (line, best)
+            checked += 1
+    assert checked == 2, result.stderr[-3000:]  # after trials #0 and #1 (the last count closes the bar)

@@ -271,10 +271,12 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
             print(line, file=sys.stderr)
     log_progress(sweep, trial.number)
     if bar is not None:
+        # The best first, then the count: off a terminal ``update`` prints the line, which must
+        # never report an older best than the trial line above it.
+        best = best_per_group(sweep.study.get_trials(deepcopy=False), None, sweep.spec.direction)
+        if best and not sweep.spec.multi_objective:
+            bar.set_postfix_str(f"best {sweep.spec.metric}={best['best'].values[0]:.4f}", refresh=False)
         bar.update(1)
-        if not sweep.spec.multi_objective:
-            with contextlib.suppress(ValueError):
-                bar.set_postfix_str(f"best {sweep.spec.metric}={sweep.study.best_value:.4f}")
 
 
 def trial_line(sweep: Sweep, trial: optuna.Trial, state: TrialState, value, pruned: str,
