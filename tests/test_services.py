@@ -133,6 +133,45 @@ def test_a_client_tracks_a_run_and_a_study_through_the_services(postgres_service
     assert [state for (state,) in states] == ["COMPLETE"] * 3
 
 
+def test_workers_logging_the_same_dataset_at_once_all_go_on(postgres_services, flat_scenes, monkeypatch):
+    """Workers starting together log the same splits as MLflow datasets into their runs at once:
+    on PostgreSQL behind the MLflow server two inserts of one (experiment, name, digest) race, and
+    the loser got BAD_REQUEST UniqueViolation (a worker died at start, exit 2). Several rounds of
+    six threads released together, each round a new split (a new digest): none fails."""
+    import threading
+
+    import mlflow
+
+    from scenesweep.compute.training import load_data
+    from scenesweep.core.config import make_config
+    from scenesweep.tracking import sink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_services.tracking_uri)
+    mlflow.set_tracking_uri(postgres_services.tracking_uri)
+    client = MlflowClient()
+    experiment = client.create_experiment(f"dataset-race-{os.getpid()}-{time.time_ns()}")
+    for seed in range(4):
+        dataset, split = load_data(make_config("svm", {"data": str(flat_scenes), "train_per_class": 10, "seed": seed}))
+        runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+        barrier, errors = threading.Barrier(len(runs)), []
+
+        def log(run_id: str) -> None:
+            barrier.wait()
+            try:
+                sink.log_datasets(run_id, dataset, split)
+            except Exception as error:  # noqa: BLE001  (what a worker would have died of)
+                errors.append(error)
+
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[0]
+        for run_id in runs:
+            assert len(client.get_run(run_id).inputs.dataset_inputs) == 3  # training, validation, test
+
+
 def test_the_password_stays_out_of_command_lines_logs_and_state(postgres_services):
     password, directory = postgres_services.services.password, postgres_services.dir
     group = mlflow_group(directory)
@@ -274,42 +313,3 @@ def test_status_and_stop_of_a_folder_without_services(tmp_path):
     assert status.returncode == 3 and status.stdout.count("not running") == 2
     stop = cli_here("stop", "--dir", str(tmp_path / "none"))
     assert stop.returncode == 0 and "nothing runs" in stop.stderr
-
-
-def test_workers_logging_the_same_dataset_at_once_all_go_on(postgres_services, flat_scenes, monkeypatch):
-    """Workers starting together log the same splits as MLflow datasets into their runs at once:
-    on PostgreSQL behind the MLflow server two inserts of one (experiment, name, digest) race, and
-    the loser got BAD_REQUEST UniqueViolation (a worker died at start, exit 2). Several rounds of
-    six threads released together, each round a new split (a new digest): none fails."""
-    import threading
-
-    import mlflow
-
-    from scenesweep.compute.training import load_data
-    from scenesweep.core.config import make_config
-    from scenesweep.tracking import sink
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_services.tracking_uri)
-    mlflow.set_tracking_uri(postgres_services.tracking_uri)
-    client = MlflowClient()
-    experiment = client.create_experiment(f"dataset-race-{os.getpid()}-{time.time_ns()}")
-    for seed in range(4):
-        dataset, split = load_data(make_config("svm", {"data": str(flat_scenes), "train_per_class": 10, "seed": seed}))
-        runs = [client.create_run(experiment).info.run_id for _ in range(6)]
-        barrier, errors = threading.Barrier(len(runs)), []
-
-        def log(run_id: str) -> None:
-            barrier.wait()
-            try:
-                sink.log_datasets(run_id, dataset, split)
-            except Exception as error:  # noqa: BLE001  (what a worker would have died of)
-                errors.append(error)
-
-        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors[0]
-        for run_id in runs:
-            assert len(client.get_run(run_id).inputs.dataset_inputs) == 3  # training, validation, test
