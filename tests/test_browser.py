@@ -5,7 +5,7 @@ and ``scenesweep dashboard`` serve it on free ports of 127.0.0.1; headless Chrom
 Playwright, checks what a user looks at: the experiment lists the study's parent run with its
 trials nested and the Dataset column naming the data folder for every run, a trial's page shows
 its metrics and the per-epoch val/acc chart, two trials compare side by side, the parent's
-metrics page charts best/val_acc per trial (the study's live chart), and the dashboard shows
+metrics page charts best/val/acc per trial (the study's live chart), and the dashboard shows
 the study and a trial's MLflow run id and note. Both
 servers are then stopped with Ctrl-C, as a user would.
 
@@ -132,11 +132,15 @@ def save_docs_screenshot(page, name: str) -> None:
     Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
 
 
+# The finished parent's name carries the study's result.
+PARENT_NAME = re.compile(r"^sweep_pooling study · best val\/acc 0\.\d{4}$")  # "/" escaped for playwright
+
+
 def open_model_training_view(page, base_url: str, experiment: str) -> None:
     """The experiment page at the address ``scenesweep ui`` prints: in the "Model training" view
     (MLflow 3.17 opens in its GenAI view otherwise)."""
     page.goto(f"{base_url}/#/experiments/{experiment_id(experiment)}?{MODEL_TRAINING_VIEW}")
-    page.get_by_text("sweep_pooling study", exact=True).wait_for()
+    page.get_by_text(PARENT_NAME).first.wait_for()
 
 
 def close_assistant_panel(page) -> None:
@@ -157,7 +161,7 @@ def expand_parent_run(page) -> None:
     with contextlib.suppress(PlaywrightTimeout):
         trial_link(page, 0).wait_for(timeout=3_000)
     if not trial_link(page, 0).is_visible():
-        parent_row = page.locator(".ag-row", has_text="sweep_pooling study")
+        parent_row = page.locator(".ag-row", has_text="sweep_pooling study · best val/acc")
         parent_row.get_by_role("button").first.click()  # the +/- beside the run name
     trial_link(page, 0).wait_for()
     trial_link(page, 1).wait_for()
@@ -210,8 +214,9 @@ def check_dataset_column(page) -> None:
 def check_trial_page(page, shots: Path) -> None:
     trial_link(page, 0).click()
     page.get_by_role("heading", name=re.compile(r"sweep_pooling #0 pooling=")).wait_for()
-    for text in ("val/acc", "train/loss", "time/extract_batch_p95_s", "pooling", "Parent run", "sweep_pooling study"):
+    for text in ("val/acc", "train/loss", "time/extract_batch_p95_s", "pooling", "Parent run"):
         page.get_by_text(text, exact=True).first.wait_for()
+    page.get_by_text(PARENT_NAME).first.wait_for()
     save_screenshot(page, shots / "2-trial-overview.png", full_page=True)
     page.get_by_text("Model metrics", exact=True).click()
     page.get_by_placeholder("Search metric charts").fill("val/acc")
@@ -238,18 +243,18 @@ def check_compare_view(page, base_url: str, shots: Path) -> None:
 
 def check_parent_run_description(page, base_url: str, shots: Path) -> None:
     open_model_training_view(page, base_url, "pooling")
-    page.get_by_role("link", name="sweep_pooling study", exact=True).click()
-    page.get_by_role("heading", name="sweep_pooling study").wait_for()
+    page.get_by_role("link", name=PARENT_NAME).click()
+    page.get_by_role("heading", name=PARENT_NAME).wait_for()
     page.get_by_text(re.compile(r"Best trial #\d: val/acc = ")).first.wait_for()  # mlflow.note.content
     save_screenshot(page, shots / "5-parent-run.png", full_page=True)
 
 
 def check_parent_live_chart(page, shots: Path) -> None:
-    """On the parent's metrics page, best/val_acc is a chart over steps = trial numbers (0, 1):
-    the study's optimisation history, logged as each trial ended."""
+    """On the parent's metrics page, best/val/acc is a chart over steps = trial numbers (0, 1):
+    the study's optimisation history, logged as each trial ended, its last point the result."""
     page.get_by_text("Model metrics", exact=True).click()
-    page.get_by_placeholder("Search metric charts").fill("best/val_acc")
-    page.get_by_text(re.compile(r"sweep_pooling study \(best/val_acc\)$")).first.wait_for()
+    page.get_by_placeholder("Search metric charts").fill("best/val/acc")
+    page.get_by_text(re.compile(r"sweep_pooling study · best val/acc 0\.\d{4} \(best/val/acc\)$")).first.wait_for()
     page.get_by_text("Step", exact=True).first.wait_for()
     expect(page.locator(".js-plotly-plot .point")).to_have_count(2)  # trials 0 and 1
     save_screenshot(page, shots / "8-parent-best-val-acc-chart.png")

@@ -142,7 +142,8 @@ def test_the_parent_and_every_trial_log_their_splits_as_datasets(study_store):
 
 
 def test_the_parent_charts_the_study_as_it_runs(study_store):
-    """trial/val_acc, best/val_acc and the counts at step = trial number (runs.sweep.log_progress)."""
+    """trial/val/acc, best/val/acc and the counts at step = trial number (runs.sweep.log_progress);
+    the final best has the live series' name: one chart, its last point the study's result."""
     s = study_store
     trials = sorted(s.study.trials, key=lambda t: t.number)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -150,9 +151,11 @@ def test_the_parent_charts_the_study_as_it_runs(study_store):
     def history(name):
         return sorted((m.step, m.value) for m in s.client.get_metric_history(s.parent.info.run_id, name))
 
-    assert history("trial/val_acc") == [(t.number, pytest.approx(t.value)) for t in trials]
+    assert history("trial/val/acc") == [(t.number, pytest.approx(t.value)) for t in trials]
     running_best = np.maximum.accumulate([t.value for t in trials])
-    assert history("best/val_acc") == [(t.number, pytest.approx(b)) for t, b in zip(trials, running_best)]
+    assert history("best/val/acc") == [(t.number, pytest.approx(b)) for t, b in zip(trials, running_best)]
+    assert s.parent.data.metrics["best/val/acc"] == pytest.approx(s.study.best_value)
+    assert not {"best/val_acc", "trial/val_acc"} & set(s.parent.data.metrics)
     # One point per trial (the summary's last point repeats the last step with the same value).
     assert sorted(set(history("trials/complete"))) == [(n, n + 1) for n in range(4)]
     assert {v for _, v in history("trials/fail")} == {0} and {v for _, v in history("trials/pruned")} == {0}

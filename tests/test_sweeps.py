@@ -206,7 +206,8 @@ def test_a_study_name_given_on_the_command_line_tags_every_trial(flat_scenes, tm
     assert {c.data.tags["optuna.storage_study"] for c in children} == {"my_study"}
     assert parents[0].data.tags["study"] == "my_study"
     # The runs table tells two studies apart, and shows each trial's objective and the best one.
-    assert parents[0].info.run_name == "my_study study"
+    best = max(c.data.metrics["val/acc"] for c in children)
+    assert parents[0].info.run_name == f"my_study study · best val/acc {best:.4f}"
     assert all(c.info.run_name.startswith("my_study #") and " · val/acc " in c.info.run_name for c in children)
     assert [c.info.run_name.endswith(" · best") for c in children].count(True) == 1
 

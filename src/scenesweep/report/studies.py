@@ -164,7 +164,9 @@ def find_study(rows: list[StudyRow], name: str) -> StudyRow:
 
 def best_so_far(client: MlflowClient, row: StudyRow) -> list[tuple[int, float]]:
     """(trial number, best objective after it) from the parent's live chart."""
-    history = client.get_metric_history(row.parent_run_id, f"best/{row.metric.replace('/', '_')}")
+    history = (client.get_metric_history(row.parent_run_id, f"best/{row.metric}")
+               # stores written before the series took the final best's name
+               or client.get_metric_history(row.parent_run_id, f"best/{row.metric.replace('/', '_')}"))
     by_step: dict[int, float] = {}
     for point in sorted(history, key=lambda m: (m.step, m.timestamp)):
         by_step[point.step] = point.value

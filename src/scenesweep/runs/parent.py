@@ -132,7 +132,8 @@ def attach_parent(study: optuna.Study, spec: StudySpec, storage_url: str, lock) 
             study.set_user_attr(STUDY_ATTR_PARENT, run_id)
             return run_id, experiment, True
     if parent.info.status != "RUNNING":
-        MlflowClient().update_run(parent.info.run_id, status="RUNNING")  # resumed
+        # Resumed: its name says no result until the summary names the new best.
+        MlflowClient().update_run(parent.info.run_id, status="RUNNING", name=f"{study.study_name} study")
     launched = lifecycle.launched_run_id()
     if launched and launched != parent.info.run_id:
         _tag_worker_run(launched, study, spec, parent.info.run_id)

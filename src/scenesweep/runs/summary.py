@@ -127,8 +127,13 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
     resume whose best trial did not change does not append its per-class rows again)."""
     # A refit's own validation accuracy says whether it reproduced the trial (a kept head is the trial's).
     refit = {"best/val/acc_refit": result.metrics["val/acc"]} if result.refitted else {}
-    sink.log_batch(parent_id, metrics={**{f"best/{m}": v for m, v in zip(spec.metrics, best.values)},
-                                       **{k: v for k, v in result.metrics.items() if k.startswith("test/")},
+    # best/<metric> at the last trial's step: the end of the live best-so-far series of that name
+    # (runs.sweep.log_progress), added only where that series does not already end on it.
+    last_step = max(t.number for t in study.get_trials(deepcopy=False))
+    logged = MlflowClient().get_run(parent_id).data.metrics
+    sink.log_batch(parent_id, metrics={f"best/{m}": v for m, v in zip(spec.metrics, best.values)
+                                       if logged.get(f"best/{m}") != v}, step=last_step)
+    sink.log_batch(parent_id, metrics={**{k: v for k, v in result.metrics.items() if k.startswith("test/")},
                                        **refit},
                    params={f"best.{k}": v for k, v in best.params.items()},
                    tags={"best_head": "refitted" if result.refitted else "kept (the trial's own head)"})
@@ -227,7 +232,8 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
             return failure
         best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID) or best.user_attrs.get(USER_ATTR_WARM_SOURCE, "")
         _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
-        mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id})
+        mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id,
+                         "mlflow.runName": finished_name(study.study_name, spec.metric, best.values[0])})
         result = evaluate_best(spec, best, progress)
         summarised_before = (previous.get("best_trial"), previous.get("parent")) == (best.number, parent_id)
         _log_best(study, spec, parent_id, best, result, new_best=not summarised_before)
@@ -245,6 +251,11 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
         _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},
                          spec.register if register else None)
     return summary
+
+
+def finished_name(study_name: str, metric: str, value: float) -> str:
+    """A finished parent's name, its result readable in the runs table: 'svm study · best val/acc 0.9500'."""
+    return f"{study_name} study · best {metric} {value:.4f}"
 
 
 def registry_objective(spec: StudySpec) -> tuple[str, str]:

@@ -322,13 +322,14 @@ def log_progress(sweep: Sweep, number: int) -> None:
     metrics = count_metrics(trials)
     if trial is not None and trial.state == TrialState.COMPLETE:
         for metric, value in zip(sweep.spec.metrics, trial.values):
-            metrics[f"trial/{metric.replace('/', '_')}"] = value
+            metrics[f"trial/{metric}"] = value
     if sweep.spec.multi_objective:
         metrics["pareto/size"] = len(pareto_optimal(trials, sweep.spec.directions))
     else:
         found = best_per_group(trials, None, sweep.spec.direction)  # feasible trials only
         if found:
-            metrics[f"best/{sweep.spec.metric.replace('/', '_')}"] = found["best"].values[0]
+            # The same name as the final best (runs.summary._log_best): one chart, its last point the result.
+            metrics[f"best/{sweep.spec.metric}"] = found["best"].values[0]
     with contextlib.suppress(mlflow.exceptions.MlflowException):
         sink.log_batch(sweep.parent_id, metrics=metrics, step=number)
 
