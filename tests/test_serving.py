@@ -350,7 +350,7 @@ def test_a_version_stores_its_backbone_in_the_extraction_precision_and_shares_it
 
     client = mlflow.MlflowClient()
     version = client.get_model_version(MODEL, "1")
-    first = backbone_file(version.tags["model_uri"])
+    first = backbone_file(version.source)
     spec = json.loads((first.parent / "spec.json").read_text())
     precision = store.result.prepared.features.precision
     assert spec["backbone_precision"] == logged.storage_precision(precision) == ("bf16" if precision == "bf16" else "fp32")
@@ -414,7 +414,8 @@ def test_every_backbone_family_is_cached_registered_and_served(family, flat_scen
     assert int(first.params["backbone.feature_dim"]) == backbone.layer_width(arch, layer) == result.prepared.features.values.shape[1]
 
     version = client.get_model_version(name, "1")
-    assert (version.tags["arch"], version.tags["layer"]) == (arch, layer)
+    record = client.get_logged_model(version.tags["model_id"])
+    assert (record.params["arch"], record.params["layer"]) == (arch, layer)
     served = mlflow.pyfunc.load_model(f"models:/{name}/1")
     paths = [result.prepared.dataset.absolute(int(i)) for i in result.prepared.split.test]
     predictions = served.predict(table(paths))

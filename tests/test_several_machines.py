@@ -393,7 +393,8 @@ def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_p
     assert trained.returncode == 0, trained.stderr[-4000:]
     client = MlflowClient()
     (version,) = client.search_model_versions(f"name='{model}'")
-    assert (version.tags["arch"], version.tags["layer"]) == ("resnet18", "pool")
+    record = client.get_logged_model(version.tags["model_id"])
+    assert (record.params["arch"], record.params["layer"]) == ("resnet18", "pool")
     assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
 
     def cli(*args):

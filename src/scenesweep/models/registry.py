@@ -64,9 +64,17 @@ def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def model_record_name(model_name: str, config) -> str:
-    """What a model record is called: 'scene-classifier-svm-pool5'."""
-    return f"{model_name}-{config.head}-{config.layer}"
+def model_record_name(model_name: str, config, study: str | None = None) -> str:
+    """What a model record is called: 'scene-classifier-svm_c-svm-pool5' for study svm_c's model
+    (two studies' records read apart in the Models tab), 'scene-classifier-svm-pool5' for a single run's."""
+    return "-".join(part for part in (model_name, study, config.head, config.layer) if part)
+
+
+# What a version row carries (the registered model page shows every tag in it): what a user
+# filters or promotes by and the ids that find its runs and record. The configuration is on the
+# record (its params) and in the version's description; the model's URI is the version's source.
+VERSION_TAGS = ("run_id", "parent_run_id", "study", "trial_number", "dataset_fingerprint", "val_acc", "val_loss",
+                "test_acc", "model_id")
 
 
 def _move_challenger(client: MlflowClient, model_name: str, version: str, tags: dict[str, str],
@@ -131,8 +139,8 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     The model record's source is ``source_run_id`` (a study's best trial; default ``run_id``), its
     params are that configuration's, and exactly ``MODEL_METRICS`` and ``model/size_mb`` are linked
     to it (``model_id``), nothing of a parent's history. The version (``model_id`` set, its run the
-    source run) is tagged with the run, dataset fingerprint, validation and test accuracy, the
-    feature settings (plus ``extra_tags``, e.g. study and trial) and gets the alias ``challenger``
+    source run) is tagged with ``VERSION_TAGS`` only (runs, study and trial, dataset fingerprint,
+    validation and test scores); the configuration is in its description; it gets the alias ``challenger``
     unless it is worse on ``objective`` than the challenger's version (a note on stderr says so).
     The champion is left alone: ``promote`` moves it.
 
@@ -159,10 +167,11 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     identity = {**registering, **{k: v for k, v in (extra_tags or {}).items() if k in ("study", "trial_number")}}
     existing = find_version(client, model_name, identity) if len(identity) > 1 else None
     if existing:
-        model_uri, model_id = existing.tags.get("model_uri", existing.source), existing.tags.get("model_id")
+        model_uri, model_id = existing.source, existing.tags.get("model_id")
     else:
         params = {k: param_value(v) for k, v in {**config.values, "head": config.head}.items()}  # as the run's
-        logged = log_image_classifier(result, name=model_record_name(model_name, config), source_run_id=source_run_id,
+        name = model_record_name(model_name, config, (extra_tags or {}).get("study"))
+        logged = log_image_classifier(result, name=name, source_run_id=source_run_id,
                                       params=params, tags={"registered_model": model_name, **(extra_tags or {}),
                                                            "dataset_fingerprint": result.prepared.dataset.fingerprint})
         model_uri, model_id = logged.model_uri, logged.model_id
@@ -172,16 +181,14 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         linked = {k: metrics[k] for k in MODEL_METRICS if k in metrics and math.isfinite(metrics[k])}
         client.log_batch(source_run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in
                                                  {**linked, "model/size_mb": logged.size_mb}.items()])
-    tags = {"run_id": source_run_id, **registering, "model_uri": model_uri, "dataset_fingerprint": result.prepared.dataset.fingerprint,
+    tags = {"run_id": source_run_id, **registering, "dataset_fingerprint": result.prepared.dataset.fingerprint,
             "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
-            "head": config.head, "arch": config.arch, "layer": config.layer, "pooling": config.pooling,
-            "fc_width": str(config.fc_width), "image_size": str(config.image_size), "data": str(config.data),
-            "weights": str(config.weights), "source_run_id": source_run_id,
             # MLflow's SQL registry keeps no model_id column (get_model_version(...).model_id is None on
             # SQLite and PostgreSQL): the record's id travels as a tag too.
             "model_id": model_id or "", **(extra_tags or {})}
     if "test/acc" in metrics:
         tags["test_acc"] = f"{metrics['test/acc']:.6f}"
+    tags = {k: v for k, v in tags.items() if k in VERSION_TAGS}
     if existing:
         version = existing.version
     else:
@@ -199,7 +206,8 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     scores = ", ".join(f"{k}={tags[k]}" for k in ("val_acc", "test_acc") if k in tags)
     client.update_model_version(model_name, version, description=(
         f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
-        f"{config.image_size} px); {scores}"))
+        f"{config.image_size} px); {scores}.\n\nModel record `{model_uri}` (its params: the whole "
+        f"configuration). Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(config.values.items()))))
     kept = _move_challenger(client, model_name, str(version), tags, objective)
     if kept:
         print(f"note: {kept}", file=sys.stderr)

@@ -90,6 +90,6 @@ def register_trial(study_name: str, number: int, storage: str | None = None, mod
     result = evaluate_trial(spec, trial, f"trial #{number}", progress)
     run_id = trial.user_attrs.get(USER_ATTR_RUN_ID, "")
     version = register_result(parent_id, result, name, extra_tags={
-        "study": study.study_name, "trial_number": str(number), "trial_run_id": run_id},
+        "study": study.study_name, "trial_number": str(number)},
         source_run_id=run_id or None, objective=registry_objective(spec))
     return name, version, result.metrics

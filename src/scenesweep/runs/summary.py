@@ -243,7 +243,7 @@ def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bo
         version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
         if register and spec.register and version is None:
             version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
-                "study": study.study_name, "trial_number": str(best.number), "trial_run_id": best_run_id},
+                "study": study.study_name, "trial_number": str(best.number)},
                 source_run_id=best_run_id or None, objective=registry_objective(spec))
             summary["alias"] = challenger_text(spec.register, version)
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
