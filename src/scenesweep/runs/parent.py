@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ..compute.features import resolve_device
 from ..core import faults
 from ..core.store_urls import redact
+from ..search.optuna_internals import study_id
 from ..specs.studies import Dimension, StudySpec
 from ..tracking import lifecycle, mlflow_store, provenance, sink
 
@@ -58,7 +59,7 @@ def unrecorded_parent(study: optuna.Study, spec: StudySpec, storage_url: str):
                               filter_string=f"tags.sweep = 'parent' and tags.study = '{study.study_name}'")
     storage = redact(storage_url)
     runs = [r for r in runs if r.data.tags.get("optuna.storage") == storage and r.info.lifecycle_stage == "active"
-            and r.data.tags.get("optuna.study_id") == str(study._study_id)]
+            and r.data.tags.get("optuna.study_id") == str(study_id(study))]
     return runs[0] if runs else None
 
 
@@ -75,7 +76,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     """The new parent: ``mlflow run``'s run, or a new run in the study's experiment."""
     client = MlflowClient()
     tags = {"study": study.study_name, "study_file": str(spec.path), "optuna.storage": redact(storage_url),
-            "optuna.study_id": str(study._study_id),
+            "optuna.study_id": str(study_id(study)),
             "entry_point": f"sweep:{spec.study}", "sweep": "parent", "mlflow.runName": f"{study.study_name} study",
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
                                    f"Command: `{provenance.command_line()}`\n\n{spec.description_as_run}",

@@ -39,6 +39,7 @@ from ..core.store_urls import redact
 from ..compute.training import check_folds
 from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler, check_sampler
 from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
+from ..search.optuna_internals import storage_of, trial_id
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
                              best_per_group, fail_dead_trials, is_feasible, mark_failure, own_record, pareto_optimal, retry,
                              state_counts, this_worker)
@@ -198,7 +199,7 @@ class Sweep:
 
     @property
     def storage(self) -> optuna.storages.BaseStorage:
-        return self.study._storage
+        return storage_of(self.study)
 
     def lock(self) -> contextlib.AbstractContextManager:
         return study_lock(self.rdb, self.study.study_name)
@@ -231,17 +232,17 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
     trial.set_user_attr(USER_ATTR_SEED, seed)
     value, state, error, pruned = None, TrialState.COMPLETE, None, ""
     began = time.monotonic()
-    with Heartbeat(sweep.storage, trial._trial_id, sweep.heartbeat_s):
+    with Heartbeat(sweep.storage, trial_id(trial), sweep.heartbeat_s):
         try:
             value = sweep.objective(trial, seed=seed)
         except optuna.TrialPruned as why:
             state, pruned = TrialState.PRUNED, str(why)
-            mark_failure(sweep.storage, trial._trial_id, "pruned")
+            mark_failure(sweep.storage, trial_id(trial), "pruned")
         except KeyboardInterrupt:
             # Interrupted, not broken: failed in the storage and its parameters retried on resume.
-            mark_failure(sweep.storage, trial._trial_id, "interrupted")
+            mark_failure(sweep.storage, trial_id(trial), "interrupted")
             _tell(sweep, trial, TrialState.FAIL)
-            mark_dead(sweep.study, sweep.storage.get_trial(trial._trial_id), "was interrupted", "interrupted")
+            mark_dead(sweep.study, sweep.storage.get_trial(trial_id(trial)), "was interrupted", "interrupted")
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
@@ -249,11 +250,11 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
                 # Every next trial would fail too: this one is failed and retried on resume, the sweep stops.
                 release_reserve(mlflow_store.store_folder())
                 with contextlib.suppress(Exception):
-                    mark_failure(sweep.storage, trial._trial_id, "error")
+                    mark_failure(sweep.storage, trial_id(trial), "error")
                     _tell(sweep, trial, TrialState.FAIL)
-                    retry(sweep.study, sweep.storage.get_trial(trial._trial_id))
+                    retry(sweep.study, sweep.storage.get_trial(trial_id(trial)))
                 raise
-            mark_failure(sweep.storage, trial._trial_id, "error")
+            mark_failure(sweep.storage, trial_id(trial), "error")
     if state == TrialState.COMPLETE:
         faults.moment("trial-run-ended")
     _tell(sweep, trial, state, value)
@@ -288,7 +289,7 @@ def trial_line(sweep: Sweep, trial: optuna.Trial, state: TrialState, value, prun
     values = value if isinstance(value, (list, tuple)) else [value]
     outcome = (", ".join(f"{m} {v:.4g}" for m, v in zip(sweep.spec.metrics, values)) if state == TrialState.COMPLETE
                else (pruned or state.name.lower()))
-    frozen = sweep.storage.get_trial(trial._trial_id)
+    frozen = sweep.storage.get_trial(trial_id(trial))
     if state == TrialState.COMPLETE and not is_feasible(frozen):
         outcome += " (infeasible: " + ", ".join(k for k, v in frozen.constraints.items() if v > 0) + ")"
     trials = sweep.study.get_trials(deepcopy=False)

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial
 
 from ..core.errors import ConfigError, first_line
 from ..core.store_urls import check_database_folder, project_store_folder, redact, sqlite_creation_lock, sqlite_path
+from .optuna_internals import CACHED_STORAGE_CALLS
 
 # Optuna's own INFO lines ("A new study created", "Trial 3 finished") repeat what the sweep
 # prints and logs; warnings still show.
@@ -115,9 +116,7 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "get_trial_id_from_study_id_trial_number", "get_trial_param", "set_trial_state_values",
               "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial",
               "get_all_trials", "get_best_trial", "get_trial_user_attrs", "get_trial_system_attrs",
-              "record_heartbeat", "_get_stale_trial_ids",
-              # ... and the private ones Optuna's _CachedStorage (what a Study holds) calls directly.
-              "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id"):
+              "record_heartbeat", *CACHED_STORAGE_CALLS):
     setattr(ResilientRDBStorage, _name, _resilient(getattr(optuna.storages.RDBStorage, _name)))
 del _name
 

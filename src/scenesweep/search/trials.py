@@ -17,6 +17,7 @@ from typing import Any, Callable
 import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
+from .optuna_internals import live_system_attrs, stale_trial_ids, storage_of, trial_id
 
 USER_ATTR_RUN_ID = "mlflow_run_id"
 USER_ATTR_WORKER = "worker"  # {"host", "pid", "pid_started", "trial"}: who runs a trial
@@ -131,28 +132,26 @@ def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Froze
     Returns:
         The numbers of the trials failed here.
     """
-    storage = study._storage
+    storage = storage_of(study)
     failed = []
-    stale = set()
-    with contextlib.suppress(AttributeError, NotImplementedError):  # RDB storages know stale trials
-        stale = set(storage._get_stale_trial_ids(study._study_id))
+    stale = stale_trial_ids(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = own_record(trial)
         dead_here = bool(worker) and is_dead_here(worker)
-        if not dead_here and trial._trial_id not in stale:
+        if not dead_here and trial_id(trial) not in stale:
             continue
         value = finished_value(trial) if finished_value is not None else None
         try:
             if value is not None:
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=list(value))
+                storage.set_trial_state_values(trial_id(trial), state=TrialState.COMPLETE, values=list(value))
             elif not dead_here:
-                mark_failure(storage, trial._trial_id, "stale")  # failed below by Optuna's fail_stale_trials
+                mark_failure(storage, trial_id(trial), "stale")  # failed below by Optuna's fail_stale_trials
             else:
-                mark_failure(storage, trial._trial_id, "killed")
-                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                mark_failure(storage, trial_id(trial), "killed")
+                if not storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
                     continue
                 failed.append(trial.number)
-                on_dead(study, storage.get_trial(trial._trial_id))
+                on_dead(study, storage.get_trial(trial_id(trial)))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first
     with warnings.catch_warnings():
@@ -188,8 +187,7 @@ class Heartbeat:
 def is_own_setting(trial: optuna.Trial | FrozenTrial) -> bool:
     """Whether the trial runs one of the study's enqueued settings (or a retry of one): those run
     as the file fixes them; the others are tuning trials (the file's ``tuning`` settings)."""
-    attrs = trial.system_attrs if isinstance(trial, FrozenTrial) else \
-        trial.study._storage.get_trial(trial._trial_id).system_attrs
+    attrs = trial.system_attrs if isinstance(trial, FrozenTrial) else live_system_attrs(trial)
     return "fixed_params" in attrs
 
 
