@@ -1,8 +1,8 @@
 """Heads trained on cached features, as scikit-learn estimators.
 
-``__init__`` only stores hyperparameters, ``fit`` sets attributes ending in ``_``, and
-``get_params`` / ``set_params`` come from ``BaseEstimator``, so a trial is
-``clone(head).set_params(**params)``. ``HEADS`` maps each registered head name to its class.
+``__init__`` only stores hyperparameters and ``fit`` sets attributes ending in ``_``
+(``get_params`` / ``set_params`` come from ``BaseEstimator``); a trial builds its head from its
+configuration (``compute.training``). ``HEAD_CLASSES`` maps each head name of ``core.config.HEADS`` to its class.
 
 This module imports neither MLflow, Optuna nor click.
 """
@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.linalg import solve_triangular
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import normalize as l2_normalize
@@ -31,6 +32,29 @@ from .features import batch_timing_stats, resolve_device
 from .precision import autocast
 
 EpochCallback = Callable[[int, dict], None]
+
+
+def span_coordinates(X: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The samples' coordinates in an orthonormal basis of their span, and the map of a weight
+    vector in those coordinates back to the features.
+
+    X (N, D) with D > N. The Gram matrix G = X X^T (N, N) = L L^T (Cholesky): Z = L has the same
+    inner products as X (Z Z^T = G), so a linear SVM sees the same problem; the basis is
+    Q = X^T L^-T (D, N) and w = Q w_z. Forming G is one matrix product: 1.3 s against 10 s for the
+    QR of X^T this replaced (N=1000, D=25088, float64, one core; /tmp figures in the issue-28 note).
+    A rank-deficient G (duplicate images) has no Cholesky factor: its eigenvectors with non-zero
+    eigenvalues give the basis instead (Z = V sqrt(lambda), Q = X^T V / sqrt(lambda)).
+    """
+    X64 = X.astype(np.float64)
+    gram = X64 @ X64.T  # (N, N)
+    try:
+        lower = np.linalg.cholesky(gram)
+        return lower.astype(np.float32), lambda w: (solve_triangular(lower, w.T, lower=True, trans="T").T @ X64)
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > values.max() * 1e-12
+        values, vectors = values[keep], vectors[:, keep]  # (k,), (N, k)
+        return (vectors * np.sqrt(values)).astype(np.float32), lambda w: ((w / np.sqrt(values)) @ vectors.T) @ X64
 
 
 class SVMHead(ClassifierMixin, BaseEstimator):
@@ -59,17 +83,16 @@ class SVMHead(ClassifierMixin, BaseEstimator):
         X = self._prepare(X)  # (N, D)
         # With more features than samples (pool5: 25088 against ~1200), an L2-penalised linear
         # model's weights lie in the span of the samples (representer theorem): fitting on the
-        # samples' coordinates in an orthonormal basis Q of that span, Z = X Q (N, N), is the same
-        # problem (same margins, same penalty ||w|| = ||w_z||), and w = Q w_z. 20 s -> 1 s per fit.
-        basis = None
+        # samples' coordinates in an orthonormal basis of that span, Z (N, k), is the same problem
+        # (same margins, same penalty), and w maps back. 20 s -> 1 s per fit.
+        to_features = None
         if X.shape[1] > X.shape[0]:
-            basis, upper = np.linalg.qr(X.T.astype(np.float64))  # X^T = Q R: Q (D, N), R (N, N)
-            X = upper.T.astype(np.float32)  # Z = X Q = R^T
+            X, to_features = span_coordinates(X)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             self.svc_.fit(X, y)
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        coef = self.svc_.coef_ if basis is None else self.svc_.coef_ @ basis.T  # (n_classes or 1, D)
+        coef = self.svc_.coef_ if to_features is None else to_features(self.svc_.coef_)  # (n_classes or 1, D)
         self.coef_ = np.ascontiguousarray(coef, dtype=np.float32)
         self.intercept_ = np.asarray(self.svc_.intercept_, dtype=np.float32)
         self.classes_ = self.svc_.classes_
@@ -229,7 +252,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         return state
 
 
-HEADS = {"svm": SVMHead, "mlp": MLPHead}
+HEAD_CLASSES = {"svm": SVMHead, "mlp": MLPHead}  # every name of core.config.HEADS
 
 
 def save_head(head: BaseEstimator, path: Path) -> str:
@@ -259,6 +282,6 @@ def load_head(path: Path, sha256: str) -> tuple[BaseEstimator | None, str]:
 
 def make_head(name: str, **params) -> BaseEstimator:
     """A head from its registered name, keeping only the parameters it takes."""
-    cls = HEADS[name]
+    cls = HEAD_CLASSES[name]
     accepted = cls().get_params()
     return cls(**{k: v for k, v in params.items() if k in accepted})
