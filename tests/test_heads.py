@@ -8,11 +8,11 @@ import pytest
 from sklearn.base import clone
 
 from scenesweep.core.config import make_config
-from scenesweep.compute.heads import HEADS, MLPHead, SVMHead, make_head
+from scenesweep.compute.heads import HEAD_CLASSES, MLPHead, SVMHead, make_head
 from scenesweep.compute.training import fit_head, prepare
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", sorted(HEAD_CLASSES))
 def test_heads_follow_the_estimator_contract(name):
     head = make_head(name)
     params = head.get_params()
@@ -21,7 +21,7 @@ def test_heads_follow_the_estimator_contract(name):
     assert not [k for k in vars(head) if k.endswith("_")]  # __init__ only stores hyperparameters
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", sorted(HEAD_CLASSES))
 def test_heads_fit_and_predict_on_separable_features(name):
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (3, 16))

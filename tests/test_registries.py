@@ -51,7 +51,7 @@ def test_parallel_workers_of_one_seeded_study_draw_different_points():
 def test_every_registered_head_pooling_layer_and_backbone_has_its_implementation():
     from scenesweep.core import backbones
 
-    assert tuple(heads.HEADS) == config.HEADS
+    assert tuple(heads.HEAD_CLASSES) == config.HEADS
     assert set(backbone.FAMILY_CODE) == set(backbones.FAMILY_BY_NAME)
     assert tuple(backbone.FAMILY_CODE["vgg"].LAYER_FC_MODULES) == backbones.FAMILY_BY_NAME["vgg"].taps
     implemented = set(backbone.WINDOW_POOLINGS) | set(backbone.GlobalPool.KINDS) | {"token"}

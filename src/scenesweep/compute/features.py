@@ -1,12 +1,13 @@
 """Feature extraction with a content-keyed, atomic, self-checking cache.
 
 Two kinds of entries, so that expensive work is done once:
-  * conv entries: the convolutional output (N, 512, h, w) of every image of a dataset, keyed
-    by the dataset manifest, weights identity, arch, pooling, transform (image size) and
-    precision. This is ~95 % of VGG16's cost; C, the head, the layer and the fc widths do
-    not change it.
-  * layer entries: pool5/fc6/relu6/fc7/relu7 computed from a conv entry, keyed by the conv key,
-    the layer and (for fc layers) the fc width and the seed of new fc layers.
+  * conv entries: the trunk's output of every image of a dataset (VGG: (N, 512, h, w); a
+    global-pooling family: its map before the pooling; ViT: the class token), keyed by the
+    dataset manifest, weights identity, arch, pooling, transform (image size) and precision.
+    This is ~95 % of the cost; C, the head, the layer and the fc widths do not change it.
+  * layer entries: a feature layer (VGG's pool5/fc6/relu6/fc7/relu7, ResNet's layer4/pool, ...)
+    computed from a conv entry, keyed by the conv key, the layer and (for fc layers) the fc
+    width and the seed of new fc layers.
 Features are stored for every image of the dataset, so a different train/val/test split (seed,
 val_fraction) reuses them; the split is applied by indexing.
 

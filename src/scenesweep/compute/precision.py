@@ -42,7 +42,7 @@ from .atomic_files import atomic_write
 from .hardware import cpu_capability
 
 PROBE_FORMAT = 1
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MARGIN = 1.10  # bf16 must be this many times faster than fp32 to be chosen
 PROBE_WARMUP, PROBE_REPEATS = 1, 2  # untimed and timed calls per layer and precision
 HEAD_WARMUP, HEAD_STEPS = 2, 5  # untimed and timed training steps per precision
@@ -158,7 +158,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_convs(shapes: list[ConvShape], device: torch.device, precisions=tuple(PRECISIONS),
+def measure_convs(shapes: list[ConvShape], device: torch.device, precisions=tuple(PRECISION_DTYPES),
                   warmup: int = PROBE_WARMUP, repeats: int = PROBE_REPEATS) -> dict[str, float]:
     """Images/s of the network's convolutions in each precision: one layer per distinct shape,
     best of ``repeats`` calls (after ``warmup``), weighted by the layers sharing the shape, summed.
@@ -172,7 +172,7 @@ def measure_convs(shapes: list[ConvShape], device: torch.device, precisions=tupl
     torch.manual_seed(0)
     runs = []  # (precision, layer weight, module, input, best seconds)
     for precision in precisions:
-        dtype = PRECISIONS[precision]
+        dtype = PRECISION_DTYPES[precision]
         for shape, count in distinct.values():
             conv = shape.module().to(device=device, dtype=dtype, memory_format=torch.channels_last)
             x = torch.randn(shape.in_shape).to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -192,7 +192,7 @@ def measure_convs(shapes: list[ConvShape], device: torch.device, precisions=tupl
 
 
 def measure_head_steps(widths: tuple[int, ...], batch_size: int, device: torch.device,
-                       precisions=tuple(PRECISIONS), warmup: int = HEAD_WARMUP, steps: int = HEAD_STEPS,
+                       precisions=tuple(PRECISION_DTYPES), warmup: int = HEAD_WARMUP, steps: int = HEAD_STEPS,
                        samples: int = 256) -> dict[str, float]:
     """Training steps per second of an MLP of ``widths`` (input first, classes last) at
     ``batch_size``, fused Adam and cross-entropy, in fp32 and under bf16 autocast; best step."""
@@ -262,7 +262,7 @@ def choose(requested: str, what: dict, unit: str, device: torch.device, cache_di
         unit: of the figures ("img/s", "steps/s").
         measure: times the candidates: {"fp32": speed, "bf16": speed}.
     """
-    if requested in PRECISIONS:
+    if requested in PRECISION_DTYPES:
         return PrecisionChoice(requested, f"{requested}: given (precision={requested})")
     key_parts = {"format": PROBE_FORMAT, "what": what, "machine": machine_identity(device)}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -271,7 +271,7 @@ def choose(requested: str, what: dict, unit: str, device: torch.device, cache_di
     if record is None and path is not None:
         try:
             stored = json.loads(path.read_text())
-            if stored.get("key_parts") == key_parts and set(stored.get("figures", {})) == set(PRECISIONS):
+            if stored.get("key_parts") == key_parts and set(stored.get("figures", {})) == set(PRECISION_DTYPES):
                 record = stored
         except (OSError, ValueError, AttributeError):
             record = None  # missing or damaged: measured again

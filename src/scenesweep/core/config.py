@@ -1,6 +1,7 @@
 """Registries of names and the one table of run parameters.
 
-Every swappable piece has a name here (pooling types, feature layers, heads, VGG depths), and
+Every swappable piece has a name (heads and precisions here; pooling types, feature layers and
+architectures in ``core.backbones``), and
 every run parameter is declared once in ``PARAMETERS``: the CLI options, the MLproject entry
 points, the study files' search spaces and the experiment files all use these names and
 nothing else. This module imports neither MLflow, Optuna nor click.
@@ -250,11 +251,6 @@ def tuning_parameters() -> tuple[str, ...]:
     return tuple(p.name for p in PARAMETERS if p.tuning)
 
 
-def head_parameters(head: str) -> tuple[str, ...]:
-    """Names of the parameters a head is tuned by (what a study's search space may use)."""
-    return tuple(p.name for p in PARAMETERS if head in p.heads)
-
-
 def run_parameters(head: str | None) -> tuple[str, ...]:
     """Names of every parameter of a run with this head (shared ones plus the head's own)."""
     return tuple(p.name for p in PARAMETERS if not p.heads or (head is not None and head in p.heads))
@@ -288,10 +284,6 @@ class RunConfig:
             return self.__dict__["values"][name]
         except KeyError:
             raise AttributeError(name) from None
-
-    @property
-    def hidden_widths(self) -> tuple[int, ...]:
-        return parse_hidden(self.values["hidden"])
 
     @property
     def cache_path(self) -> Path:

@@ -101,7 +101,8 @@ def evaluate_best_per_group(spec: StudySpec, study_name: str, key: str, storage:
 
     The study compares settings (pooling types, fc widths, feature layers) by their test
     accuracy; selection still reads only the validation metric: within each group the trial is
-    chosen on it, then refitted (features come from the cache) and scored on test, and the
+    chosen on it, then its kept head (refitted from cached features when none was kept) is
+    scored on test, and the
     test metrics are logged on that trial's run with a ``test_evaluated`` tag saying why. A
     trial already evaluated (on its run, or in ``known``: run id -> test metrics) is not
     scored again.

@@ -1,8 +1,9 @@
 """The summary of a finished study, written once by the worker that sees it finished.
 
 On the study's parent run: the trials table and Optuna's plots, the best trial's params and
-value, the best child tagged, the one test evaluation (the best trial refitted, features from
-the cache), its curves, confusion matrix and per-class results, and the registered model; the
+value, the best child tagged, the one test evaluation (the best trial's own kept head; refitted
+from cached features only when none was kept), its curves, confusion matrix and per-class
+results, and the registered model; the
 study's optuna-dashboard note links the parent run and the registered version. The parent run
 ends here.
 """
