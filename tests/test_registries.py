@@ -75,7 +75,7 @@ def test_the_parameter_table_says_what_each_parameter_does():
 
 
 def test_a_pooling_study_refuses_to_resume_under_another_batch_size_but_an_svm_study_does_not(tmp_path):
-    from scenesweep.runs.sweep import study_setting
+    from scenesweep.runs.study_setting import study_setting
 
     pooling = studies.load_study(REPO / "sweeps" / "pooling.yaml")
     assert "batch_size" in study_setting(pooling) and study_setting(pooling)["tuning.batch_size"] == "64"

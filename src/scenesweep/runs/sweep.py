@@ -12,12 +12,14 @@
   (``runs.summary``).
 * Trials share the feature cache (and an in-process memo): a 50-trial SVM sweep extracts once,
   an fc-width sweep computes the convolutions once and only fc6/fc7 per width.
+
+The setting's checks are in ``runs.study_setting``, what happens to a dead trial in
+``runs.dead_trials``, the summary in ``runs.summary`` (its tables and plots in ``runs.study_artifacts``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import socket
 import sys
@@ -27,158 +29,29 @@ import warnings
 
 import mlflow
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from ..compute.training import check_setting
 from ..core import faults
-from ..core.config import result_parameters
 from ..core.disk_space import StoreFullError, disk_full_message, is_disk_full, release_reserve
 from ..core.errors import ConfigError, UserError
 from ..core.progress import progress_bar
 from ..core.store_urls import redact
-from ..compute.training import check_folds
 from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler, check_sampler
 from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
 from ..search.optuna_internals import storage_of, trial_id
-from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
-                             best_per_group, fail_dead_trials, is_feasible, mark_failure, own_record, pareto_optimal, retry,
+from ..search.trials import (USER_ATTR_SEED, USER_ATTR_WORKER, Heartbeat, TrialBudget, count_metrics,
+                             best_per_group, fail_dead_trials, is_feasible, mark_failure, pareto_optimal, retry,
                              state_counts, this_worker)
 from ..specs.studies import SAMPLERS, StudySpec
 from ..tracking import lifecycle, mlflow_store, sink
+from .dead_trials import dead_here_callback, finished_value, mark_dead, stale_trial_callback
 from .objective import Objective
 from .parent import attach_parent
+from .study_setting import check_same_setting, check_study_setting, study_setting
 from .summary import claim_summary, summarise
 from .warm_start import EarlierTrial, add_earlier_trials, find_earlier_trials
 
 STUDY_ATTR_ENQUEUED = "own_settings_enqueued"  # set once every enqueued setting is in the storage
-
-
-def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -> None:
-    """A trial whose process died or was interrupted: its MLflow run FAILED (unless it ended) with
-    ``failure`` (killed, stale, interrupted), its parameters enqueued again."""
-    worker = own_record(trial)
-    run_id = trial.user_attrs.get(USER_ATTR_RUN_ID) if worker else None
-    if run_id:
-        lifecycle.end_run(run_id, "FAILED", f"process {worker.get('host')}:{worker.get('pid')} {why}; "
-                          "parameters retried", failure=failure, only_running=True)
-    retry(study, trial)
-
-
-def finished_value(spec: StudySpec):
-    """For a dead trial: the objectives its MLflow run finished with (FINISHED, every objective's
-    metric logged), or None."""
-    def values(trial: FrozenTrial) -> list[float] | None:
-        run_id = trial.user_attrs.get(USER_ATTR_RUN_ID)
-        if not run_id:
-            return None
-        try:
-            run = mlflow.tracking.MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            return None
-        found = [run.data.metrics.get(metric) for metric in spec.metrics]
-        if run.info.status != "FINISHED" or any(v is None or not math.isfinite(v) for v in found):
-            return None
-        return found
-
-    return values
-
-
-def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Optuna's callback for a trial whose heartbeat went stale (its process died anywhere)."""
-    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)", "stale")
-
-
-def dead_here_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)", "killed")
-
-
-def study_setting(spec: StudySpec, dataset_fingerprint: str | None = None) -> dict[str, str]:
-    """The fixed settings a study's trials were measured under (data, weights, image size, ...:
-    those that change a result of its head; a study may resume under other devices or cache
-    folders), its tuning trials' own (``tuning.<name>``), and the dataset's content (``dataset``:
-    its fingerprint) when it was loaded."""
-    config = spec.trial_config({})
-    measured = result_parameters(spec.tunes)
-    setting = {k: str(v) for k, v in config.values.items() if k not in spec.space and k in measured}
-    setting.update({f"tuning.{k}": str(v) for k, v in spec.tuning.items() if k in measured})
-    if dataset_fingerprint:
-        setting["dataset"] = dataset_fingerprint
-    return setting
-
-
-def check_same_setting(study: optuna.Study, spec: StudySpec, storage_url: str,
-                       dataset_fingerprint: str | None = None) -> None:
-    """Record the setting of a new study; refuse to resume one made under another setting.
-
-    Resuming a digits demo study with ``data=15-Scene`` would mix trials measured on two
-    datasets (and could run no new trial at all): say so and how to start a new study instead.
-    The dataset is compared by content when both sides know it: workers on other machines keep
-    the same images under other paths (``--data /mnt/15-Scene`` joins a study started with
-    ``--data ~/data/15-Scene``).
-
-    Raises:
-        ConfigError: naming the settings that differ.
-    """
-    setting = study_setting(spec, dataset_fingerprint)
-    recorded = study.user_attrs.get("setting")
-    if recorded is None:
-        study.set_user_attr("setting", setting)
-        return
-    differ = {k: (recorded.get(k), v) for k, v in setting.items() if recorded.get(k) != v}
-    if "dataset" in recorded and "dataset" in setting:
-        differ.pop("data", None)  # same content wherever it lies: the same dataset
-        if "dataset" in differ:
-            differ["dataset"] = tuple(str(value)[:12] + "..." for value in differ["dataset"])
-            differ["data"] = (recorded.get("data"), setting.get("data"))
-    elif "dataset" not in recorded:
-        differ.pop("dataset", None)  # a study recorded before datasets were named by content
-    if differ:
-        shown = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(differ.items()))
-        raise ConfigError(f"study {study.study_name!r} in {redact(storage_url)} was run under other "
-                          f"settings ({shown}); resume it with the same settings, or start a new study with "
-                          "--study_name NAME (MLproject: -P study_name=NAME)")
-
-
-def check_study_setting(spec: StudySpec):
-    """The study's fixed setting checked before any trial (data, weights, device, cache folder,
-    enough images per class for its folds, its filters).
-
-    Returns:
-        The dataset and split, loaded once for every trial (None when the study searches a
-        data parameter).
-    """
-    check_filters(spec)
-    try:
-        data = check_setting(spec.trial_config({}), skip=tuple(spec.space))
-        if data is not None and spec.folds:
-            check_folds(*data, spec.folds)
-        return data
-    except UserError as error:
-        # The file names the setting (its fixed:) unless the command line overrode it.
-        raise ConfigError(f"{spec.path}: {error}") from None
-
-
-def check_filters(spec: StudySpec) -> None:
-    """``select.where`` and ``warm_start.where`` parse as MLflow's run filters (one error naming
-    the key, before any trial)."""
-    from mlflow.utils.search_utils import SearchUtils
-
-    for key, where in (("select.where", spec.select.where if spec.select else ""),
-                       ("warm_start.where", spec.warm_start.where if spec.warm_start else "")):
-        if not where:
-            continue
-        comparators = {"metric": SearchUtils.VALID_METRIC_COMPARATORS, "parameter": SearchUtils.VALID_PARAM_COMPARATORS,
-                       "tag": SearchUtils.VALID_TAG_COMPARATORS}
-        try:
-            for clause in SearchUtils.parse_search_filter(where):
-                allowed = comparators.get(clause["type"])
-                if allowed is not None and clause["comparator"].upper() not in allowed:
-                    raise ConfigError(f"{clause['comparator']!r} is not a comparator of {clause['type']}s; "
-                                      f"expected one of {', '.join(sorted(allowed))}")
-        except (mlflow.exceptions.MlflowException, ConfigError) as error:
-            message = error.message if isinstance(error, mlflow.exceptions.MlflowException) else str(error)
-            raise ConfigError(f"{spec.path}: {key}={where!r}: not a filter MLflow reads "
-                              f"({str(message).splitlines()[0]}); e.g. \"metrics.`model/size_mb` <= 300\"") from None
 
 
 @dataclasses.dataclass
