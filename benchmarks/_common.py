@@ -45,7 +45,7 @@ def machine_line(device: Any = "auto") -> str:
     (the GPU on CUDA), as runs tag it (``hardware.*``)."""
     from scenesweep.compute import features, hardware
 
-    resolved = device if not isinstance(device, str) else features.resolve_device(device)
+    resolved = device if not isinstance(device, str) else hardware.resolve_device(device)
     return hardware.describe(resolved)
 
 

@@ -420,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = features.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     started = time.perf_counter()
     print(f"scenesweep extraction benchmark{' (--quick)' if args.quick else ''}")
     print(describe_machine(device))

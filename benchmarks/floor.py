@@ -61,7 +61,7 @@ def sync(device: torch.device) -> None:
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu (as scenesweep's own ``device=auto``)."""
-    return name if isinstance(name, torch.device) else features.resolve_device(name)
+    return name if isinstance(name, torch.device) else hardware.resolve_device(name)
 
 
 def _statistic(seconds: Sequence[float], statistic: str) -> float:

@@ -786,11 +786,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         import torch
 
-        from scenesweep.compute import features
+        from scenesweep.compute import features, hardware
 
         say(f"scenesweep sweep benchmark{' (--quick)' if args.quick else ''}: temporary stores and caches in {tmp}")
         say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
-            f"{features.resolve_device('auto')}, extraction precision "
+            f"{hardware.resolve_device('auto')}, extraction precision "
             f"auto (measured per machine and shape; see each run's precision_reason); load average {load_average()}")
         say("Data: scikit-learn digits (8x8, upscaled) at 32 px with RANDOM VGG16 weights: timings show where time "
             "goes; accuracies are demo figures of an untrained network, not 15-Scene results.")

@@ -373,7 +373,7 @@ def test_bf16_stored_backbone_serves_the_scores_of_the_fp32_stored_one(store, mo
     """Where the features were bf16 and the hardware runs bf16 the served model rounds fp32
     weights to bf16 anyway: the two stored precisions give the same scores, bit for bit.
     Served in fp32 instead (a machine without native bf16), they differ by rounding only."""
-    from scenesweep.compute.features import cpu_has_native_bf16
+    from scenesweep.compute.hardware import cpu_has_native_bf16
     from scenesweep.models import logged, pyfunc
 
     if store.result.prepared.features.precision != "bf16":

@@ -271,3 +271,48 @@ def test_bad_study_files_are_refused_before_any_trial(body, fragment, tmp_path):
     assert not all_runs()
 
 
+
+
+def test_a_study_on_a_warm_cache_builds_no_network_after_its_first_trial(flat_scenes, tmp_path, monkeypatch):
+    """Resolved once: with its features cached by another process, a 4-trial svm study builds no
+    torchvision network in trials 2-4, not even a copy on the meta device (parameter counts,
+    stored bytes and layer tables read one shared structure per setting)."""
+    import torchvision
+
+    from scenesweep.runs.sweep import run_study
+
+    study = write_study(tmp_path, f"""
+        study: warm
+        experiment: svm
+        tunes: svm
+        fixed: {{data: "{flat_scenes}", train_per_class: 10, image_size: 32, precision: fp32,
+                cache_dir: "{tmp_path / 'cache'}"}}
+        space:
+          C: {{type: float, low: 0.01, high: 10.0, log: true}}
+          layer: {{type: categorical, choices: [fc7, relu7]}}
+        n_trials: 4
+        enqueue:
+          - {{C: 1.0, layer: fc7}}
+          - {{C: 1.0, layer: relu7}}
+        register: ""
+        """)
+    # Another process fills the cache with both layers' features.
+    filled = sweep(study, "--n_trials", "2", "--study_name", "fill", "--no-progress")
+    assert filled.returncode == 0, filled.stderr[-3000:]
+    built = []
+    original = torchvision.models.VGG.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.models.VGG, "__init__", counting_init)
+    spec = load_study(study)
+    run_study(spec, n_trials=1, progress=False, register=False)
+    assert load("warm").trials[0].state == TrialState.COMPLETE  # the second setting waits in the queue
+    during_first = len(built)
+    run_study(spec, n_trials=4, progress=False, register=False)  # resumes: trials 2-4, another layer first
+    trials = load("warm").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len(built) == during_first, f"{len(built) - during_first} networks built in trials 2-4"
+    assert during_first <= 1  # the first trial: at most the shared structure (the features are cached)

@@ -154,23 +154,38 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def shared_structure(arch: str, pooling: str | None = None, fc_width: int = FC_WIDTH_PRETRAINED,
+                     image_size: int = 224) -> nn.Module:
+    """The network's structure on the meta device, built once per setting in a process and shared
+    by whoever reads it (parameter counts, stored bytes, the layer table): read it, never change
+    it. The layer is not part of the key: every layer of a setting reads the same structure."""
+    return _shared_structure(arch, pooling or family_of(arch).own_pooling, fc_width,
+                             image_size if family_of(arch).patch > 1 else 224)  # only ViT's size changes it
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_structure(arch: str, pooling: str, fc_width: int, image_size: int) -> nn.Module:
+    return architecture(arch, pooling, fc_width, image_size)
+
+
 def backbone_facts(arch: str, layer: str, pooling: str | None = None, fc_width: int = FC_WIDTH_PRETRAINED,
                    image_size: int = 224) -> dict[str, str | int | float]:
-    """See ``_backbone_facts``; counted once per architecture and setting in a process."""
-    return dict(_backbone_facts(arch, layer, pooling, fc_width, image_size))
-
-
-@functools.lru_cache(maxsize=64)
-def _backbone_facts(arch: str, layer: str, pooling: str | None, fc_width: int,
-                    image_size: int) -> dict[str, str | int | float]:
     """What a run records of its backbone, for comparing backbones: its family, parameter count
     (the whole network as built), feature width, and the ImageNet top-1 accuracy torchvision
-    reports for its IMAGENET1K_V1 weights (Kornblith et al. set transfer against it)."""
+    reports for its IMAGENET1K_V1 weights (Kornblith et al. set transfer against it). The count
+    reads the shared structure: no network is built per trial."""
     meta = imagenet_weights(arch).meta
     return {"backbone.family": family_of(arch).name,
-            "backbone.params": parameter_count(architecture(arch, pooling, fc_width, image_size)),
+            "backbone.params": parameter_count(shared_structure(arch, pooling, fc_width, image_size)),
             "backbone.feature_dim": layer_width(arch, layer, fc_width),
             "backbone.imagenet_top1": float(meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1", float("nan")))}
+
+
+def setting_layer_table(config) -> list[LayerRow]:
+    """Q1's table of a run's network (``config``: a RunConfig; its arch, pooling, fc width and
+    image size): the one way the drivers ask for it."""
+    model = shared_structure(config.arch, config.pooling, config.fc_width, config.image_size)
+    return layer_table(model, config.image_size)
 
 
 def layer_table(model: nn.Module, image_size: int = 224) -> list[LayerRow]:

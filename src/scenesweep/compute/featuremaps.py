@@ -16,7 +16,7 @@ import torch
 
 from . import backbone
 from .data import read_image
-from .features import resolve_device
+from .hardware import resolve_device
 
 DEFAULT_THRESHOLD = 2.0  # the study's threshold
 

@@ -41,27 +41,10 @@ from . import numerics  # noqa: F401  (denormals flushed before torch's threads 
 from . import backbone, extractor, precision
 from .atomic_files import atomic_write
 from .data import Dataset
+from .hardware import resolve_device
 
 CACHE_FORMAT = 2  # 2: fc6/fc7 computed in the extraction precision
 WARMUP_BATCHES = 2  # left out of timing statistics: allocator and kernel selection warm up
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when present, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': no CUDA device is available here; use device=auto or cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX-512 BF16 or AMX): it can, not that it is faster
-    (without AMX, bf16 convolutions ran 0.69x fp32); ``precision`` measures which is."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def choose_precision(config: RunConfig, device: torch.device) -> precision.PrecisionChoice:

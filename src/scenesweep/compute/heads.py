@@ -28,7 +28,8 @@ from ..core.config import parse_hidden
 from ..core.progress import progress_bar
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from .atomic_files import atomic_write
-from .features import batch_timing_stats, resolve_device
+from .features import batch_timing_stats
+from .hardware import resolve_device
 from .precision import autocast
 
 EpochCallback = Callable[[int, dict], None]

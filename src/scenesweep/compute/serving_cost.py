@@ -49,7 +49,7 @@ def backbone_bytes(arch: str, pooling: str | None, fc_width: int, layer: str, im
     (``backbone.tap_state_keys``), floating-point ones in ``precision`` ("fp32" or "bf16")."""
     key = (arch, pooling, fc_width, layer, image_size, precision)
     if key not in _BYTES:
-        model = backbone.architecture(arch, pooling, fc_width, image_size)  # meta device: shapes only
+        model = backbone.shared_structure(arch, pooling, fc_width, image_size)  # meta device: shapes only
         state = model.state_dict()
         size = 2 if precision == "bf16" else 4
         _BYTES[key] = sum(state[k].numel() * (size if state[k].is_floating_point() else state[k].element_size())

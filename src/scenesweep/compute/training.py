@@ -23,7 +23,8 @@ from .backbone import check_weights
 from ..core.config import RunConfig, data_parameters, parse_hidden
 from ..core.errors import ConfigError
 from .data import Dataset, Split, load_dataset, split_dataset
-from .features import Features, compute_features, resolve_device
+from .features import Features, compute_features
+from .hardware import resolve_device
 from .heads import EpochCallback, make_head
 from .precision import PrecisionChoice, choose_head
 

@@ -34,7 +34,8 @@ from mlflow.pyfunc.model import PythonModelContext
 from mlflow.types import ColSpec, DataType, Schema
 
 from ..compute import backbone
-from ..compute.features import built_backbone, resolve_device
+from ..compute.features import built_backbone
+from ..compute.hardware import resolve_device
 from ..compute.serving_cost import backbone_bytes
 from ..tracking.provenance import pip_requirements
 from ..tracking.mlflow_store import artifact_root

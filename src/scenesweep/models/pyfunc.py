@@ -30,7 +30,7 @@ from mlflow.pyfunc.model import PythonModelContext
 
 from ..compute import backbone
 from ..compute.data import DataError, ImageTooLargeError, read_image
-from ..compute.features import cpu_has_native_bf16, resolve_device
+from ..compute.hardware import cpu_has_native_bf16, resolve_device
 from ..core.errors import UserError
 
 IMAGE_COLUMN = "image"

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import mlflow
 import torchvision
 
-from ..compute.backbone import architecture, layer_table
+from ..compute.backbone import setting_layer_table
 from ..compute.featuremaps import first_conv_maps
-from ..compute.features import resolve_device
+from ..compute.hardware import resolve_device
 from ..compute.imagenet import top_classes
 from ..specs.plans import Plan
 from ..tracking import lifecycle, plots, sink
@@ -46,7 +46,7 @@ def run_describe(plan_: Plan, progress: bool, register: bool) -> Outcome:
                             system_metrics=False) as active:
         run_id = active.info.run_id
         _log_params(run_id, plan_, ("arch", "pooling", "fc_width", "image_size", "weights"))
-        rows = layer_table(architecture(config.arch, config.pooling, config.fc_width), config.image_size)
+        rows = setting_layer_table(config)
         weights = sum(r.weights for r in rows)
         biases = sum(r.biases for r in rows)
         metrics = {"params/total": weights + biases, "params/weights": weights, "params/biases": biases,

@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna_dashboard import save_note
 
 from ..compute import serving_cost
-from ..compute.features import resolve_device
+from ..compute.hardware import resolve_device
 from ..compute.training import RunResult, fit_head, fit_head_folds, prepare
 from ..core.config import data_parameters
 from ..core.errors import UserError

@@ -20,7 +20,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from ..compute.features import resolve_device
+from ..compute.hardware import resolve_device
 from ..core import faults
 from ..core.store_urls import redact
 from ..search.optuna_internals import study_id
@@ -81,7 +81,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
             "mlflow.note.content": f"Study `{study.study_name}` from `{spec.path}`\n\n"
                                    f"Command: `{provenance.command_line()}`\n\n{spec.description_as_run}",
             # The machine of the worker that created it (each trial tags its own).
-            **sink.hardware_tags(str(resolve_device(spec.trial_config({}).device)))}
+            **sink.hardware_tags(str(resolve_device(spec.base.device)))}
     launched = lifecycle.launched_run_id()
     if launched:
         run_id, experiment = launched, client.get_run(launched).info.experiment_id
@@ -94,7 +94,7 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     if not client.get_experiment(experiment).tags.get("mlflow.note.content"):
         # The experiments list shows it in its Description column.
         client.set_experiment_tag(experiment, "mlflow.note.content", spec.description_as_run)
-    setting = {k: v for k, v in spec.trial_config({}).values.items() if k not in spec.space}
+    setting = {k: v for k, v in spec.base.values.items() if k not in spec.space}
     sink.log_batch(run_id, params={**setting, "study_name": study.study_name, "tunes": spec.tunes,
                                    "objective": f"{spec.direction} {spec.metric}",
                                    **({"objectives": ", ".join(f"{g.direction} {g.metric}" for g in spec.goals)}

@@ -11,7 +11,7 @@ from typing import Any
 
 import mlflow
 
-from ..compute.backbone import architecture, layer_table
+from ..compute.backbone import setting_layer_table
 from ..compute.training import RunResult, check_setting, fit_head, prepare
 from ..core.config import ENTRY_HEADS, PARAMETER_BY_NAME, RunConfig, make_config
 from ..models.logged import log_head_model
@@ -32,8 +32,7 @@ def run_name(entry_point: str, config: RunConfig) -> str:
 
 def log_network(run_id: str, config: RunConfig) -> str:
     """The Q1 table of the configured network (from its structure alone) as ``layer_table.md``."""
-    rows = layer_table(architecture(config.arch, config.pooling, config.fc_width, config.image_size),
-                       config.image_size)
+    rows = setting_layer_table(config)
     return sink.log_layer_table(run_id, config, rows)
 
 

@@ -21,7 +21,7 @@ def study_setting(spec: StudySpec, dataset_fingerprint: str | None = None) -> di
     those that change a result of its head; a study may resume under other devices or cache
     folders), its tuning trials' own (``tuning.<name>``), and the dataset's content (``dataset``:
     its fingerprint) when it was loaded."""
-    config = spec.trial_config({})
+    config = spec.base
     measured = result_parameters(spec.tunes)
     setting = {k: str(v) for k, v in config.values.items() if k not in spec.space and k in measured}
     setting.update({f"tuning.{k}": str(v) for k, v in spec.tuning.items() if k in measured})
@@ -73,7 +73,7 @@ def check_study_setting(spec: StudySpec):
     """
     check_filters(spec)
     try:
-        data = check_setting(spec.trial_config({}), skip=tuple(spec.space))
+        data = check_setting(spec.base, skip=tuple(spec.space))
         if data is not None and spec.folds:
             check_folds(*data, spec.folds)
         return data

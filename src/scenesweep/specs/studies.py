@@ -81,6 +81,8 @@ class StudySpec:
     warm_start: WarmStart | None = None
     folds: int | None = None  # validation: {folds: K}: stratified K-fold on the training images
     file_fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # the file's fixed: before overrides
+    # The fixed settings validated once into a configuration; a trial's is this one with its params.
+    base: Any = None
 
     @property
     def description_as_run(self) -> str:
@@ -122,7 +124,8 @@ class StudySpec:
     def trial_config(self, params: dict[str, Any], tuning: bool = False):
         """The full run configuration of a trial: fixed settings plus the trial's params, plus the
         file's ``tuning`` settings for a tuning trial (one that is not the study's own setting)."""
-        return make_config(self.tunes, {**self.fixed, **(self.tuning if tuning else {}), **params})
+        base = self.base if self.base is not None else make_config(self.tunes, self.fixed)
+        return base.replace(**(self.tuning if tuning else {}), **params) if (params or tuning and self.tuning) else base
 
 
 
@@ -176,8 +179,9 @@ def _dimension(path: Path, head: str, name: str, raw: Any) -> Dimension:
         raise file_error(path, f"space.{name}: {error}") from None
 
 
-def _fixed(path: Path, raw: dict, overrides: dict[str, Any], head: str, space: dict) -> dict[str, Any]:
-    """The file's fixed settings with the command line's on top (never a searched key)."""
+def _fixed(path: Path, raw: dict, overrides: dict[str, Any], head: str, space: dict) -> tuple[dict[str, Any], Any]:
+    """The file's fixed settings with the command line's on top (never a searched key), and
+    them validated into the study's base RunConfig."""
     fixed = dict(raw.get("fixed") or {})
     for name, value in overrides.items():
         if name in space:
@@ -187,10 +191,10 @@ def _fixed(path: Path, raw: dict, overrides: dict[str, Any], head: str, space: d
     if clash:
         raise file_error(path, f"fixed and space both set {', '.join(sorted(clash))}")
     try:
-        make_config(head, fixed)
+        base = make_config(head, fixed)
     except ConfigError as error:
         raise file_error(path, f"fixed: {error}") from None
-    return fixed
+    return fixed, base
 
 
 def _budget(path: Path, raw: dict, grid: int | None = None) -> tuple[int | None, float | None]:
@@ -278,7 +282,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raise file_error(path, "space: expected a mapping of parameter name to dimension")
     space = {name: _dimension(path, head, name, dim) for name, dim in space_raw.items()}
 
-    fixed = _fixed(path, raw, overrides or {}, head, space)
+    fixed, base = _fixed(path, raw, overrides or {}, head, space)
     _check_choices(path, head, fixed, space)
     goals_ = goals(path, raw)
     sampler = named_options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
@@ -295,4 +299,4 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
                      register=str(raw.get("register", REGISTERED_MODEL) or ""),
                      tuning=_tuning(path, raw, head, fixed, space), constraints=constraints(path, raw),
                      select=select(path, raw, goals_), warm_start=warm_start(path, raw), folds=folds_,
-                     file_fixed=dict(raw.get("fixed") or {}))
+                     file_fixed=dict(raw.get("fixed") or {}), base=base)
