@@ -90,9 +90,9 @@ def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: s
 def describe(**values: Any) -> None:
     """Print the study's Q1 table: every layer with channels, weights, biases and output size
     (VGG as the study has it; other backbones by stage)."""
-    from ..compute.backbone import architecture, format_layer_table, layer_table
+    from ..compute.backbone import format_layer_table, setting_layer_table
 
     config = make_config(None, {"image_size": 224, **given(values)})
-    rows = layer_table(architecture(config.arch, config.pooling, config.fc_width, config.image_size), config.image_size)
+    rows = setting_layer_table(config)
     click.echo(f"{config.arch}, pooling {config.pooling}, fc width {config.fc_width}, {config.image_size} px input\n")
     click.echo(format_layer_table(rows))
