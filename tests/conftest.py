@@ -5,16 +5,14 @@ Every test runs against a real SQLite tracking store in a temporary folder (neve
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import CLASSES, make_image
 
 # Under pytest-xdist (make test runs two workers): the cores are shared between the workers, so
 # each worker's processes get their share of threads (torch reads this when it starts) rather
@@ -22,7 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-CLASSES = ("coast", "forest", "street")
 
 
 @pytest.fixture(scope="session")
@@ -91,22 +88,6 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared_cache")
 
 
-def make_image(path: Path, label: int, index: int, mode: str = "L", size: tuple[int, int] = (48, 40)) -> None:
-    """A small image whose pattern depends on its class (stripes of a class-specific period)."""
-    rng = np.random.default_rng(1000 * label + index)
-    width, height = size
-    x = np.arange(width)[None, :]
-    y = np.arange(height)[:, None]
-    period = 4 + 6 * label
-    pattern = 127 + 100 * np.sin(2 * np.pi * (x + (y if label == 2 else 0)) / period)
-    pixels = np.clip(pattern + rng.normal(0, 20, (height, width)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, mode="L")
-    if mode == "RGB":
-        image = image.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
 @pytest.fixture
 def flat_scenes(tmp_path) -> Path:
     """A flat 15-Scene-like folder: root/<class>/*, 3 classes x 14 images, JPEG and PNG,
@@ -121,6 +102,33 @@ def flat_scenes(tmp_path) -> Path:
     return root
 
 
+@dataclasses.dataclass
+class TinyStudy:
+    """A study ``tiny_study`` ran: its file, its validated spec, and the driver's summary."""
+
+    path: Path
+    spec: object
+    summary: dict
+
+
+@pytest.fixture
+def tiny_study(flat_scenes, tmp_path):
+    """``tiny_study(**keys)``: a small study on the test's images (``sweep_helpers.study_file``:
+    keys such as ``study``, ``tunes``, ``fixed``, ``space``, ``n_trials``), run in this process
+    by the sweep driver, as ``scenesweep sweep`` runs it (``runs.sweep.run_study``), without a
+    new interpreter's imports. ``run_options`` go to run_study (``n_trials``, ``register``)."""
+    from scenesweep.runs.sweep import run_study
+    from scenesweep.specs.studies import load_study
+    from sweep_helpers import study_file
+
+    def run(run_options: dict | None = None, **keys) -> TinyStudy:
+        path = study_file(tmp_path, flat_scenes, **keys)
+        spec = load_study(path)
+        return TinyStudy(path, spec, run_study(spec, progress=False, **(run_options or {})))
+
+    return run
+
+
 @pytest.fixture
 def split_scenes(tmp_path) -> Path:
     """A root/train/<class>/* + root/test/<class>/* folder: 3 classes, 10 train and 4 test each."""
@@ -132,50 +140,10 @@ def split_scenes(tmp_path) -> Path:
     return root
 
 
-def invoke(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI in this process (click's runner: the same code path as ``scenesweep ARGS``,
-    without 6 to 8 s of imports for a new interpreter); the result looks like a finished process.
-    An exception that would have escaped as a traceback is raised here, so the test shows it."""
-    from click.testing import CliRunner
-
-    from scenesweep.cli.main import main
-
-    previous = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(main, list(args), env=env)
-    finally:
-        os.chdir(previous)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
-
-
-def run_cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600,
-            process: bool = False) -> subprocess.CompletedProcess:
-    """``scenesweep ARGS`` as a user runs it: in this process (``invoke``), or with ``process``
-    in a new ``python -m scenesweep`` process (what only a process shows: its exit status as the
-    shell sees it, signals, several workers at once)."""
-    if not process:
-        return invoke(*args, env=env, cwd=cwd)
-    return subprocess.run([sys.executable, "-m", "scenesweep", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900) -> subprocess.CompletedProcess:
-    """``mlflow run . -e ENTRY --env-manager local -P k=v ...`` from the repository."""
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow_bin, "run", ".", "-e", entry, "--env-manager", "local"]
-    for key, value in params.items():
-        command += ["-P", f"{key}={value}"]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=timeout)
-
-
 # The slowest files first: xdist (``--dist loadfile``) hands a whole file to an idle worker in
 # collection order, and a long file that starts last keeps the other worker idle at the end.
 SLOW_FIRST = ("test_several_machines", "test_sweep_workers", "test_experiments", "test_kill_moments",
-              "test_browser", "test_sweeps", "test_services", "test_serving", "test_study_tracking",
+              "test_browser", "test_sweeps", "test_services", "test_serving", "test_serve_guard", "test_study_tracking",
               "test_single_runs", "test_registry", "test_bad_input")
 
 

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from conftest import CLASSES, REPO, make_image, run_mlflow_project
+from helpers import CLASSES, REPO, make_image, run_mlflow_project
 
 EXPERIMENT_FILES = sorted((REPO / "experiments").glob("*.yaml"))
 MLPROJECT_DEFAULT = REPO / "experiments" / "q8_svm_relu7.yaml"  # the entry point's default file

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
+
+import yaml
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -9,7 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from scenesweep.search.optuna_storage import default_storage
 
-from conftest import run_cli
+from helpers import run_cli, wait_until
 
 
 def all_runs():
@@ -32,9 +35,39 @@ def sweep(study_file, *args, **kwargs):
     return run_cli("sweep", str(study_file), "--no-progress", *args, **kwargs)
 
 
+def study_file(folder: Path, data: Path, study: str = "tiny", tunes: str = "svm", fixed: dict | None = None,
+               space: dict | None = None, **keys) -> Path:
+    """The tests' one writer of study files: a small study on ``data`` (10 training images a
+    class, features cached in ``folder/cache``, nothing registered), the given ``fixed`` settings,
+    ``space`` (default: C) and any other top-level keys (``n_trials``, ``pruner``, ``enqueue``,
+    ``objectives``, ...) on top. Returns the file, ``folder/<study>.yaml``."""
+    raw = {"study": study, "experiment": keys.pop("experiment", study), "tunes": tunes,
+           "fixed": {"data": str(data), "train_per_class": 10, "cache_dir": str(folder / "cache"), **(fixed or {})},
+           "space": space or {"C": {"type": "float", "low": 0.01, "high": 10.0, "log": True}},
+           "n_trials": 2, "register": "", **keys}
+    path = folder / f"{study}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def write_study(tmp_path, text, name="study.yaml"):
+    """A study file written as given (for the files a test means to be odd or invalid; a valid
+    small study: ``study_file``)."""
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
 
 
+def wait_for_running_trial(study_name: str, number: int = 0, timeout: float = 300):
+    """Trial ``number`` of the study RUNNING with its MLflow run started (the moment a test
+    kills or interrupts its worker); the test fails if it never gets there."""
+    def running():
+        try:
+            trials = load(study_name).trials
+        except KeyError:  # the study is not created yet
+            return None
+        trial = trials[number] if len(trials) > number else None
+        return trial if trial is not None and trial.state.name == "RUNNING" and "mlflow_run_id" in trial.user_attrs \
+            else None
+
+    return wait_until(running, timeout, f"trial {number} of {study_name} never started")

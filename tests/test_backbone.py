@@ -11,7 +11,7 @@ from scenesweep.core.backbones import ARCHS, FAMILIES, family_of
 from scenesweep.core.config import make_config
 from scenesweep.core.errors import ConfigError
 
-from conftest import run_cli
+from helpers import run_cli
 
 VGG = family_of("vgg16")
 

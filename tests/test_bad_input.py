@@ -18,7 +18,7 @@ from PIL import Image
 
 from scenesweep.services.servers import free_port
 
-from conftest import REPO, invoke, run_cli
+from helpers import REPO, invoke, run_cli
 
 
 def assert_clear_error(result, *fragments):

@@ -36,7 +36,7 @@ from scenesweep.cli.main import main
 from scenesweep.cli.ui import MODEL_TRAINING_VIEW
 from scenesweep.tracking.mlflow_store import setup_tracking
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's Chromium as root, offline: no sandbox, no GPU, and none of the background

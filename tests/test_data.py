@@ -4,7 +4,7 @@ import pytest
 
 from scenesweep.compute.data import DataError, load_dataset, read_image, split_dataset
 
-from conftest import CLASSES
+from helpers import CLASSES
 
 
 def test_flat_layout_splits_train_per_class_and_rest_for_test(flat_scenes):

@@ -23,7 +23,7 @@ from scenesweep.specs.experiments import (DEMO_SETTING, REAL_SETTING, TAG_EXPERI
 from scenesweep.specs.plans import plan
 from scenesweep.compute.featuremaps import first_conv_maps
 
-from conftest import REPO, run_cli, run_mlflow_project
+from helpers import REPO, run_cli, run_mlflow_project
 from experiment_runs import EXPERIMENT_FILES, demo_runs
 
 EXPECTED = {"q1_parameter_count", "q3_imagenet_predictions", "q4_first_conv_maps", "q8_svm_relu7",

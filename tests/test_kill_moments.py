@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from scenesweep.core.faults import KILL_ENV, MOMENTS
 
-from conftest import REPO
+from helpers import REPO
 from sweep_helpers import all_runs, load, sweep, write_study
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from scenesweep.cli.main import main
 from scenesweep.core.config import ENTRY_HEADS, PARAMETER_BY_NAME, run_parameters
 
-from conftest import REPO
+from helpers import REPO
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 SWEEP_OPTIONS = {"n_trials", "timeout", "storage", "study_name", "n_jobs"}

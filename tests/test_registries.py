@@ -10,7 +10,7 @@ from scenesweep.core import config
 from scenesweep.search import sampling as search
 from scenesweep.specs import studies
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.parametrize("table, name", [(studies.SAMPLERS, n) for n in studies.SAMPLERS]

@@ -18,7 +18,7 @@ from scenesweep.cli.main import main
 from scenesweep.core.errors import ConfigError
 from scenesweep.models.registry import CHALLENGER, CHAMPION, promote
 
-from conftest import CLASSES, REPO, make_image, run_cli, run_mlflow_project
+from helpers import CLASSES, REPO, make_image, run_cli, run_mlflow_project
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from scenesweep.specs.studies import PRUNERS, SAMPLERS
 
-from conftest import REPO, invoke
+from helpers import REPO, invoke
 from sweep_helpers import load, parents_and_children, sweep
 
 pytestmark = pytest.mark.slow

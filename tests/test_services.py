@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from scenesweep.services import servers
 from scenesweep.services import shared_services as services
-from conftest import run_cli
+from helpers import run_cli
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
 pytestmark = pytest.mark.slow

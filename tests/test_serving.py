@@ -34,7 +34,7 @@ from scenesweep.models.pyfunc import InputError
 from scenesweep.services import servers
 from scenesweep.compute.training import fit_head, prepare
 
-from conftest import CLASSES, run_cli
+from helpers import CLASSES, run_cli
 from test_registry import write_flat_scenes
 
 pytestmark = pytest.mark.slow

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from scenesweep.services import servers
 from scenesweep.services import shared_services as services
 
-from conftest import CLASSES, REPO, run_cli
+from helpers import CLASSES, REPO, run_cli
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
 pytestmark = pytest.mark.slow

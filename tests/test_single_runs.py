@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from conftest import REPO, run_cli, run_mlflow_project
+from helpers import REPO, run_cli, run_mlflow_project
 
 pytestmark = pytest.mark.slow
 

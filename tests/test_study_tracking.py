@@ -34,7 +34,7 @@ from scenesweep.cli.main import main
 from scenesweep.report.finding import resolved_params
 from scenesweep.tracking import provenance, sink
 
-from conftest import CLASSES, REPO
+from helpers import CLASSES, REPO
 from test_registry import write_flat_scenes
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from scenesweep.search.optuna_storage import default_storage
 
-from conftest import REPO
-from sweep_helpers import all_runs, load, parents_and_children, sweep, write_study
+from helpers import REPO
+from sweep_helpers import all_runs, load, parents_and_children, sweep, wait_for_running_trial, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +59,7 @@ def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes,
                                "--no-progress"], cwd=REPO, env=dict(os.environ),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                trials = load("killed").trials
-            except KeyError:
-                trials = []
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the trial never started")
+        wait_for_running_trial("killed", 0, timeout=180)
         time.sleep(1.5)
         worker.send_signal(signal.SIGKILL)
     finally:
@@ -167,18 +157,7 @@ def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, o
                               stderr=subprocess.PIPE, text=True)
     name = yaml.safe_load(study.read_text())["study"]
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                trials = load(name).trials
-            except KeyError:
-                trials = []
-            if len(trials) > number and trials[number].state == TrialState.RUNNING \
-                    and "mlflow_run_id" in trials[number].user_attrs:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"trial {number} never started")
+        wait_for_running_trial(name, number, timeout=300)
         time.sleep(1.0)
         worker.send_signal(sig)
     finally:
@@ -378,17 +357,7 @@ def test_a_store_disk_filling_up_mid_sweep_ends_everything_and_the_sweep_resumes
                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     filler = disk / "filler"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                trials = load("filled").trials
-            except KeyError:
-                trials = []
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail("trial 0 never started")
+        wait_for_running_trial("filled", 0, timeout=300)
         with open(filler, "wb") as out:  # the disk full, as another process would fill it
             with pytest.raises(OSError):
                 while True:

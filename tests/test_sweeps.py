@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 from scenesweep.core.config import run_parameters
 from scenesweep.specs.studies import load_study
 
-from conftest import REPO
-from sweep_helpers import all_runs, load, parents_and_children, sweep, write_study
+from helpers import REPO, run_cli
+from sweep_helpers import all_runs, load, parents_and_children, study_file, sweep
 
 pytestmark = pytest.mark.slow
 STUDY_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -68,20 +68,11 @@ def test_sweep_pooling_extracts_every_pooling_in_one_pass_and_logs_epochs(flat_s
 
 
 def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
-    study = write_study(tmp_path, f"""
-        study: prune_me
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 4, hidden: "64", dropout: 0.0,
-                batch_size: 4, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-9, high: 2.0e-9, log: true}}
-        pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
-        n_trials: 2
-        enqueue:
-          - {{lr: 0.001}}
-        register: ""
-        """)
+    study = study_file(tmp_path, flat_scenes, "prune_me", "mlp", experiment="pooling",
+                       fixed={"epochs": 4, "hidden": "64", "dropout": 0.0, "batch_size": 4},
+                       space={"lr": {"type": "float", "low": 1.0e-9, "high": 2.0e-9, "log": True}},
+                       pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                       enqueue=[{"lr": 0.001}])
     result = sweep(study)
     assert result.returncode == 0, result.stderr[-4000:]
     trials = load("prune_me").trials
@@ -98,22 +89,11 @@ def test_a_pruned_trial_ends_killed_with_a_pruned_tag(flat_scenes, tmp_path):
 def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_declares(flat_scenes, tmp_path):
     """Enqueued settings (the reference study's points) are never pruned and keep the fixed batch
     size; tuning trials run at the file's tuning batch size and are pruned."""
-    study = write_study(tmp_path, f"""
-        study: own_and_tuning
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 4, hidden: "64", dropout: 0.0,
-                batch_size: 8, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-9, high: 2.0e-9, log: true}}
-        pruner: {{name: median, n_startup_trials: 2, n_warmup_steps: 0}}
-        tuning: {{batch_size: 4}}
-        n_trials: 4
-        enqueue:
-          - {{lr: 0.001}}
-          - {{lr: 1.0e-9}}
-        register: ""
-        """)
+    study = study_file(tmp_path, flat_scenes, "own_and_tuning", "mlp", experiment="pooling",
+                       fixed={"epochs": 4, "hidden": "64", "dropout": 0.0, "batch_size": 8},
+                       space={"lr": {"type": "float", "low": 1.0e-9, "high": 2.0e-9, "log": True}},
+                       pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+                       tuning={"batch_size": 4}, n_trials=4, enqueue=[{"lr": 0.001}, {"lr": 1.0e-9}])
     result = sweep(study)
     assert result.returncode == 0, result.stderr[-4000:]
     trials = load("own_and_tuning").trials
@@ -125,31 +105,19 @@ def test_the_studys_own_settings_run_in_full_and_tuning_trials_as_the_file_decla
     assert [by_number[n].data.params["batch_size"] for n in range(4)] == ["8", "8", "4", "4"]
 
 
-def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_trial(flat_scenes, tmp_path):
+def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_trial(tiny_study, tmp_path):
     """No head trained twice: the summary scores the head the best trial fitted (here a tuning
     trial at its own batch size), and only refits, at that trial's settings, when it is gone."""
     from scenesweep.compute.training import evaluate_test_split, prepare
     from scenesweep.runs.summary import evaluate_trial
-    from scenesweep.runs.sweep import run_study
     from scenesweep.search.kept_heads import kept_head
 
-    study = write_study(tmp_path, f"""
-        study: kept_head
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, epochs: 10, hidden: "64", dropout: 0.0, layer: pool5,
-                batch_size: 8, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 0.001, high: 0.002}}
-        objective: {{metric: val/loss, direction: minimize}}
-        tuning: {{batch_size: 4}}
-        n_trials: 2
-        enqueue:
-          - {{lr: 1.0e-9}}
-        register: ""
-        """)
-    spec = load_study(study)
-    summary = run_study(spec, progress=False)
+    ran = tiny_study(study="kept_head", tunes="mlp", experiment="pooling",
+                     fixed={"epochs": 10, "hidden": "64", "dropout": 0.0, "layer": "pool5", "batch_size": 8},
+                     space={"lr": {"type": "float", "low": 0.001, "high": 0.002}},
+                     objective={"metric": "val/loss", "direction": "minimize"}, tuning={"batch_size": 4},
+                     enqueue=[{"lr": 1.0e-9}])
+    spec, summary = ran.spec, ran.summary
     best = load("kept_head").best_trial
     # The own setting (lr 1e-9) stays at the uniform guess's loss, ln 3; the tuning trial learns.
     assert best.number == 1 and summary["best_trial"] == 1, [t.value for t in load("kept_head").trials]
@@ -172,19 +140,10 @@ def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_tri
 
 
 def test_a_failing_trial_is_failed_and_the_study_goes_on(flat_scenes, tmp_path):
-    study = write_study(tmp_path, f"""
-        study: survive
-        experiment: svm
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          weights: {{type: categorical, choices: [random, "{tmp_path / 'missing.pt'}"]}}
-        n_trials: 2
-        enqueue:
-          - {{weights: "{tmp_path / 'missing.pt'}"}}
-          - {{weights: random}}
-        register: ""
-        """)
+    missing = str(tmp_path / "missing.pt")
+    study = study_file(tmp_path, flat_scenes, "survive", experiment="svm",
+                       space={"weights": {"type": "categorical", "choices": ["random", missing]}},
+                       enqueue=[{"weights": missing}, {"weights": "random"}])
     result = sweep(study)
     assert result.returncode == 0, result.stderr[-4000:]
     assert [t.state for t in load("survive").trials] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -216,7 +175,7 @@ def test_a_piped_sweep_writes_a_log_a_person_can_read(flat_scenes, tmp_path, mon
     """stderr not a terminal (CI, `make demo > log`): no carriage returns, one line per trial
     (number, params, objective, seconds), one per stage (the extraction, the test evaluation)."""
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli("sweep", str(REPO / "sweeps" / "svm_c.yaml"), "--n_trials", "3", "--data", str(flat_scenes),
                      "--train_per_class", "10", "--cache_dir", str(tmp_path / "cache"))
@@ -231,15 +190,9 @@ def test_a_piped_sweep_writes_a_log_a_person_can_read(flat_scenes, tmp_path, mon
 
 
 def test_a_study_where_every_trial_fails_exits_non_zero(flat_scenes, tmp_path):
-    study = write_study(tmp_path, f"""
-        study: doomed
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          weights: {{type: categorical, choices: ["{tmp_path / 'a.pt'}", "{tmp_path / 'b.pt'}"]}}
-        n_trials: 2
-        register: ""
-        """)
+    study = study_file(tmp_path, flat_scenes, "doomed",
+                       space={"weights": {"type": "categorical", "choices": [str(tmp_path / "a.pt"),
+                                                                             str(tmp_path / "b.pt")]}})
     result = sweep(study)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -273,31 +226,20 @@ def test_bad_study_files_are_refused_before_any_trial(body, fragment, tmp_path):
 
 
 
-def test_a_study_on_a_warm_cache_builds_no_network_after_its_first_trial(flat_scenes, tmp_path, monkeypatch):
+def test_a_study_on_a_warm_cache_builds_no_network_after_its_first_trial(flat_scenes, tiny_study, tmp_path,
+                                                                         monkeypatch):
     """Resolved once: with its features cached by another process, a 4-trial svm study builds no
     torchvision network in trials 2-4, not even a copy on the meta device (parameter counts,
     stored bytes and layer tables read one shared structure per setting)."""
     import torchvision
 
-    from scenesweep.runs.sweep import run_study
-
-    study = write_study(tmp_path, f"""
-        study: warm
-        experiment: svm
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, image_size: 32, precision: fp32,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 0.01, high: 10.0, log: true}}
-          layer: {{type: categorical, choices: [fc7, relu7]}}
-        n_trials: 4
-        enqueue:
-          - {{C: 1.0, layer: fc7}}
-          - {{C: 1.0, layer: relu7}}
-        register: ""
-        """)
+    keys = dict(study="warm", fixed={"image_size": 32, "precision": "fp32"}, n_trials=4,
+                space={"C": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
+                       "layer": {"type": "categorical", "choices": ["fc7", "relu7"]}},
+                enqueue=[{"C": 1.0, "layer": "fc7"}, {"C": 1.0, "layer": "relu7"}])
     # Another process fills the cache with both layers' features.
-    filled = sweep(study, "--n_trials", "2", "--study_name", "fill", "--no-progress")
+    filled = run_cli("sweep", str(study_file(tmp_path, flat_scenes, **keys)), "--n_trials", "2", "--study_name", "fill",
+                     "--no-progress", process=True)
     assert filled.returncode == 0, filled.stderr[-3000:]
     built = []
     original = torchvision.models.VGG.__init__
@@ -307,12 +249,10 @@ def test_a_study_on_a_warm_cache_builds_no_network_after_its_first_trial(flat_sc
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(torchvision.models.VGG, "__init__", counting_init)
-    spec = load_study(study)
-    run_study(spec, n_trials=1, progress=False, register=False)
+    tiny_study(run_options={"n_trials": 1, "register": False}, **keys)
     assert load("warm").trials[0].state == TrialState.COMPLETE  # the second setting waits in the queue
     during_first = len(built)
-    run_study(spec, n_trials=4, progress=False, register=False)  # resumes: trials 2-4, another layer first
-    trials = load("warm").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    tiny_study(run_options={"n_trials": 4, "register": False}, **keys)  # resumes: trials 2-4, another layer first
+    assert [t.state for t in load("warm").trials] == [TrialState.COMPLETE] * 4
     assert len(built) == during_first, f"{len(built) - during_first} networks built in trials 2-4"
     assert during_first <= 1  # the first trial: at most the shared structure (the features are cached)

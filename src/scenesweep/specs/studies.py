@@ -124,8 +124,11 @@ class StudySpec:
     def trial_config(self, params: dict[str, Any], tuning: bool = False):
         """The full run configuration of a trial: fixed settings plus the trial's params, plus the
         file's ``tuning`` settings for a tuning trial (one that is not the study's own setting)."""
-        base = self.base if self.base is not None else make_config(self.tunes, self.fixed)
-        return base.replace(**(self.tuning if tuning else {}), **params) if (params or tuning and self.tuning) else base
+        if self.base is not None and not params and not (tuning and self.tuning):
+            return self.base
+        # From the fixed settings as written, not from the base: a value the base derived from
+        # another (the layer an architecture reads unless told) must follow a searched arch.
+        return make_config(self.tunes, {**self.fixed, **(self.tuning if tuning else {}), **params})
 
 
 
