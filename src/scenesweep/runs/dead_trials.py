@@ -9,6 +9,7 @@ import mlflow
 import optuna
 from optuna.trial import FrozenTrial
 
+from ..core.run_states import Failure, Status
 from ..search.trials import USER_ATTR_RUN_ID, own_record, retry
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle
@@ -20,7 +21,7 @@ def mark_dead(study: optuna.Study, trial: FrozenTrial, why: str, failure: str) -
     worker = own_record(trial)
     run_id = trial.user_attrs.get(USER_ATTR_RUN_ID) if worker else None
     if run_id:
-        lifecycle.end_run(run_id, "FAILED", f"process {worker.get('host')}:{worker.get('pid')} {why}; "
+        lifecycle.end_run(run_id, Status.FAILED, f"process {worker.get('host')}:{worker.get('pid')} {why}; "
                           "parameters retried", failure=failure, only_running=True)
     retry(study, trial)
 
@@ -46,8 +47,8 @@ def finished_value(spec: StudySpec):
 
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's callback for a trial whose heartbeat went stale (its process died anywhere)."""
-    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)", "stale")
+    mark_dead(study, trial, "died mid-trial (its Optuna heartbeat went stale)", Failure.STALE)
 
 
 def dead_here_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)", "killed")
+    mark_dead(study, trial, "died mid-trial (its pid is gone on this host; heartbeat not awaited)", Failure.KILLED)

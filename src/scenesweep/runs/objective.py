@@ -103,21 +103,19 @@ class Objective:
 
     def _create_run(self, trial: optuna.Trial, params: dict[str, Any], seed: int | None) -> str:
         worker = this_worker()
-        run = self.client.create_run(
-            self.experiment_id, run_name=trial_run_name(self.study_name, trial.number, params),
-            tags={**self.inherited_tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.study_name,
-                  "trial_number": str(trial.number), "entry_point": f"sweep:{self.spec.study}",
-                  "optuna.storage_study": self.study_name, "pid": str(worker["pid"]), "host": worker["host"],
-                  "sampler_seed": str(seed),
-                  "mlflow.note.content": f"Trial #{trial.number} of study `{self.study_name}`: "
-                                         + ", ".join(f"{k}={v}" for k, v in params.items())
-                                         + "; objective " + ", ".join(
-                                             f"{g.direction} {g.metric}" for g in self.spec.goals) + "."})
-        trial.set_user_attr(USER_ATTR_RUN_ID, run.info.run_id)
+        note = (f"Trial #{trial.number} of study `{self.study_name}`: " + ", ".join(f"{k}={v}" for k, v in params.items())
+                + "; objective " + ", ".join(f"{g.direction} {g.metric}" for g in self.spec.goals) + ".")
+        run_id = lifecycle.create_run(
+            self.experiment_id, trial_run_name(self.study_name, trial.number, params),
+            {**self.inherited_tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "study": self.study_name,
+             "trial_number": str(trial.number), "entry_point": f"sweep:{self.spec.study}",
+             "optuna.storage_study": self.study_name, "pid": str(worker["pid"]), "host": worker["host"],
+             "sampler_seed": str(seed), "mlflow.note.content": note})
+        trial.set_user_attr(USER_ATTR_RUN_ID, run_id)
         with contextlib.suppress(Exception):  # a note is a convenience, never why a trial fails
-            save_note(trial, trial_note(self.study_name, trial.number, params, self.experiment_id, run.info.run_id,
+            save_note(trial, trial_note(self.study_name, trial.number, params, self.experiment_id, run_id,
                                         self.parent_run_id))
-        return run.info.run_id
+        return run_id
 
     def _fit(self, trial: optuna.Trial, run_id: str, config, prunable: bool = True) -> RunResult:
         """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics;

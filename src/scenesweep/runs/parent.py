@@ -86,11 +86,10 @@ def _create(study: optuna.Study, spec: StudySpec, storage_url: str) -> tuple[str
     if launched:
         run_id, experiment = launched, client.get_run(launched).info.experiment_id
         mlflow_store.warn_if_not_in_family(client.get_run(launched), spec.mlflow_experiment)
-        sink.log_batch(run_id, tags=tags)
+        lifecycle.adopt_run(run_id, tags)
     else:
         experiment = mlflow_store.experiment_id(spec.mlflow_experiment)
-        run_id = client.create_run(experiment, run_name=tags["mlflow.runName"],
-                                   tags={**provenance.source_tags(), **tags}).info.run_id
+        run_id = lifecycle.create_run(experiment, tags["mlflow.runName"], {**provenance.source_tags(), **tags})
     if not client.get_experiment(experiment).tags.get("mlflow.note.content"):
         # The experiments list shows it in its Description column.
         client.set_experiment_tag(experiment, "mlflow.note.content", spec.description_as_run)
@@ -132,9 +131,9 @@ def attach_parent(study: optuna.Study, spec: StudySpec, storage_url: str, lock) 
             faults.moment("parent-created")
             study.set_user_attr(STUDY_ATTR_PARENT, run_id)
             return run_id, experiment, True
-    if parent.info.status != "RUNNING":
+    if parent.info.status != lifecycle.Status.RUNNING:
         # Resumed: its name says no result until the summary names the new best.
-        MlflowClient().update_run(parent.info.run_id, status="RUNNING", name=f"{study.study_name} study")
+        lifecycle.reopen_run(parent.info.run_id, f"{study.study_name} study")
     launched = lifecycle.launched_run_id()
     if launched and launched != parent.info.run_id:
         _tag_worker_run(launched, study, spec, parent.info.run_id)

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note
 
 from ..compute.training import RunResult, evaluate_test_split, fit_head, fit_head_folds, prepare, score_head
+from ..core.run_states import Failure, Status
 from ..models.registry import challenger_text, register_result
 from ..search.kept_heads import kept_head
 from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, TrialBudget, best_per_group, count_metrics,
@@ -187,7 +188,7 @@ def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenT
                       f"{states['PRUNED']} pruned)" + (f"; first error: {first}" if first else ""))
     study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                              "best_trial": None})
-    lifecycle.end_run(parent_id, "FAILED", error, failure="error", best_trial="none: no trial completed")
+    lifecycle.end_run(parent_id, Status.FAILED, error, failure=Failure.ERROR, best_trial="none: no trial completed")
     return {"error": error}
 
 

@@ -35,6 +35,7 @@ from ..core import faults
 from ..core.disk_space import StoreFullError, disk_full_message, is_disk_full, release_reserve
 from ..core.errors import ConfigError, UserError
 from ..core.progress import progress_bar
+from ..core.run_states import Failure, Status
 from ..core.store_urls import redact
 from ..search.sampling import TrialSeededSampler, build_pruner, build_sampler, check_sampler
 from ..search.optuna_storage import DEFAULT_HEARTBEAT_S, open_storage, resolve_storage, study_lock
@@ -110,12 +111,12 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
             value = sweep.objective(trial, seed=seed)
         except optuna.TrialPruned as why:
             state, pruned = TrialState.PRUNED, str(why)
-            mark_failure(sweep.storage, trial_id(trial), "pruned")
+            mark_failure(sweep.storage, trial_id(trial), Failure.PRUNED)
         except KeyboardInterrupt:
             # Interrupted, not broken: failed in the storage and its parameters retried on resume.
-            mark_failure(sweep.storage, trial_id(trial), "interrupted")
+            mark_failure(sweep.storage, trial_id(trial), Failure.INTERRUPTED)
             _tell(sweep, trial, TrialState.FAIL)
-            mark_dead(sweep.study, sweep.storage.get_trial(trial_id(trial)), "was interrupted", "interrupted")
+            mark_dead(sweep.study, sweep.storage.get_trial(trial_id(trial)), "was interrupted", Failure.INTERRUPTED)
             raise
         except Exception as caught:  # the study survives a failing trial
             state, error = TrialState.FAIL, caught
@@ -123,11 +124,11 @@ def _run_trial(sweep: Sweep, trial: optuna.Trial, bar) -> None:
                 # Every next trial would fail too: this one is failed and retried on resume, the sweep stops.
                 release_reserve(mlflow_store.store_folder())
                 with contextlib.suppress(Exception):
-                    mark_failure(sweep.storage, trial_id(trial), "error")
+                    mark_failure(sweep.storage, trial_id(trial), Failure.ERROR)
                     _tell(sweep, trial, TrialState.FAIL)
                     retry(sweep.study, sweep.storage.get_trial(trial_id(trial)))
                 raise
-            mark_failure(sweep.storage, trial_id(trial), "error")
+            mark_failure(sweep.storage, trial_id(trial), Failure.ERROR)
     if state == TrialState.COMPLETE:
         faults.moment("trial-run-ended")
     _tell(sweep, trial, state, value)
@@ -312,13 +313,13 @@ def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
         if not is_disk_full(error):
             raise
         with contextlib.suppress(Exception):  # the parent resumes with the study
-            lifecycle.end_run(sweep.parent_id, "FAILED", error, failure="error")
+            lifecycle.end_run(sweep.parent_id, Status.FAILED, error, failure=Failure.ERROR)
         raise StoreFullError(disk_full_message(error, mlflow_store.store_folder())) from None
     except KeyboardInterrupt as error:
         with contextlib.suppress(Exception):
             if not any(t.state == TrialState.RUNNING for t in sweep.study.get_trials(deepcopy=False)):
-                lifecycle.end_run(sweep.parent_id, "KILLED", f"interrupted by {error}" if str(error) else "interrupted",
-                                  failure="interrupted")
+                lifecycle.end_run(sweep.parent_id, Status.KILLED, f"interrupted by {error}" if str(error) else "interrupted",
+                                  failure=Failure.INTERRUPTED)
         raise
     finally:
         if monitor is not None:

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
+
+from ..core.run_states import Failure
 from .optuna_internals import live_system_attrs, stale_trial_ids, storage_of, trial_id
 
 USER_ATTR_RUN_ID = "mlflow_run_id"
@@ -145,9 +147,9 @@ def fail_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Froze
             if value is not None:
                 storage.set_trial_state_values(trial_id(trial), state=TrialState.COMPLETE, values=list(value))
             elif not dead_here:
-                mark_failure(storage, trial_id(trial), "stale")  # failed below by Optuna's fail_stale_trials
+                mark_failure(storage, trial_id(trial), Failure.STALE)  # failed below by Optuna's fail_stale_trials
             else:
-                mark_failure(storage, trial_id(trial), "killed")
+                mark_failure(storage, trial_id(trial), Failure.KILLED)
                 if not storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
                     continue
                 failed.append(trial.number)

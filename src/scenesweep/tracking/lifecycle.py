@@ -1,6 +1,7 @@
-"""One run lifecycle: start (or re-attach to ``mlflow run``'s run), then end it with the status
-and tags that say how it ended. Every driver (single runs, experiments, trials, a study's parent)
-ends its runs here.
+"""One run lifecycle: create (``create_run``), start (or re-attach to ``mlflow run``'s run),
+reopen (``reopen_run``), then end it with the status and tags that say how it ended. Every driver
+(single runs, experiments, trials, a study's parent) creates, reopens and ends its runs here;
+statuses are ``Status``, the kinds of failure ``Failure``.
 
 How a run ends, and what it carries:
 
@@ -32,10 +33,8 @@ from mlflow.tracking import MlflowClient
 
 from ..core.disk_space import is_disk_full, release_reserve
 from ..core.errors import UserError, describe_error
+from ..core.run_states import Failure, Status
 from . import mlflow_store
-
-FAILURE_KINDS = ("pruned", "killed", "stale", "error", "interrupted")
-
 
 class Interrupted(KeyboardInterrupt):
     """A termination signal (SIGTERM from a scheduler, ``timeout``, systemd), raised in the main
@@ -51,7 +50,23 @@ def launched_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
-def _terminate(run_id: str, status: str) -> None:
+def create_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """A new run (not this thread's active one: a trial's in a worker thread, a study's parent)
+    in RUNNING, named and tagged; returns its id."""
+    return MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def adopt_run(run_id: str, tags: dict[str, str]) -> None:
+    """A run another process made (``mlflow run``'s) taken over: ``tags`` say what it is now."""
+    MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def reopen_run(run_id: str, name: str | None = None) -> None:
+    """An ended run running again (a resumed study's parent), renamed when ``name`` is given."""
+    MlflowClient().update_run(run_id, status=Status.RUNNING, name=name)
+
+
+def _terminate(run_id: str, status: Status) -> None:
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status)
@@ -71,11 +86,11 @@ def _ended_name(run, failure: str, pruned: str) -> str | None:
     return None if name.endswith(f" · {ending}") else f"{name} · {ending}"
 
 
-def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | None = None,
-            failure: str | None = None, only_running: bool = False, **tags: Any) -> bool:
+def end_run(run_id: str, status: Status | str = Status.FINISHED, error: BaseException | str | None = None,
+            failure: Failure | str | None = None, only_running: bool = False, **tags: Any) -> bool:
     """End ``run_id`` with ``status``; an ``error`` (exception or text) goes into the ``error`` tag
-    (cut to MLflow's 5000 characters), ``failure`` says which kind (``FAILURE_KINDS``); a bug's
-    traceback is logged as ``error/traceback.txt``.
+    (cut to MLflow's 5000 characters), ``failure`` says which kind (``Failure``; anything else is
+    a bug, a ValueError); a bug's traceback is logged as ``error/traceback.txt``.
 
     Args:
         only_running: leave a run that already ended as it is (a run a resume finds dead).
@@ -83,13 +98,14 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
     Returns:
         Whether the run was ended here.
     """
+    status, failure = Status(status), (Failure(failure) if failure is not None else None)
     client = MlflowClient()
     full = isinstance(error, BaseException) and is_disk_full(error)
     if full:  # the writes below need the space the store's reserve holds (core.disk_space)
         release_reserve(mlflow_store.store_folder())
     if only_running:
         try:
-            if client.get_run(run_id).info.status != "RUNNING":
+            if client.get_run(run_id).info.status != Status.RUNNING:
                 return False
         except mlflow.exceptions.MlflowException:
             return False
@@ -97,7 +113,7 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
     if error is not None:
         labels["error"] = describe_error(error) if isinstance(error, BaseException) else str(error)[:5000]
     if failure is not None:
-        labels["failure"] = failure
+        labels["failure"] = str(failure)
     if failure is not None:
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             name = _ended_name(client.get_run(run_id), failure, labels.get("pruned", ""))
@@ -105,7 +121,7 @@ def end_run(run_id: str, status: str = "FINISHED", error: BaseException | str | 
                 labels["mlflow.runName"] = name
     if labels:
         client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in labels.items()])
-    if isinstance(error, BaseException) and failure == "error" and not isinstance(error, UserError) and not full:
+    if isinstance(error, BaseException) and failure == Failure.ERROR and not isinstance(error, UserError) and not full:
         with contextlib.suppress(Exception):  # the traceback is a help, never why ending fails
             client.log_text(run_id, "".join(traceback.format_exception(error)), "error/traceback.txt")
     _terminate(run_id, status)
@@ -118,21 +134,21 @@ def ending(run_id: str, pruned: tuple[type[BaseException], ...] = ()) -> Iterato
     try:
         yield
     except pruned as error:
-        end_run(run_id, "KILLED", failure="pruned", pruned=str(error) or "true")
+        end_run(run_id, Status.KILLED, failure=Failure.PRUNED, pruned=str(error) or "true")
         raise
     except KeyboardInterrupt as error:
         signum = getattr(error, "signum", signal.SIGINT)
-        end_run(run_id, "KILLED", f"interrupted by {signal.Signals(signum).name}", failure="interrupted",
+        end_run(run_id, Status.KILLED, f"interrupted by {signal.Signals(signum).name}", failure=Failure.INTERRUPTED,
                 signal=signal.Signals(signum).name)
         raise
     except BaseException as error:
         try:
-            end_run(run_id, "FAILED", error, failure="error")
+            end_run(run_id, Status.FAILED, error, failure=Failure.ERROR)
         except Exception:  # the store itself failed (a full disk past its reserve): the cause is what counts
             if not is_disk_full(error):
                 raise
         raise
-    end_run(run_id, "FINISHED", only_running=True)  # unless the block ended it (a failed study)
+    end_run(run_id, Status.FINISHED, only_running=True)  # unless the block ended it (a failed study)
 
 
 @contextlib.contextmanager
