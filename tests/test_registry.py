@@ -16,7 +16,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from scenesweep.cli.main import main
 from scenesweep.core.errors import ConfigError
-from scenesweep.models.registry import CHALLENGER, CHAMPION, promote
+from scenesweep.models.promotion import promote
+from scenesweep.models.registry import CHALLENGER, CHAMPION
 
 from helpers import CLASSES, REPO, make_image, run_cli, run_mlflow_project
 

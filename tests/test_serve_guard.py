@@ -50,7 +50,7 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def champion_store(tmp_path_factory):
     """A tracked svm run registered as scene-classifier version 1 and promoted to @champion."""
-    from scenesweep.models.registry import promote
+    from scenesweep.models.promotion import promote
     from scenesweep.runs.single import track_single_run
 
     folder = tmp_path_factory.mktemp("serve_guard")

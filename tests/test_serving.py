@@ -28,7 +28,7 @@ from scenesweep.cli.main import main
 from scenesweep.core.backbones import FAMILIES
 from scenesweep.core.config import make_config
 from scenesweep.compute.imagenet import imagenet_categories, top_classes
-from scenesweep.models.registry import promote
+from scenesweep.models.promotion import promote
 from scenesweep.models.logged import log_image_classifier
 from scenesweep.models.pyfunc import InputError
 from scenesweep.services import servers

@@ -43,7 +43,7 @@ def promote(name: str, metric: str, where: str, force: bool, version: str | None
     best version tag), among the records matching --where; it must beat the champion strictly,
     on the same dataset, unless --force. Prints what was done and why.
     """
-    from ..models.registry import promote as promote_version
+    from ..models.promotion import promote as promote_version
 
     _use_project_store()
     click.echo(promote_version(name, metric, force=force, version=version or None, where=where.strip() or None).message)

@@ -200,6 +200,38 @@ def _check_decodes(root: Path, paths: list[Path], fingerprint: str, cache_dir: s
             marker.write_text(f"{root}\n")
 
 
+def _split_layout(root: Path, skipped: list[Path]) -> tuple[dict, dict]:
+    """<root>/train/<class>/ and <root>/test/<class>/: class -> image paths, for each part."""
+    train_dir, test_dir = root / "train", root / "test"
+    if not (train_dir.is_dir() and test_dir.is_dir()):
+        missing = test_dir if train_dir.is_dir() else train_dir
+        raise DataError(f"{missing}: folder not found; a dataset with train/ needs test/ too")
+    train, test = _class_folders(train_dir, skipped), _class_folders(test_dir, skipped)
+    if sorted(train) != sorted(test):
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        raise DataError(f"{root}: classes differ between train/ and test/ "
+                        f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
+    return train, test
+
+
+def _flat_layout(root: Path, skipped: list[Path], train_per_class: int, seed: int) -> tuple[dict, dict]:
+    """<root>/<class>/: ``train_per_class`` images of each class drawn (seeded) for training, the
+    rest for test, as the study splits 15-Scene."""
+    folders = _class_folders(root, skipped)
+    rng = np.random.default_rng(seed)
+    train, test = {}, {}
+    for name in sorted(folders):
+        images = folders[name]
+        if len(images) <= train_per_class:
+            raise DataError(f"{root / name}: {len(images)} images, expected more than "
+                            f"train_per_class={train_per_class} (the rest is the test set)")
+        order = rng.permutation(len(images))
+        train[name] = sorted(images[i] for i in order[:train_per_class])
+        test[name] = sorted(images[i] for i in order[train_per_class:])
+    return train, test
+
+
 def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None) -> Dataset:
     """Read an image-folder dataset (or write and read the bundled digits).
@@ -221,34 +253,12 @@ def load_dataset(data: str | os.PathLike, train_per_class: int = 100, seed: int 
         if not root.is_dir():
             raise DataError(f"{data}: dataset folder not found; expected 'digits' or a folder laid out as "
                             "<root>/<class>/<images> or <root>/train/<class>/ and <root>/test/<class>/")
-    train_dir, test_dir = root / "train", root / "test"
     skipped: list[Path] = []
-    if train_dir.is_dir() or test_dir.is_dir():
-        layout = "train/test"
-        if not (train_dir.is_dir() and test_dir.is_dir()):
-            missing = test_dir if train_dir.is_dir() else train_dir
-            raise DataError(f"{missing}: folder not found; a dataset with train/ needs test/ too")
-        train, test = _class_folders(train_dir, skipped), _class_folders(test_dir, skipped)
-        if sorted(train) != sorted(test):
-            only_train = sorted(set(train) - set(test))
-            only_test = sorted(set(test) - set(train))
-            raise DataError(f"{root}: classes differ between train/ and test/ "
-                            f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
-        classes = sorted(train)
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        layout, (train, test) = "train/test", _split_layout(root, skipped)
     else:
-        layout = "flat"
-        folders = _class_folders(root, skipped)
-        classes = sorted(folders)
-        rng = np.random.default_rng(seed)
-        train, test = {}, {}
-        for name in classes:
-            images = folders[name]
-            if len(images) <= train_per_class:
-                raise DataError(f"{root / name}: {len(images)} images, expected more than "
-                                f"train_per_class={train_per_class} (the rest is the test set)")
-            order = rng.permutation(len(images))
-            train[name] = sorted(images[i] for i in order[:train_per_class])
-            test[name] = sorted(images[i] for i in order[train_per_class:])
+        layout, (train, test) = "flat", _flat_layout(root, skipped, train_per_class, seed)
+    classes = sorted(train)
     if len(classes) < 2:
         raise DataError(f"{root}: one class folder ({classes[0]}); a classifier needs at least 2 class folders")
     paths, labels, is_train = [], [], []

@@ -144,6 +144,27 @@ def _unit_rms(gain: np.ndarray) -> np.ndarray:
     return gain / max(float(np.sqrt(np.mean(gain ** 2))), 1e-12)
 
 
+def _add_blobs(pixels: np.ndarray, texture: TextureClass, rng: np.random.Generator, radius: np.ndarray) -> None:
+    """Impulses at random places blurred by a Gaussian, added to ``pixels`` (H, W) in place;
+    ``radius``: the rfft2 frequency radii (H, W//2+1). Draws from ``rng`` in a fixed order (the
+    images of a seed never change)."""
+    height, width = pixels.shape
+    blobs = rng.poisson(texture.blobs * rng.uniform(0.5, 1.5) * height * width / 1e4)
+    if not blobs:
+        return
+    impulses = np.zeros((height, width))
+    rows = rng.integers(0, height, blobs)
+    cols = rng.integers(0, width, blobs)
+    # Mostly bright spots (lamps, leaves in light), some dark ones.
+    np.add.at(impulses, (rows, cols), rng.choice((1.0, -0.6), blobs, p=(0.75, 0.25)))
+    sigma = texture.blob_radius * rng.uniform(0.7, 1.4)
+    # Fourier transform of a Gaussian of std sigma px: exp(-2 pi^2 sigma^2 f^2).
+    blurred = np.fft.irfft2(np.fft.rfft2(impulses) * np.exp(-2.0 * math.pi ** 2 * sigma ** 2 * radius ** 2),
+                            s=(height, width))  # (H, W)
+    blurred -= blurred.mean()
+    pixels += rng.uniform(0.4, 0.9) * blurred / max(float(blurred.std()), 1e-12)
+
+
 def render_image(texture: TextureClass, rng: np.random.Generator) -> np.ndarray:
     """One grayscale image of a class: (H, W) uint8, H and W drawn from HEIGHT_RANGE / WIDTH_RANGE.
 
@@ -187,19 +208,7 @@ def render_image(texture: TextureClass, rng: np.random.Generator) -> np.ndarray:
     pixels = np.fft.irfft2(spectrum, s=(height, width))  # (H, W) float64
     pixels /= max(float(pixels.std()), 1e-12)
 
-    blobs = rng.poisson(texture.blobs * rng.uniform(0.5, 1.5) * height * width / 1e4)
-    if blobs:
-        impulses = np.zeros((height, width))
-        rows = rng.integers(0, height, blobs)
-        cols = rng.integers(0, width, blobs)
-        # Mostly bright spots (lamps, leaves in light), some dark ones.
-        np.add.at(impulses, (rows, cols), rng.choice((1.0, -0.6), blobs, p=(0.75, 0.25)))
-        sigma = texture.blob_radius * rng.uniform(0.7, 1.4)
-        # Fourier transform of a Gaussian of std sigma px: exp(-2 pi^2 sigma^2 f^2).
-        blurred = np.fft.irfft2(np.fft.rfft2(impulses) * np.exp(-2.0 * math.pi ** 2 * sigma ** 2 * radius ** 2),
-                                s=(height, width))  # (H, W)
-        blurred -= blurred.mean()
-        pixels += rng.uniform(0.4, 0.9) * blurred / max(float(blurred.std()), 1e-12)
+    _add_blobs(pixels, texture, rng, radius)
     # Illumination: a plane across the image (light from one side), then contrast and brightness.
     y = np.linspace(-1.0, 1.0, height)[:, None]
     x = np.linspace(-1.0, 1.0, width)[None, :]

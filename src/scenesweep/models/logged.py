@@ -240,10 +240,9 @@ def log_image_classifier(result, name: str = "model", example_images: list[bytes
                          tags: dict | None = None) -> LoggedClassifier:
     """Log the servable image classifier of a RunResult as an MLflow 3 model record.
 
-    The record (``mlflow.initialize_logged_model``) names ``source_run_id`` as its source (a
-    study's best trial, not the parent that registers it; default: the active run) and carries
-    ``params`` (the trial's) and ``tags``, nothing of any run's own params or metrics; the model is
-    saved, uploaded into the record and the record finalised READY.
+    The record (``mlflow.initialize_logged_model``) names ``source_run_id`` as its source (a study's
+    best trial; default: the active run) and carries ``params`` and ``tags``, nothing of any run's
+    own; the model is saved, uploaded into the record and the record finalised READY.
 
     Args:
         result: a fitted RunResult (its head, configuration and dataset).

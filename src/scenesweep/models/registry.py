@@ -8,16 +8,7 @@ metrics linked (``MODEL_METRICS``); the version also carries validation and test
 tags. (``search_model_versions`` returns empty aliases on SQLite: aliases are read with
 ``get_registered_model``.)
 
-Promotion ranks versions by a metric of their model records (``val/acc``, ``test/acc``, ...:
-``mlflow.search_logged_models`` over every experiment, so the champion can be the best model of
-several studies, optionally narrowed by a filter such as ``params.layer = 'relu7'``), or by a
-version tag (``val_acc``, ``test_acc``, ``val_loss``). Rules, in order:
-  1. the candidate is ``--version`` when given, else the version with the best metric (ties go
-     to the newest);
-  2. no champion yet, or a champion without the metric: the candidate is promoted;
-  3. otherwise the candidate must beat the champion strictly, and have been evaluated on the same
-     dataset (same ``dataset_fingerprint`` tag): accuracies on different data do not compare;
-  4. ``force`` promotes the candidate whatever 3 says.
+Promotion (``models.promotion``) moves ``champion``.
 """
 from __future__ import annotations
 
@@ -28,16 +19,15 @@ import math
 import sys
 import time
 
-import mlflow
 from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ..core import faults
-from ..core.errors import ConfigError, first_line
 from ..tracking.sink import param_value
 from .logged import log_image_classifier
+
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # The metrics that describe a registered model, linked to its record by model_id: the selection
@@ -57,7 +47,7 @@ MODEL_DESCRIPTION = ("Transfer-learning image classifier (scenesweep). Input: a 
 def find_version(client: MlflowClient, model_name: str, tags: dict[str, str]):
     """The version of ``model_name`` whose tags hold ``tags`` (the newest), or None."""
     try:
-        versions = client.search_model_versions(f"name={_quoted(model_name)}")
+        versions = client.search_model_versions(f"name={quoted(model_name)}")
     except MlflowException:
         return None  # no such registered model yet
     found = [v for v in versions if all(v.tags.get(k) == str(value) for k, value in tags.items())]
@@ -90,7 +80,7 @@ def _move_challenger(client: MlflowClient, model_name: str, version: str, tags: 
     if current is not None and current != str(version):
         with contextlib.suppress(MlflowException):
             previous = client.get_model_version(model_name, current)
-    old, new = (_metric(previous, tag) if previous else None), _metric(SimpleVersion(tags), tag)
+    old, new = (version_tag_value(previous, tag) if previous else None), version_tag_value(SimpleVersion(tags), tag)
     comparable = previous is not None and previous.tags.get("dataset_fingerprint") == tags.get("dataset_fingerprint")
     if comparable and old is not None and new is not None and (new < old if higher else new > old):
         return (f"@{CHALLENGER} stays on version {current} of {model_name} ({tag}={old:.4f}): the new version "
@@ -138,11 +128,9 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
 
     The model record's source is ``source_run_id`` (a study's best trial; default ``run_id``), its
     params are that configuration's, and exactly ``MODEL_METRICS`` and ``model/size_mb`` are linked
-    to it (``model_id``), nothing of a parent's history. The version (``model_id`` set, its run the
-    source run) is tagged with ``VERSION_TAGS`` only (runs, study and trial, dataset fingerprint,
-    validation and test scores); the configuration is in its description; it gets the alias ``challenger``
-    unless it is worse on ``objective`` than the challenger's version (a note on stderr says so).
-    The champion is left alone: ``promote`` moves it.
+    to it (``model_id``), nothing of a parent's history. The version (its run the source run) is
+    tagged with ``VERSION_TAGS`` only, its configuration in its description; it gets ``challenger``
+    unless worse on ``objective`` than the challenger's (a note says so); ``promote`` moves ``champion``.
 
     Args:
         run_id: the run that registers (a single run, or a study's parent).
@@ -158,7 +146,7 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     """
     client = MlflowClient()
     source_run_id = source_run_id or run_id
-    config, metrics = result.prepared.config, result.metrics
+    config = result.prepared.config
     # A study's version is made once: a resume that finds it (its process was killed after the
     # version was written) completes its description and alias instead of registering again.
     # The run that registers: the parent of a study (``parent_run_id``), else the run itself;
@@ -169,26 +157,9 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     if existing:
         model_uri, model_id = existing.source, existing.tags.get("model_id")
     else:
-        params = {k: param_value(v) for k, v in {**config.values, "head": config.head}.items()}  # as the run's
-        name = model_record_name(model_name, config, (extra_tags or {}).get("study"))
-        logged = log_image_classifier(result, name=name, source_run_id=source_run_id,
-                                      params=params, tags={"registered_model": model_name, **(extra_tags or {}),
-                                                           "dataset_fingerprint": result.prepared.dataset.fingerprint})
-        model_uri, model_id = logged.model_uri, logged.model_id
-        # Linked at the run's final step (an mlp head's last epoch), as MLflow's own log_model links a
-        # run's metrics: the same values again, with the model's id.
-        now, step = int(time.time() * 1000), len(result.history)
-        linked = {k: metrics[k] for k in MODEL_METRICS if k in metrics and math.isfinite(metrics[k])}
-        client.log_batch(source_run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in
-                                                 {**linked, "model/size_mb": logged.size_mb}.items()])
-    tags = {"run_id": source_run_id, **registering, "dataset_fingerprint": result.prepared.dataset.fingerprint,
-            "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}",
-            # MLflow's SQL registry keeps no model_id column (get_model_version(...).model_id is None on
-            # SQLite and PostgreSQL): the record's id travels as a tag too.
-            "model_id": model_id or "", **(extra_tags or {})}
-    if "test/acc" in metrics:
-        tags["test_acc"] = f"{metrics['test/acc']:.6f}"
-    tags = {k: v for k, v in tags.items() if k in VERSION_TAGS}
+        model_uri, model_id = _record(client, result, model_name, source_run_id, extra_tags or {})
+    tags = _version_tags(result, {"run_id": source_run_id, **registering, "model_id": model_id or "",
+                                  **(extra_tags or {})})
     if existing:
         version = existing.version
     else:
@@ -201,13 +172,7 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
         link_record(client, model_id, model_name, str(version), source_run_id, len(result.history))
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
-    where = (f"study {tags['study']} trial #{tags['trial_number']}" if "study" in tags and "trial_number" in tags
-             else f"run {run_id}")
-    scores = ", ".join(f"{k}={tags[k]}" for k in ("val_acc", "test_acc") if k in tags)
-    client.update_model_version(model_name, version, description=(
-        f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
-        f"{config.image_size} px); {scores}.\n\nModel record `{model_uri}` (its params: the whole "
-        f"configuration). Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(config.values.items()))))
+    client.update_model_version(model_name, version, description=_version_description(config, tags, run_id, model_uri))
     kept = _move_challenger(client, model_name, str(version), tags, objective)
     if kept:
         print(f"note: {kept}", file=sys.stderr)
@@ -218,28 +183,47 @@ def register_result(run_id: str, result, model_name: str, extra_tags: dict[str, 
     return str(version)
 
 
-@dataclasses.dataclass
-class Promotion:
-    """What ``promote`` did and why.
-
-    Attributes:
-        model: registered model name.
-        metric: the version tag compared.
-        promoted: whether the alias moved.
-        version: the candidate version.
-        previous: the champion before, or None.
-        message: one line saying what was done and why.
-    """
-
-    model: str
-    metric: str
-    promoted: bool
-    version: str
-    previous: str | None
-    message: str
+def _record(client: MlflowClient, result, model_name: str, source_run_id: str,
+            extra_tags: dict[str, str]) -> tuple[str, str]:
+    """The model record of ``result`` (its params the configuration, as the run's), and exactly
+    its validation and test metrics linked to it: (model URI, model id)."""
+    config, metrics = result.prepared.config, result.metrics
+    params = {k: param_value(v) for k, v in {**config.values, "head": config.head}.items()}
+    logged = log_image_classifier(result, name=model_record_name(model_name, config, extra_tags.get("study")),
+                                  source_run_id=source_run_id, params=params,
+                                  tags={"registered_model": model_name, **extra_tags,
+                                        "dataset_fingerprint": result.prepared.dataset.fingerprint})
+    # Linked at the run's final step (an mlp head's last epoch), as MLflow's own log_model links a
+    # run's metrics: the same values again, with the model's id.
+    now, step = int(time.time() * 1000), len(result.history)
+    linked = {k: metrics[k] for k in MODEL_METRICS if k in metrics and math.isfinite(metrics[k])}
+    client.log_batch(source_run_id, metrics=[Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in
+                                             {**linked, "model/size_mb": logged.size_mb}.items()])
+    return logged.model_uri, logged.model_id
 
 
-def _metric(version, metric: str) -> float | None:
+def _version_tags(result, ids: dict[str, str]) -> dict[str, str]:
+    """``VERSION_TAGS`` of a version: ``ids`` (runs, study, trial, model id: MLflow's SQL registry
+    keeps no model_id column, so the record's id travels as a tag), the dataset and the scores."""
+    metrics = result.metrics
+    tags = {**ids, "dataset_fingerprint": result.prepared.dataset.fingerprint,
+            "val_acc": f"{metrics['val/acc']:.6f}", "val_loss": f"{metrics['val/loss']:.6f}"}
+    if "test/acc" in metrics:
+        tags["test_acc"] = f"{metrics['test/acc']:.6f}"
+    return {k: v for k, v in tags.items() if k in VERSION_TAGS}
+
+
+def _version_description(config, tags: dict[str, str], run_id: str, model_uri: str) -> str:
+    """Where the version came from, what it is, its scores, and its whole configuration."""
+    where = (f"study {tags['study']} trial #{tags['trial_number']}" if "study" in tags and "trial_number" in tags
+             else f"run {run_id}")
+    scores = ", ".join(f"{k}={tags[k]}" for k in ("val_acc", "test_acc") if k in tags)
+    return (f"{where}: {config.head} head on {config.arch} {config.layer} ({config.pooling} pooling, "
+            f"{config.image_size} px); {scores}.\n\nModel record `{model_uri}` (its params: the whole "
+            "configuration). Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(config.values.items())))
+
+
+def version_tag_value(version, metric: str) -> float | None:
     raw = version.tags.get(metric)
     try:
         return float(raw) if raw is not None else None
@@ -247,152 +231,8 @@ def _metric(version, metric: str) -> float | None:
         return None
 
 
-def _quoted(text: str) -> str:
+def quoted(text: str) -> str:
     """A string literal of MLflow's filter language (no escapes: either quote, whichever is absent)."""
     return f'"{text}"' if "'" in text else f"'{text}'"
 
 
-def _record_metric(record, metric: str) -> float | None:
-    """The value of ``metric`` linked to a model record (the last step's, if several)."""
-    linked = [m for m in record.metrics or [] if m.key == metric]
-    return max(linked, key=lambda m: (m.step, m.timestamp)).value if linked else None
-
-
-def _record_scores(client: MlflowClient, versions: dict, metric: str,
-                   where: str | None) -> tuple[dict[str, float | None], set[str], int]:
-    """Each version's ``metric`` as its model record holds it, read with ``search_logged_models``
-    over every active experiment (a model's records live in the experiments of the runs it came
-    from: several studies, several experiments), narrowed by the filter ``where``.
-
-    Returns:
-        (score per version number, the versions whose record matched ``where``, records searched).
-    """
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    try:
-        records = mlflow.search_logged_models(experiment_ids=experiment_ids, filter_string=where or None,
-                                              output_format="list")
-    except MlflowException as error:
-        raise ConfigError(f"where={where!r}: not a model-record filter ({first_line(error)}); expected e.g. "
-                          "\"params.layer = 'relu7'\" or \"tags.study = 'svm-scenes'\"") from None
-    by_model: dict[str, list[str]] = {}
-    for number, version in versions.items():
-        model_id = version.tags.get("model_id") or getattr(version, "model_id", None)
-        if model_id:
-            by_model.setdefault(model_id, []).append(number)
-    scores: dict[str, float | None] = {number: None for number in versions}
-    matched: set[str] = set()
-    for record in records:
-        for number in by_model.get(record.model_id, []):
-            scores[number] = _record_metric(record, metric)
-            matched.add(number)
-    for number in set(versions) - matched:  # outside the filter (the champion, say): still compared
-        model_id = versions[number].tags.get("model_id")
-        if model_id:
-            with contextlib.suppress(MlflowException):
-                scores[number] = _record_metric(client.get_logged_model(model_id), metric)
-    return scores, matched, len(records)
-
-
-def _candidate(model_name: str, versions: dict, scores: dict[str, float | None], metric: str,
-               version: str | int | None, eligible: set[str] | None = None) -> str:
-    """``version`` when given (it must exist), else the version with the best metric (ties: the
-    newest) among ``eligible`` (default: all)."""
-    if version is not None:
-        candidate = str(version).strip()
-        if candidate not in versions:
-            raise ConfigError(f"version={version!r}: model {model_name!r} has no such version; versions: "
-                              f"{', '.join(sorted(versions, key=int)) or 'none'}")
-        return candidate
-    scored = {number: value for number, value in scores.items()
-              if value is not None and (eligible is None or number in eligible)}
-    if not scored and metric in RECORD_METRICS:
-        matching = " matching the filter" if eligible is not None else ""
-        raise ConfigError(f"metric={metric!r}: no model record of {model_name!r}{matching} has a {metric} metric")
-    if not scored:
-        raise ConfigError(f"metric={metric!r}: no version of {model_name!r} carries a {metric} tag")
-    sign = 1.0 if PROMOTION_METRICS[metric] else -1.0
-    return max(scored, key=lambda n: (sign * scored[n], int(n)))
-
-
-def _beats(versions: dict, scores: dict[str, float | None], metric: str, candidate: str,
-           current: str | None) -> tuple[bool, str]:
-    """(whether the candidate replaces the champion, why): rules 2 and 3 of the module docstring."""
-    value, current_value = scores.get(candidate), scores.get(current) if current else None
-    data_now = versions[current].tags.get("dataset_fingerprint") if current in versions else None
-    data_new = versions[candidate].tags.get("dataset_fingerprint")
-    if current is None or current not in versions:
-        return True, f"no @{CHAMPION} before"
-    if current_value is None:
-        return True, f"the @{CHAMPION}, version {current}, carries no {metric}"
-    if data_now and data_new and data_now != data_new:
-        return False, (f"it was evaluated on another dataset (fingerprint {data_new[:12]}) than the "
-                       f"@{CHAMPION}, version {current} ({data_now[:12]}), so their {metric} do not compare")
-    if value is None:
-        return False, f"it carries no {metric}"
-    better = value > current_value if PROMOTION_METRICS[metric] else value < current_value
-    relation = "beats" if better else ("ties" if value == current_value else "does not beat")
-    return better, f"it {relation} version {current} ({metric}={current_value:.4f})"
-
-
-def promote(model_name: str, metric: str = "val/acc", force: bool = False, version: str | int | None = None,
-            where: str | None = None) -> Promotion:
-    """Move ``champion`` to the best version by ``metric`` if it beats the current champion.
-
-    Args:
-        model_name: registered model name.
-        metric: a model-record metric (``RECORD_METRICS``: read with ``search_logged_models``) or
-            a version tag (``TAG_METRICS``).
-        force: move the alias even when the candidate does not beat the champion.
-        version: promote this version instead of the best one (same rules unless forced).
-        where: with a record metric, only versions whose record matches this
-            ``search_logged_models`` filter are candidates, e.g. ``params.layer = 'relu7'`` or ``tags.study IN ('a', 'b')``.
-
-    Returns:
-        A Promotion saying what was done and why.
-
-    Raises:
-        ConfigError: an unknown model name, metric or version, a bad filter, or no version
-            carrying the metric.
-    """
-    if metric not in PROMOTION_METRICS:
-        raise ConfigError(f"metric={metric!r}: expected one of {', '.join(PROMOTION_METRICS)}")
-    if where and metric not in RECORD_METRICS:
-        raise ConfigError(f"where={where!r}: filters model records; use it with a record metric "
-                          f"({', '.join(RECORD_METRICS)}), not the version tag {metric!r}")
-    client = MlflowClient()
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models())
-        raise ConfigError(f"model {model_name!r} is not registered; registered models: "
-                          f"{', '.join(names) or 'none'}") from None
-    versions = {str(v.version): v for v in client.search_model_versions(f"name={_quoted(model_name)}")}
-    eligible, searched = None, ""
-    if metric in RECORD_METRICS:
-        scores, matched, found = _record_scores(client, versions, metric, where)
-        eligible = matched if where else None
-        searched = (f"; {len(matched)} of {found} model record(s) matching {where!r} are versions of {model_name}"
-                    if where else "")
-    else:
-        scores = {number: _metric(v, metric) for number, v in versions.items()}
-    candidate = _candidate(model_name, versions, scores, metric, version, eligible)
-
-    # Alias values come back as int on SQLite: version numbers are compared as strings here.
-    current = str(registered.aliases[CHAMPION]) if CHAMPION in registered.aliases else None
-    value = scores.get(candidate)
-    shown = f"{metric}={value:.4f}" if value is not None else f"no {metric}"
-    if current == candidate:
-        return Promotion(model_name, metric, False, candidate, current,
-                         f"version {candidate} ({shown}) is already the @{CHAMPION} of {model_name}: "
-                         f"nothing to do{searched}")
-
-    beats, why = _beats(versions, scores, metric, candidate, current)
-    if not beats and not force:
-        return Promotion(model_name, metric, False, candidate, current,
-                         f"kept version {current} as @{CHAMPION} of {model_name}: candidate version {candidate} "
-                         f"({shown}) was not promoted because {why}; use --force to promote it anyway{searched}")
-    client.set_registered_model_alias(model_name, CHAMPION, candidate)
-    if not beats:
-        why = f"forced, although {why}"
-    return Promotion(model_name, metric, True, candidate, current,
-                     f"promoted version {candidate} of {model_name} to @{CHAMPION} ({shown}): {why}{searched}")

@@ -171,6 +171,37 @@ def running_services(directory: Path) -> Services | None:
                     password)
 
 
+def _refuse_another_address(directory: Path, already, postmaster, given: dict[str, object]) -> None:
+    """What runs keeps its address: another one given explicitly (``given``: option -> value) is
+    refused, saying what runs."""
+    actual = {"--host": postmaster and postmaster["host"], "--pg-port": postmaster and postmaster["port"],
+              "--mlflow-port": already and already.mlflow_port}
+    for option, value in given.items():
+        if actual[option] and value is not None and value != actual[option]:
+            raise ServicesError(f"{option} {value}: the services of {directory} already run with "
+                                f"{actual[option]}: stop them first (scenesweep services stop --dir {directory})")
+
+
+def _addresses(directory: Path, postmaster, host: str | None, pg_port: int | None,
+               mlflow_port: int | None) -> tuple[str, int, int]:
+    """(host, PostgreSQL port, MLflow port) to start with: a server that survived keeps its own;
+    otherwise as given, else the last start's, else the defaults when free."""
+    state = read_state(directory)
+    mlflow_running = _mlflow_pid(directory) is not None
+    if postmaster:  # PostgreSQL alone survived (the MLflow server was stopped or killed)
+        host, pg_port = postmaster["host"], postmaster["port"]
+    else:
+        host = host or state.get("host") or DEFAULT_HOST
+        pg_port = _choose_port(pg_port, state.get("pg_port"), DEFAULT_PG_PORT, host, "--pg-port",
+                               other=state.get("mlflow_port") if mlflow_running else None)
+    if mlflow_running:  # the MLflow server alone survived: it keeps its port
+        mlflow_port = state["mlflow_port"]
+    else:
+        mlflow_port = _choose_port(mlflow_port, state.get("mlflow_port"), DEFAULT_MLFLOW_PORT, host,
+                                   "--mlflow-port", other=pg_port)
+    return host, pg_port, mlflow_port
+
+
 def start(directory: Path, host: str | None = None, pg_port: int | None = None, mlflow_port: int | None = None,
           timeout_s: float = READY_TIMEOUT_S, on_start: Callable[[], None] | None = None) -> tuple[Services, bool]:
     """Start PostgreSQL and the MLflow server of DIR, whichever does not run yet.
@@ -199,30 +230,14 @@ def start(directory: Path, host: str | None = None, pg_port: int | None = None, 
     require_folder(directory, create=True)
     with locked(directory):
         already, postmaster = running_services(directory), postmaster_info(directory)
-        # What runs keeps its address: refuse another one given explicitly.
-        actual = {"--host": postmaster and postmaster["host"], "--pg-port": postmaster and postmaster["port"],
-                  "--mlflow-port": already and already.mlflow_port}
-        for option, given in (("--host", host), ("--pg-port", pg_port), ("--mlflow-port", mlflow_port)):
-            if actual[option] and given is not None and given != actual[option]:
-                raise ServicesError(f"{option} {given}: the services of {directory} already run with "
-                                    f"{actual[option]}: stop them first (scenesweep services stop --dir {directory})")
+        _refuse_another_address(directory, already, postmaster, {"--host": host, "--pg-port": pg_port,
+                                                                 "--mlflow-port": mlflow_port})
         if already:
             return already, True
         # After a partial outage only what is down starts again, on the same address and ports,
         # so the exports the workers hold stay right.
-        state = read_state(directory)
         mlflow_running = _mlflow_pid(directory) is not None
-        if postmaster:  # PostgreSQL alone survived (the MLflow server was stopped or killed)
-            host, pg_port = postmaster["host"], postmaster["port"]
-        else:
-            host = host or state.get("host") or DEFAULT_HOST
-            pg_port = _choose_port(pg_port, state.get("pg_port"), DEFAULT_PG_PORT, host, "--pg-port",
-                                   other=state.get("mlflow_port") if mlflow_running else None)
-        if mlflow_running:  # the MLflow server alone survived: it keeps its port
-            mlflow_port = state["mlflow_port"]
-        else:
-            mlflow_port = _choose_port(mlflow_port, state.get("mlflow_port"), DEFAULT_MLFLOW_PORT, host,
-                                       "--mlflow-port", other=pg_port)
+        host, pg_port, mlflow_port = _addresses(directory, postmaster, host, pg_port, mlflow_port)
         if len(str(directory / "pg" / ".s.PGSQL.65535")) > MAX_SOCKET_PATH:
             raise ServicesError(f"--dir {directory}: too long a path for PostgreSQL's socket inside it "
                                 f"(at most {MAX_SOCKET_PATH - 19} characters): pick a shorter one")
