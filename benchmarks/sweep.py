@@ -234,9 +234,9 @@ def load_trials(study_name: str, storage: str) -> list:
 
 def fresh_cache(tmp: Path, name: str) -> Path:
     """An empty cache folder, with the in-process memo of every cache dropped."""
-    from scenesweep.compute import features
+    from scenesweep.compute import feature_cache, features
 
-    features._CACHES.clear()  # the memo would otherwise serve arrays across "fresh" caches
+    feature_cache.forget_memos()  # the memo would otherwise serve arrays across "fresh" caches
     path, number = tmp / "caches" / name, 1
     while path.exists():
         path, number = tmp / "caches" / f"{name}-{number}", number + 1
@@ -427,7 +427,7 @@ def bench_fc(tmp: Path, storage: str, instrument: Instrument, n_trials: int, dat
              train_per_class: int) -> FcResult:
     """A full extraction from nothing (relu7, width 4096), then sweep_fc on a cache holding the
     conv output only, so that every trial computes its fc layers (none finds its layer cached)."""
-    from scenesweep.compute import features, training
+    from scenesweep.compute import feature_cache, features, training
     from scenesweep.core.config import make_config
     from scenesweep.runs.sweep import run_study
     from scenesweep.specs.studies import load_study
@@ -443,10 +443,10 @@ def bench_fc(tmp: Path, storage: str, instrument: Instrument, n_trials: int, dat
     # study then starts as it would after sweep_svm, with the conv output on disk.
     sweep_cache = fresh_cache(tmp, "fc-sweep")
     conv_key = prepared.features.conv_key
-    for path in features.FeatureCache(reference_cache / "features").paths(conv_key):
+    for path in feature_cache.FeatureCache(reference_cache / "features").paths(conv_key):
         (sweep_cache / "features").mkdir(exist_ok=True)
         shutil.copy2(path, sweep_cache / "features" / path.name)
-    features._CACHES.clear()
+    feature_cache.forget_memos()
 
     spec = load_study(SWEEPS / "fc_width.yaml", {**common, "cache_dir": str(sweep_cache)})
     start = len(instrument.records)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from scenesweep.compute import features as feat
+from scenesweep.compute import feature_cache, features as feat
 from scenesweep.core.config import make_config
 from scenesweep.compute.data import load_dataset
 from scenesweep.compute.training import prepare
@@ -44,10 +44,10 @@ def test_key_changes_with_each_component(change, flat_scenes, tmp_path):
     dataset = load_dataset(flat_scenes, train_per_class=10)
     base = config(tmp_path, data=str(flat_scenes), precision="fp32")
     changed = base.replace(**change)
-    conv_key = feat._digest(feat.conv_key_parts(base, dataset, base.precision))
-    conv_changed = feat._digest(feat.conv_key_parts(changed, dataset, changed.precision))
-    key = feat._digest(feat.layer_key_parts(base, conv_key))
-    key_changed = feat._digest(feat.layer_key_parts(changed, conv_changed))
+    conv_key = feature_cache.cache_key(feature_cache.conv_key_parts(base, dataset, base.precision))
+    conv_changed = feature_cache.cache_key(feature_cache.conv_key_parts(changed, dataset, changed.precision))
+    key = feature_cache.cache_key(feature_cache.layer_key_parts(base, conv_key))
+    key_changed = feature_cache.cache_key(feature_cache.layer_key_parts(changed, conv_changed))
     assert key_changed != key
     conv_only = {"pooling", "image_size", "seed", "arch", "precision"}
     if set(change) & conv_only:

@@ -3,7 +3,7 @@ every run says which CPU it ran on in enough detail to explain its timings."""
 import pytest
 import torch
 
-from scenesweep.compute import backbone, features as feat, precision
+from scenesweep.compute import backbone, feature_cache, features as feat, precision
 from scenesweep.compute.training import fit_head, prepare
 from scenesweep.core.config import make_config
 from scenesweep.core.machine import hardware_summary, parse_cpuinfo
@@ -99,7 +99,7 @@ def test_extraction_runs_in_the_measured_precision_and_its_cache_key_says_so(fig
     got = prepare(config, progress=False).features
     assert got.precision == expected and got.precision_reason.startswith(expected)
     dataset = prepare(config, progress=False).dataset
-    assert got.conv_key == feat._digest(feat.conv_key_parts(config, dataset, expected))
+    assert got.conv_key == feature_cache.cache_key(feature_cache.conv_key_parts(config, dataset, expected))
 
 
 def test_the_probe_times_every_distinct_conv_shape_of_the_network():

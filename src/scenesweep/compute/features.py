@@ -13,37 +13,31 @@ val_fraction) reuses them; the split is applied by indexing.
 
 Each entry is ``<key>.npy`` plus ``<key>.json`` (shape, dtype, sha256, how it was made). Both
 are written to a temporary file and renamed; the JSON is written last and is the commit mark.
-A missing, truncated or corrupt entry is detected on load and recomputed.
+A missing, truncated or corrupt entry is detected on load and recomputed. The cache itself (keys,
+entries, the in-process memo) is ``compute.feature_cache``; this module extracts and orchestrates.
 
 This module imports neither MLflow, Optuna nor click.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import shutil
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.backbones import family_of
-from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
-from ..core.errors import ConfigError, UserError, first_line
+from ..core.config import RunConfig
+from ..core.errors import UserError, first_line
 from ..core.progress import progress_bar
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone, extractor, precision
-from .atomic_files import atomic_write
 from .data import Dataset
 from .hardware import resolve_device
+from .feature_cache import cache_key, conv_key_parts, feature_cache, layer_key_parts
 
-CACHE_FORMAT = 2  # 2: fc6/fc7 computed in the extraction precision
 WARMUP_BATCHES = 2  # left out of timing statistics: allocator and kernel selection warm up
 
 
@@ -69,114 +63,6 @@ def batch_timing_stats(seconds: list[float], images: list[int], warmup: int = WA
             "batch_p95_s": float(np.percentile(kept, 95)),
             "images_per_s": count / float(kept.sum()) if kept.sum() > 0 else float("nan"),
             "batches": float(len(kept))}
-
-
-def _digest(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def conv_key_parts(config: RunConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
-    """Everything that changes the stored trunk output (the transform's size is image_size).
-
-    The pooling is a part only where it sits inside the trunk (VGG's max-pools): a global pooling
-    comes after it, so one entry serves every pooling type (``layer_key_parts`` names it).
-    """
-    parts = {"format": CACHE_FORMAT, "stage": "conv", "dataset": dataset.fingerprint,
-             "weights": backbone.weights_identity(config.weights, config.arch, config.seed),
-             "arch": config.arch, "pooling": config.pooling, "image_size": config.image_size,
-             "transform": backbone.transform_identity(config.arch), "precision": precision}
-    if not family_of(config.arch).pools_in_trunk:
-        del parts["pooling"]
-    return parts
-
-
-def layer_key_parts(config: RunConfig, conv_key: str) -> dict[str, Any]:
-    family = family_of(config.arch)
-    parts = {"format": CACHE_FORMAT, "stage": "layer", "conv": conv_key, "layer": config.layer}
-    if not family.pools_in_trunk:
-        parts["pooling"] = config.pooling
-    if config.layer in family.fc_taps:
-        parts["fc_width"] = config.fc_width
-        if config.fc_width != FC_WIDTH_PRETRAINED:
-            parts["fc_seed"] = config.seed  # new fc layers are seeded
-    return parts
-
-
-class FeatureCache:
-    """A folder of ``<key>.npy`` + ``<key>.json`` entries, with an in-process memo on top."""
-
-    def __init__(self, root: str | os.PathLike, memo_size: int = 4):
-        self.root = Path(root)
-        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._memo_size = memo_size
-
-    def paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.npy", self.root / f"{key}.json"
-
-    def meta(self, key: str) -> dict | None:
-        """The metadata of an entry whose array is present, or None (missing, truncated, not JSON).
-
-        Reads the small sidecar only: for what an entry records (timings) without loading it.
-        """
-        array_path, meta_path = self.paths(key)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return meta if isinstance(meta, dict) and array_path.is_file() else None
-
-    def load(self, key: str) -> tuple[np.ndarray, dict] | None:
-        """The stored array and its metadata, or None when missing or damaged (a folder or other
-        non-file where an entry should be is removed, so that the entry can be written again)."""
-        array_path, meta_path = self.paths(key)
-        for path in (array_path, meta_path):
-            if path.is_symlink() or (path.exists() and not path.is_file()):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            if key in self._memo:
-                return self._memo[key], meta
-            array = np.load(array_path, allow_pickle=False)
-            if (list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]
-                    or hashlib.sha256(array.tobytes()).hexdigest() != meta["sha256"]):
-                raise ValueError("content does not match its metadata")
-        except (OSError, ValueError, KeyError, TypeError, EOFError):
-            # Truncated, corrupt or half-deleted: drop it so that it is recomputed.
-            for path in (meta_path, array_path):
-                path.unlink(missing_ok=True)
-            return None
-        self._remember(key, array)
-        return array, meta
-
-    def save(self, key: str, array: np.ndarray, meta: dict) -> dict:
-        self.root.mkdir(parents=True, exist_ok=True)
-        array = np.ascontiguousarray(array)
-        meta = {**meta, "key": key, "shape": list(array.shape), "dtype": str(array.dtype),
-                "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
-        array_path, meta_path = self.paths(key)
-        atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False), array.nbytes)
-        atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
-        self._remember(key, array)
-        return meta
-
-    def _remember(self, key: str, array: np.ndarray) -> None:
-        self._memo[key] = array
-        self._memo.move_to_end(key)
-        while len(self._memo) > self._memo_size:
-            self._memo.popitem(last=False)
-
-
-# One cache object per folder and process, so its memo serves every trial of a sweep.
-_CACHES: dict[Path, FeatureCache] = {}
-
-
-def feature_cache(root: str | os.PathLike) -> FeatureCache:
-    path = Path(root).resolve() / "features"
-    if path not in _CACHES:
-        _CACHES[path] = FeatureCache(path)
-    return _CACHES[path]
 
 
 @dataclasses.dataclass
@@ -320,8 +206,8 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
     choice = choose_precision(config, device)
     precision = choice.precision
     cache = feature_cache(config.cache_path)
-    conv_key = _digest(conv_key_parts(config, dataset, precision))
-    key = _digest(layer_key_parts(config, conv_key))
+    conv_key = cache_key(conv_key_parts(config, dataset, precision))
+    key = cache_key(layer_key_parts(config, conv_key))
 
     began = time.perf_counter()
     stored = cache.load(key)
@@ -344,14 +230,14 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
         # (Only where the pooling is inside the trunk: otherwise one trunk entry serves them all.)
         others = tuple(p for p in dict.fromkeys(share_poolings) if p != config.pooling
                        and family_of(config.arch).pools_in_trunk and p in family_of(config.arch).poolings
-                       and cache.meta(_digest(conv_key_parts(config.replace(pooling=p), dataset, precision))) is None)
+                       and cache.meta(cache_key(conv_key_parts(config.replace(pooling=p), dataset, precision))) is None)
         poolings = (config.pooling, *others) if others else ()
         conv_out, timing = extract_conv(model, dataset, config.image_size, config.arch, config.batch_size,
                                         device, precision, progress, cache_dir=config.cache_path, poolings=poolings)
         if poolings:
             for pooling, out in zip(poolings[1:], conv_out[1:]):
                 other = config.replace(pooling=pooling)
-                cache.save(_digest(conv_key_parts(other, dataset, precision)), out,
+                cache.save(cache_key(conv_key_parts(other, dataset, precision)), out,
                            {"parts": conv_key_parts(other, dataset, precision), "timing": timing,
                             "device": str(device), "extracted_with": list(poolings)})
             conv_out = conv_out[0]
