@@ -20,7 +20,7 @@ def test_first_run_misses_then_hits_and_the_convolutions_are_reused(flat_scenes,
     assert (first.hit, first.conv_hit) == (False, False)
     assert first.values.shape == (42, 4096)
     assert first.extract_timing["images_per_s"] > 0
-    feat._CACHES.clear()  # a new process: nothing in memory
+    feature_cache.forget_memos()  # a new process: nothing in memory
     second = prepare(cfg, progress=False).features
     assert second.hit and second.key == first.key
     np.testing.assert_array_equal(second.values, first.values)
@@ -69,8 +69,8 @@ def test_key_changes_with_the_data(flat_scenes, tmp_path):
 def test_a_damaged_entry_is_detected_and_recomputed(damage, flat_scenes, tmp_path):
     cfg = config(tmp_path, data=str(flat_scenes))
     first = prepare(cfg, progress=False).features
-    feat._CACHES.clear()
-    array_path, meta_path = feat.FeatureCache(tmp_path / "features").paths(first.key)
+    feature_cache.forget_memos()
+    array_path, meta_path = feature_cache.FeatureCache(tmp_path / "features").paths(first.key)
     data = array_path.read_bytes()
     if damage == "truncate":
         array_path.write_bytes(data[: len(data) // 2])
@@ -100,8 +100,8 @@ def test_timing_stats_leave_out_warm_up_batches():
 def test_a_truncated_conv_sidecar_beside_an_intact_layer_entry_does_no_harm(flat_scenes, tmp_path):
     cfg = config(tmp_path, data=str(flat_scenes))
     first = prepare(cfg, progress=False).features
-    feat._CACHES.clear()
-    conv_meta = feat.FeatureCache(tmp_path / "features").paths(first.conv_key)[1]
+    feature_cache.forget_memos()
+    conv_meta = feature_cache.FeatureCache(tmp_path / "features").paths(first.conv_key)[1]
     conv_meta.write_text(conv_meta.read_text()[:20])  # half a JSON file
     again = prepare(cfg, progress=False).features
     assert again.hit and again.extract_timing == first.extract_timing
@@ -111,8 +111,8 @@ def test_a_truncated_conv_sidecar_beside_an_intact_layer_entry_does_no_harm(flat
 def test_a_deleted_conv_entry_is_reported_absent_not_hit(flat_scenes, tmp_path):
     cfg = config(tmp_path, data=str(flat_scenes))
     first = prepare(cfg, progress=False).features
-    feat._CACHES.clear()
-    for path in feat.FeatureCache(tmp_path / "features").paths(first.conv_key):
+    feature_cache.forget_memos()
+    for path in feature_cache.FeatureCache(tmp_path / "features").paths(first.conv_key):
         path.unlink()
     again = prepare(cfg, progress=False).features
     assert again.hit and again.conv_state == "absent"
@@ -189,7 +189,7 @@ def test_killed_writers_temporary_files_are_swept_and_a_folder_in_an_entrys_plac
     entry = folder / f"{first.key}.npy"
     entry.unlink()
     entry.mkdir()  # a folder where the layer entry should be
-    feat._CACHES.clear()
+    feature_cache.forget_memos()
     again = prepare(cfg, progress=False).features
     assert not again.hit and entry.is_file()
     assert not orphan.exists() and writing.exists()
