@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..core.backbones import FAMILY_BY_NAME, BackboneFamily
+from ..core.backbones import FAMILY_BY_NAME, RESNET_LAYER4_GRID, BackboneFamily
 from ..core.errors import ConfigError
 from .layer_tables import LayerRow, stage_table, vgg_layer_table
 
@@ -204,7 +204,7 @@ class ResNetCode(FamilyCode):
 
     def tap(self, model: nn.Module, out: torch.Tensor, layer: str) -> torch.Tensor:
         if layer == "layer4":  # (N, C, h, w) -> (N, C, 2, 2) -> (N, 4C): the coarse layout kept
-            return torch.flatten(nn.functional.adaptive_avg_pool2d(out, 2), 1)
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(out, RESNET_LAYER4_GRID), 1)
         return torch.flatten(model.avgpool(out), 1)
 
     def kept_prefixes(self, layer: str) -> tuple[str, ...]:

@@ -84,6 +84,9 @@ class BackboneFamily:
 
 
 _GLOBAL_POOLINGS = ("avg", "max", "lp2", "gem")  # for a trunk followed by one global pooling
+# ResNet's layer4 tap: its map average-pooled to this grid (both its width here and the pooling in
+# compute/family_code.py read it: one number, not two that must agree).
+RESNET_LAYER4_GRID = 2
 
 FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
@@ -101,7 +104,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         taps=("layer4", "pool"),
         # layer4: its map average-pooled to 2x2 and flattened (the coarse layout kept, as pool5
         # keeps VGG's 7x7); pool: the global pooling, the 512/2048-d penultimate features.
-        tap_widths={"layer4": lambda c, fc: c * 2 * 2, "pool": lambda c, fc: c},
+        tap_widths={"layer4": lambda c, fc: c * RESNET_LAYER4_GRID ** 2, "pool": lambda c, fc: c},
         poolings=_GLOBAL_POOLINGS, pools_in_trunk=False, default_taps={None: "pool"}),
     BackboneFamily(
         "convnext", {"convnext_tiny": 768},
