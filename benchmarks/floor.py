@@ -17,8 +17,13 @@ or an AMD with AVX-512 bf16 or neither, and the library build matters as much):
 2. ``head_step``: the bare PyTorch training step of a head: a ``torch.nn.Sequential`` MLP of
    given widths (Linear, ReLU, Dropout per hidden width, then Linear; the study's
    25088-1024-1024-15 with dropout 0.5 by default), Adam (``fused=True`` on CPU and CUDA),
-   cross-entropy, on random features held in one tensor on the device; the median step time
-   over some steps after warm-up.
+   cross-entropy, on random features held in one tensor on the device. Its floor is the best
+   step (``floor_s``), not the median: a head step's time on CPU is mostly the kernel's page
+   faults on fc6's weight gradient (allocated afresh every step, 100 MB), which vary with the
+   machine's memory state, not with the features (``benchmarks/head_floor.py``), so a run's
+   median could beat the bare loop's median but not its best. It runs under the process settings
+   every scenesweep run has (``scenesweep.compute.numerics``: denormals flushed, large buffers on
+   huge pages), so no run gains from a setting the floor lacks.
 
 Both interleave their repeats (round-robin over the layers), so that a slow period caused by
 another process is shared by all layers rather than landing on one. Used by
@@ -47,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 from _common import load_average, table  # noqa: E402,F401  (puts src/ on the path when needed)
 
-from scenesweep.compute import features, hardware, precision  # noqa: E402  (device, as the extractor resolves it; the machine)
+from scenesweep.compute import features, hardware, numerics, precision  # noqa: E402  (device, as the extractor resolves it; the machine; the runs' process settings)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATISTICS = ("min", "median")
@@ -278,6 +283,7 @@ class HeadStep:
     device: str
     optimizer: str
     seconds: list[float]
+    settings: dict = dataclasses.field(default_factory=lambda: process_settings())
 
     @property
     def median_s(self) -> float:
@@ -287,10 +293,21 @@ class HeadStep:
     def min_s(self) -> float:
         return min(self.seconds)
 
+    @property
+    def floor_s(self) -> float:
+        """The step time no run of this head can beat on average: the bare loop's best step."""
+        return self.min_s
+
     def as_dict(self) -> dict:
         return {"widths": list(self.widths), "dropout": self.dropout, "batch_size": self.batch_size,
                 "device": self.device, "optimizer": self.optimizer, "median_s": self.median_s,
-                "min_s": self.min_s, "steps": len(self.seconds)}
+                "min_s": self.min_s, "floor_s": self.floor_s, "steps": len(self.seconds), **self.settings}
+
+
+def process_settings() -> dict:
+    """What this process runs under that changes a step's time: scenesweep's numerics settings."""
+    return {"flush_denormals": bool(numerics.FLUSHES_DENORMALS),
+            "huge_page_allocations": bool(numerics.HUGE_PAGE_ALLOCATIONS)}
 
 
 def mlp(widths: Sequence[int], dropout: float = 0.5) -> nn.Sequential:
@@ -304,11 +321,12 @@ def mlp(widths: Sequence[int], dropout: float = 0.5) -> nn.Sequential:
 
 def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int = 8, dropout: float = 0.5,
               device: str | torch.device = "auto", steps: int = 20, warmup: int = 3, rows: int = 1200,
-              lr: float = 1e-3, seed: int = 0) -> HeadStep:
-    """Median step time of the bare loop: index a batch, forward, cross-entropy, backward, Adam.
+              lr: float = 1e-3, seed: int = 0, features: torch.Tensor | None = None) -> HeadStep:
+    """Step times of the bare loop: index a batch, forward, cross-entropy, backward, Adam.
 
     The features are one (rows, D) float32 tensor on the device (1200 rows: the study's training
-    split), a batch is a random index into it, as a loop over cached features does.
+    split; random normal values unless ``features`` gives them), a batch is a random index into
+    it, as a loop over cached features does.
 
     Args:
         widths: (D, hidden..., n_classes).
@@ -319,6 +337,7 @@ def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int =
         rows: rows of the feature tensor the batches are drawn from.
         lr: Adam's learning rate (does not change the time).
         seed: of the weights, features and batches.
+        features: (N, D) real features to step on instead of random ones (``rows`` is then N).
     """
     if len(widths) < 2:
         raise ValueError(f"widths={widths!r}: expected (input, [hidden...,] classes)")
@@ -329,7 +348,10 @@ def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int =
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     loss_fn = nn.CrossEntropyLoss()
-    features = torch.randn(rows, widths[0], generator=generator).to(device)  # (rows, D)
+    if features is None:
+        features = torch.randn(rows, widths[0], generator=generator)  # (rows, D)
+    features = features.to(device=device, dtype=torch.float32)
+    rows = len(features)
     labels = torch.randint(0, widths[-1], (rows,), generator=generator).to(device)  # (rows,)
     seconds = []
     for step in range(warmup + steps):
@@ -378,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = tuple(int(w) for w in args.head.split(","))
     step = head_step(widths, args.batch_size, device=device, steps=args.steps)
     print(f"bare head step {'-'.join(map(str, widths))}, batch {args.batch_size}, {step.optimizer}: "
-          f"median {step.median_s * 1e3:.1f} ms, best {step.min_s * 1e3:.1f} ms over {len(step.seconds)} steps")
+          f"median {step.median_s * 1e3:.1f} ms, best {step.min_s * 1e3:.1f} ms (the floor) over "
+          f"{len(step.seconds)} steps; {', '.join(f'{k}={v}' for k, v in step.settings.items())}")
     print(f"load average at end: {load_average()}")
     return 0
 

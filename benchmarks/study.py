@@ -22,7 +22,8 @@ bytes added; the head steps against the bare loop's; then the total, and its rat
 * the study's floor, measured in the same run with ``benchmarks/floor.py`` (right after each
   experiment, for what it ran, so under the same load): every image pass that ran at the summed
   conv-layer ceiling of its image size, batch and precision, plus every head step that ran at the
-  bare PyTorch loop's step time for that head and batch.
+  bare PyTorch loop's best step time for that head and batch (under the runs' own process
+  settings: a floor no run can beat, see floor.py).
 
 The study's own settings (the study files' enqueued trials and the single runs) are also set
 beside their floor alone, apart from the tuning trials.
@@ -470,7 +471,7 @@ class StageFloor:
         return w.images_extracted * per_batch / ceiling.batch_size
 
     def head_s(self, w: WorkRun, steps: int) -> float:
-        return steps * self.heads[w.head_key].median_s if w.head_key else 0.0
+        return steps * self.heads[w.head_key].floor_s if w.head_key else 0.0
 
     def as_dict(self) -> dict:
         return {"load_average": self.load,
@@ -728,7 +729,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
           "failed; epochs and head steps: trained by runs and trials, '+N': steps of the refits that compute "
           "test accuracy; extract img/s: the extractor's own logged time/extract_images_per_s (a shared pass: "
           "images through all its poolings per second); floor: those images at the summed conv-layer ceiling "
-          "(a shared pass: block 1 once, the rest per pooling) plus every head step at the bare loop's step "
+          "(a shared pass: block 1 once, the rest per pooling) plus every head step at the bare loop's best step "
           "time; val: the "
           "best trial's (or the run's). SVM fits, fc layers of new widths, process start-up, evaluation and "
           "logging are outside the floor.")
@@ -742,8 +743,9 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
             logged = [w.logged_step_s for w in mine if w.logged_step_s]
             median_logged = statistics.median(logged) if logged else None
             head_rows.append([stage.name, "-".join(map(str, widths)), str(batch_size),
-                              str(sum(w.steps + w.refit_steps for w in mine)), f"{step.median_s * 1e3:.1f}",
-                              fmt(median_logged * 1e3 if median_logged else None),
+                              str(sum(w.steps + w.refit_steps for w in mine)), f"{step.min_s * 1e3:.1f}",
+                              f"{step.median_s * 1e3:.1f}", fmt(median_logged * 1e3 if median_logged else None),
+                              fmt(median_logged / step.min_s if median_logged else None, ".2f"),
                               fmt(median_logged / step.median_s if median_logged else None, ".2f")])
         for key, ceiling in measured.ceilings.items():
             ips = [w.extract_images_per_s for w in work if w.stage == stage.name and w.extract_key == key
@@ -755,8 +757,8 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
                                  fmt(measured.load[0] if measured.load else None, ".2f")])
     if head_rows:
         print("\nHead steps against the bare PyTorch loop (same head and batch, Adam fused; measured after each stage):")
-        print(table(["stage", "head", "batch", "steps run", "bare ms/step", "logged median ms/step",
-                           "logged / bare"], head_rows))
+        print(table(["stage", "head", "batch", "steps run", "bare best ms (floor)", "bare median ms",
+                     "logged median ms", "logged / floor", "logged / bare median"], head_rows))
     if ceiling_rows:
         print("\nExtraction against the summed conv-layer ceiling (each conv layer alone; measured after each stage):")
         print(table(["stage", "setting", "ceiling ms/batch", "ceiling img/s", "extractor img/s (logged)",
@@ -784,7 +786,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
           f"{naive_s / totals['wall_s']:.1f}x)" if totals["wall_s"] else "")
     if floor_s:
         print(f"Floor measured in this run: {floor_s:.0f} s (extraction {totals['floor_extract_s']:.0f} s at the "
-              f"summed conv-layer ceiling, head steps {totals['floor_head_s']:.0f} s at the bare loop): "
+              f"summed conv-layer ceiling, head steps {totals['floor_head_s']:.0f} s at the bare loop's best step): "
               f"study / floor = {totals['wall_s'] / floor_s:.2f}")
     if totals["own_setting_floor_s"]:
         print(f"The study's own settings (single runs and enqueued trials, their MLflow run durations): "

@@ -77,6 +77,30 @@ def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
     assert head.coef_.shape == (3, 500)
 
 
+def transparent_huge_pages_available() -> bool:
+    try:
+        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not transparent_huge_pages_available(), reason="the kernel offers no transparent huge pages")
+def test_a_scenesweep_process_maps_large_buffers_on_huge_pages():
+    """A 100 MB buffer (fc6's weight gradient, allocated afresh at every head step) faults in on
+    2 MiB pages in a process that runs scenesweep's compute code: a few hundred page faults, not
+    the 25,000 of 4 KiB pages that dominated a head step's time (compute/numerics.py)."""
+    code = (
+        "import resource, torch\n"
+        "from scenesweep.compute import heads\n"
+        "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "gradient = torch.ones(25088 * 1024)  # (fc6 out x in) floats: 100 MB\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) < 25088 * 1024 * 4 // 4096 // 10, result.stdout  # a tenth of 4 KiB pages' count
+
+
 def test_denormals_are_flushed_in_every_thread_of_a_scenesweep_process():
     """Denormal floats (below 1.2e-38) read as zero in a process that ran scenesweep's compute
     code: in torch's worker threads too (a head that learns little fills Adam's state with them,
