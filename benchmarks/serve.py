@@ -14,8 +14,10 @@ For each image size (32 px, the demo size, and 224 px, the study's), one run:
    * one image per call: median and p95 latency, served (POST /invocations with
      ``dataframe_split``, one HTTP connection per request, as curl makes) and in process;
    * 16 images per call: images per second, served and in process;
-   and prints each process's figures and the ratio served / in process of the best process of
-   each path.
+   * in each in-process worker, after each predict, the network alone on the same images decoded
+     and preprocessed beforehand (``ImageClassifier.network_features``: what extraction computes);
+   and prints each process's figures, the ratio served / in process of the best process of each
+   path, and in process / network alone (what decoding, preprocessing, the head and the table add).
 
 Every process timed did nothing but load the model (in this script's own process, which
 trains, predict ran 1.5 to 2x slower).
@@ -179,16 +181,25 @@ def worker(model_uri: str) -> None:
     """The in-process path: load the model, then time each predict asked for on stdin."""
     import mlflow
     import pandas as pd
+    import torch
 
     began = time.perf_counter()
     model = mlflow.pyfunc.load_model(model_uri)
     print(json.dumps({"load_s": time.perf_counter() - began}), flush=True)
+    classifier = model.unwrap_python_model()  # scenesweep's ImageClassifier
     for line in sys.stdin:
         images = json.loads(line)["images"]
         began = time.perf_counter()
         predictions = model.predict(pd.DataFrame({"image": images}))
         seconds = time.perf_counter() - began
-        print(json.dumps({"seconds": seconds, "labels": list(predictions["label"])}), flush=True)
+        # The network alone on the same images, decoded and preprocessed beforehand: what the
+        # extractor computes per batch, the least a predict can take.
+        pixels = torch.stack(classifier._pixels([base64.b64decode(b) for b in images]))  # (B, 3, S, S)
+        began = time.perf_counter()
+        classifier.network_features(pixels)
+        network_s = time.perf_counter() - began
+        print(json.dumps({"seconds": seconds, "network_s": network_s, "labels": list(predictions["label"])}),
+              flush=True)
 
 
 def model_megabytes(name: str) -> float:
@@ -228,7 +239,10 @@ def measure(size: int, data: Path, work: Path, single_calls: int, batch_calls: i
             return call
 
         def timed_predict(worker_: InProcess):
-            return lambda images: worker_.predict(images)["seconds"]
+            def call(images: list[str]) -> tuple[float, float]:
+                answer = worker_.predict(images)
+                return answer["seconds"], answer["network_s"]
+            return call
 
         calls = {**{("served", k): timed_post(server) for k, server in enumerate(servers, 1)},
                  **{("in process", k): timed_predict(worker_) for k, worker_ in enumerate(workers, 1)}}
@@ -245,6 +259,10 @@ def measure(size: int, data: Path, work: Path, single_calls: int, batch_calls: i
                     for call_index in range(BLOCK[n] + 1):
                         start = ((round_index * BLOCK[n] + call_index) * n) % max(1, len(encoded) - n)
                         elapsed = call(encoded[start:start + n])
+                        if isinstance(elapsed, tuple):  # in process: the predict, and the network alone
+                            elapsed, network_s = elapsed
+                            if call_index > 0 and len(kept) < wanted:
+                                seconds.setdefault(("network alone", key[1], n), []).append(network_s)
                         if call_index > 0 and len(kept) < wanted:
                             kept.append(elapsed)
     finally:
@@ -290,10 +308,14 @@ def report(results: list[dict], args) -> None:
                   f"{batch.images_per_s:.1f} | {batch.median_ms:.1f} | {len(batch.seconds)} |")
         one_served, one_local = best(t, "served", 1), best(t, "in process", 1)
         batch_served, batch_local = best(t, "served", BATCH), best(t, "in process", BATCH)
+        one_network = best(t, "network alone", 1)
         print(f"served / in process (best process of each): {one_served.median_ms / one_local.median_ms:.2f}x "
               f"latency for 1 image ({one_served.median_ms - one_local.median_ms:+.1f} ms), "
               f"{batch_served.median_ms / batch_local.median_ms:.2f}x time for 16 images "
-              f"({batch_served.images_per_s:.1f} vs {batch_local.images_per_s:.1f} img/s)\n")
+              f"({batch_served.images_per_s:.1f} vs {batch_local.images_per_s:.1f} img/s)")
+        print(f"in process / network alone (1 image, the network on pixels decoded beforehand, same process): "
+              f"{one_local.median_ms / one_network.median_ms:.2f}x ({one_local.median_ms:.1f} vs "
+              f"{one_network.median_ms:.1f} ms)\n")
 
 
 def main() -> None:

@@ -223,14 +223,17 @@ class ImageClassifier(PythonModel):
     def features(self, images: list[bytes]) -> np.ndarray:
         """Image file bytes -> (N, D) features of the model's layer (D = 25088 for VGG's pool5)."""
         tensors = self._pixels(images)
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(tensors), BATCH_SIZE):
-                x = torch.stack(tensors[start:start + BATCH_SIZE]).to(self.device)  # (B, 3, S, S)
-                x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-                trunk_out = backbone.trunk_forward(self.model, x).float()  # VGG: (B, 512, S/32, S/32)
-                outputs.append(backbone.from_trunk(self.model, trunk_out, self.layer).cpu().numpy())  # (B, D)
+        outputs = [self.network_features(torch.stack(tensors[start:start + BATCH_SIZE]))  # (B, 3, S, S) each
+                   for start in range(0, len(tensors), BATCH_SIZE)]
         return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def network_features(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) preprocessed pixels -> (B, D) features: the network alone, as extraction runs it
+        (``benchmarks/serve.py`` times it against the whole predict)."""
+        with torch.inference_mode():
+            x = pixels.to(self.device).to(dtype=self.dtype, memory_format=torch.channels_last)
+            trunk_out = backbone.trunk_forward(self.model, x).float()  # VGG: (B, 512, S/32, S/32)
+            return backbone.from_trunk(self.model, trunk_out, self.layer).cpu().numpy()  # (B, D)
 
     # The hint pd.DataFrame is one MLflow infers no schema from: the table reaches predict as
     # sent, and MLflow does not warn at import that predict has no type hints.
