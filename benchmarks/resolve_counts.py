@@ -9,6 +9,9 @@ before the first trial and in each trial:
   * device resolutions: ``resolve_device``
   * networks built: ``torchvision`` model constructors (real or on the meta device)
   * precision choices: ``choose_precision`` / ``choose_head_precision``
+  * the precision's path: calls of scenesweep functions that take a ``precision`` argument (the
+    resolved choice handed down towards the convolution and the head), and how many distinct
+    functions and files they are
 
     .venv/bin/python benchmarks/resolve_counts.py [--n-trials 4]
 
@@ -39,6 +42,7 @@ class CallCounter:
     def __init__(self) -> None:
         self.phase = "setup"
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.precision_path: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
 
     def __call__(self, frame, event, arg) -> None:
         if event != "call":
@@ -50,6 +54,9 @@ class CallCounter:
         elif name == "summarise" and filename.endswith("runs/summary.py"):
             self.phase = "summary"
         key = f"{name}@{os.path.basename(filename)}" if name == "__init__" else name
+        if "/scenesweep/" in filename and "precision" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            self.counts[self.phase]["calls handed a precision"] += 1
+            self.precision_path[self.phase].add((name, filename.split("/scenesweep/", 1)[1]))
         if key in COUNTED:
             self.counts[self.phase][COUNTED[key]] += 1
         elif name == "__init__" and filename.endswith(NETWORK_FILES) and \
@@ -106,6 +113,10 @@ def print_counts(title: str, counter: CallCounter) -> None:
     print(f"\n{title}\n{'':{width}}  " + "  ".join(f"{p:>22}" for p in phases))
     for n in names:
         print(f"{n:{width}}  " + "  ".join(f"{counter.counts[p][n]:>22}" for p in phases))
+    for phase, path in counter.precision_path.items():
+        files = sorted({f for _, f in path})
+        print(f"  precision's path, {phase}: {len(path)} functions in {len(files)} files: "
+              + ", ".join(sorted(f"{f}:{n}" for n, f in path)))
 
 
 if __name__ == "__main__":

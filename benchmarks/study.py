@@ -118,7 +118,7 @@ def machine_line(device: str) -> str:
 def machine_details(device: str) -> dict[str, str]:
     from scenesweep.compute import hardware
 
-    return hardware.hardware(device)
+    return hardware.machine_facts(device)
 
 
 def scenesweep_command() -> list[str]:

@@ -356,7 +356,7 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
                         register=False)
     sweep_s = time.perf_counter() - began
     sweep_records = instrument.since(start)
-    children = child_runs(summary["parent_run_id"])
+    children = child_runs(summary.parent_run_id)
     trials = {t.number: t for t in load_trials(study_name, storage)}
     if first_known and trials[0].params != spec.enqueue[0]:
         say(f"   (trial 0 ran {trials[0].params}, not the enqueued {spec.enqueue[0]}: single run 0 repeated)")
@@ -369,7 +369,7 @@ def bench_svm(tmp: Path, storage: str, instrument: Instrument, n_trials: int, da
     if naive is not None:  # the timed ones stand for all N
         ordered = [(statistics.mean(o[0] for o in ordered), statistics.mean(o[1] for o in ordered))] * len(children)
     first = spec.trial_config(trials[int(children[0].data.tags["trial_number"])].params)
-    images = len(summary["result"].prepared.dataset.paths)
+    images = len(summary.best.result.prepared.dataset.paths)
     order = ("single run 0 before the sweep, the others after it" if first_known and 0 in singles and len(children) > 1
              else "the sweep first, then the single runs")
     return SvmResult(len(children), images, sweep_s, [o[0] for o in ordered], [duration_s(c) for c in children],
@@ -453,7 +453,7 @@ def bench_fc(tmp: Path, storage: str, instrument: Instrument, n_trials: int, dat
     began = time.perf_counter()
     summary = run_study(spec, storage=storage, n_trials=n_trials, progress=False, register=False)
     sweep_s = time.perf_counter() - began
-    children = child_runs(summary["parent_run_id"])
+    children = child_runs(summary.parent_run_id)
     timings = match_records(children, instrument.since(start))
     # A full extraction at width W: the reference's width-independent part (conv, decoding,
     # cache writes) plus this trial's own backbone build and fc layers at W.
@@ -570,12 +570,12 @@ def bench_pooling(tmp: Path, storage: str, n_trials: int, epochs: int, data: str
         began = time.perf_counter()
         summary = run_study(one, storage=storage, n_trials=n_trials, progress=False, register=False)
         wall = time.perf_counter() - began
-        children = child_runs(summary["parent_run_id"])
+        children = child_runs(summary.parent_run_id)
         steps = {int(c.data.tags["trial_number"]): len(client.get_metric_history(c.info.run_id, "val/acc"))
                  for c in children}
         studies.append(PoolingStudy(one.study, one.pruner["name"], wall, load_trials(one.study, storage), steps,
-                                    sum(duration_s(c) for c in children), summary.get("best_value"),
-                                    summary.get("best_trial")))
+                                    sum(duration_s(c) for c in children), summary.best.value if summary.best else None,
+                                    summary.best.number if summary.best else None))
     return PoolingResult(studies[0], studies[1], epochs, prewarm_s, len(prepared.dataset.paths),
                          len(prepared.dataset.classes), len(prepared.split.val))
 

@@ -104,11 +104,12 @@ def flat_scenes(tmp_path) -> Path:
 
 @dataclasses.dataclass
 class TinyStudy:
-    """A study ``tiny_study`` ran: its file, its validated spec, and the driver's summary."""
+    """A study ``tiny_study`` ran: its file, its validated spec, and the driver's answer
+    (``runs.study_outcome.StudyOutcome``)."""
 
     path: Path
     spec: object
-    summary: dict
+    outcome: object
 
 
 @pytest.fixture

@@ -36,15 +36,18 @@ def sweep(study_file, *args, **kwargs):
 
 
 def study_file(folder: Path, data: Path, study: str = "tiny", tunes: str = "svm", fixed: dict | None = None,
-               space: dict | None = None, **keys) -> Path:
+               space: dict | None = None, cache: Path | None = None, **keys) -> Path:
     """The tests' one writer of study files: a small study on ``data`` (10 training images a
-    class, features cached in ``folder/cache``, nothing registered), the given ``fixed`` settings,
-    ``space`` (default: C) and any other top-level keys (``n_trials``, ``pruner``, ``enqueue``,
-    ``objectives``, ...) on top. Returns the file, ``folder/<study>.yaml``."""
+    class, features cached in ``cache`` (default ``folder/cache``), nothing registered), the given
+    ``fixed`` settings, ``space`` (default: C) and any other top-level keys (``n_trials``,
+    ``pruner``, ``enqueue``, ``objectives``, ...) on top. A key set to None is left out (a fixed
+    one too), as is a fixed setting the space searches. Returns the file, ``folder/<study>.yaml``."""
+    space = space or {"C": {"type": "float", "low": 0.01, "high": 10.0, "log": True}}
+    fixed = {"data": str(data), "train_per_class": 10, "cache_dir": str(cache or folder / "cache"), **(fixed or {})}
     raw = {"study": study, "experiment": keys.pop("experiment", study), "tunes": tunes,
-           "fixed": {"data": str(data), "train_per_class": 10, "cache_dir": str(folder / "cache"), **(fixed or {})},
-           "space": space or {"C": {"type": "float", "low": 0.01, "high": 10.0, "log": True}},
-           "n_trials": 2, "register": "", **keys}
+           "fixed": {k: v for k, v in fixed.items() if v is not None and k not in space},
+           "space": space, "n_trials": 2, "register": "", **keys}
+    raw = {k: v for k, v in raw.items() if v is not None}  # n_trials=None: the file gives none
     path = folder / f"{study}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from scenesweep.compute import backbone
-from scenesweep.core.backbones import ARCHS, FAMILIES, family_of
+from scenesweep.core.backbone_families import ARCHS, FAMILIES, family_of
 from scenesweep.core.config import make_config
 from scenesweep.core.errors import ConfigError
 

@@ -49,18 +49,18 @@ def test_parallel_workers_of_one_seeded_study_draw_different_points():
 
 
 def test_every_registered_head_pooling_layer_and_backbone_has_its_implementation():
-    from scenesweep.core import backbones
+    from scenesweep.core import backbone_families
 
     assert tuple(heads.HEAD_CLASSES) == config.HEADS
-    assert set(backbone.FAMILY_CODE) == set(backbones.FAMILY_BY_NAME)
-    assert tuple(backbone.FAMILY_CODE["vgg"].LAYER_FC_MODULES) == backbones.FAMILY_BY_NAME["vgg"].taps
+    assert set(backbone.FAMILY_CODE) == set(backbone_families.FAMILY_BY_NAME)
+    assert tuple(backbone.FAMILY_CODE["vgg"].LAYER_FC_MODULES) == backbone_families.FAMILY_BY_NAME["vgg"].taps
     implemented = set(backbone.WINDOW_POOLINGS) | set(backbone.GlobalPool.KINDS) | {"token"}
-    for family in backbones.FAMILIES:
+    for family in backbone_families.FAMILIES:
         assert set(family.poolings) <= (set(backbone.WINDOW_POOLINGS) if family.pools_in_trunk and family.name == "vgg"
                                         else implemented), family.name
         for arch in family.archs:  # torchvision builds it and has its ImageNet weights
             assert torchvision.models.get_model_weights(arch).IMAGENET1K_V1
-    assert set(config.POOLINGS) == implemented and set(config.LAYERS) == {t for f in backbones.FAMILIES for t in f.taps}
+    assert set(config.POOLINGS) == implemented and set(config.LAYERS) == {t for f in backbone_families.FAMILIES for t in f.taps}
 
 
 def test_the_parameter_table_says_what_each_parameter_does():

@@ -11,15 +11,14 @@ import sys
 
 import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from scenesweep.specs.studies import PRUNERS, SAMPLERS
+from scenesweep.specs.studies import SAMPLERS
 
 from helpers import REPO, invoke
-from sweep_helpers import load, parents_and_children, sweep
+from sweep_helpers import load, parents_and_children, study_file, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +27,13 @@ GRID_SPACE = {"C": {"type": "float", "values": [0.01, 1.0, 100.0]}, "layer": {"t
                                                                            "choices": ["layer4", "pool"]}}
 
 
-def tiny_study(tmp_path, data, cache, name="tiny", **fields):
-    """A study file of a few trials: the svm head on ResNet-18's pooled features unless told;
-    ``fields`` replace the template's keys (``fixed`` is merged; a key set to None or searched
-    by the space is left out of it)."""
-    study = {"study": name, "experiment": "searching", "tunes": "svm",
-             "fixed": {"data": str(data), "train_per_class": 10, "arch": "resnet18", "layer": "pool",
-                       "cache_dir": str(cache)},
-             "space": C_SPACE, "sampler": {"name": "tpe", "seed": 0}, "n_trials": 3, "register": ""}
-    fixed = {**study["fixed"], **fields.pop("fixed", {})}
-    study.update(fields)
-    study = {k: v for k, v in study.items() if v is not None}  # n_trials=None: the file gives none
-    study["fixed"] = {k: v for k, v in fixed.items() if v is not None and k not in study["space"]}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+def searching_study(tmp_path, data, cache, name="tiny", fixed=None, **fields):
+    """A study file of a few trials (``sweep_helpers.study_file``): the svm head on ResNet-18's
+    pooled features, TPE seeded, 3 trials, unless ``fields`` say otherwise (``fixed`` is merged; a
+    key set to None or searched by the space is left out of it)."""
+    return study_file(tmp_path, data, study=name, cache=cache, experiment="searching",
+                      fixed={"arch": "resnet18", "layer": "pool", **(fixed or {})},
+                      **{"space": C_SPACE, "sampler": {"name": "tpe", "seed": 0}, "n_trials": 3, **fields})
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ def _sampler_study(name):
 def test_every_sampler_runs_a_study_end_to_end(name, flat_scenes, tmp_path, cache):
     fields = _sampler_study(name)
     fields.setdefault("sampler", {"name": name, "seed": 0})
-    path = tiny_study(tmp_path, flat_scenes, cache, name=f"s_{name}", **fields)
+    path = searching_study(tmp_path, flat_scenes, cache, name=f"s_{name}", **fields)
     result = sweep(path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(f"s_{name}")
@@ -126,7 +117,7 @@ def test_every_pruner_prunes_a_hopeless_trial(name, pruner, head, flat_scenes, t
         fields = {"validation": {"folds": 5}, "objective": {"metric": "val/loss"}, "space": {"C": {"type": "float", "low": 1.0e-9, "high": 2.0e-9,
                                                               "log": True}},
                   "fixed": {"normalize": True}, "enqueue": [{"C": 1.0}]}
-    path = tiny_study(tmp_path, flat_scenes, cache, name=f"p_{name}", pruner=pruner, n_trials=2,
+    path = searching_study(tmp_path, flat_scenes, cache, name=f"p_{name}", pruner=pruner, n_trials=2,
                       sampler={"name": "random", "seed": 0}, **fields)
     result = sweep(path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,7 +131,7 @@ def test_every_pruner_prunes_a_hopeless_trial(name, pruner, head, flat_scenes, t
 
 
 def test_folds_select_on_the_mean_of_stratified_folds(flat_scenes, tmp_path, cache):
-    path = tiny_study(tmp_path, flat_scenes, cache, name="folds", validation={"folds": 4}, n_trials=2,
+    path = searching_study(tmp_path, flat_scenes, cache, name="folds", validation={"folds": 4}, n_trials=2,
                       register="scene-classifier")
     result = sweep(path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -171,7 +162,7 @@ def _workers(count, path):
 
 
 def test_two_workers_run_exactly_the_grid(flat_scenes, tmp_path, cache):
-    path = tiny_study(tmp_path, flat_scenes, cache, name="grid2", space=GRID_SPACE, sampler={"name": "grid"}, n_trials=None,
+    path = searching_study(tmp_path, flat_scenes, cache, name="grid2", space=GRID_SPACE, sampler={"name": "grid"}, n_trials=None,
                       register="scene-classifier")
     outputs = _workers(2, path)
     trials = load("grid2").trials
@@ -189,7 +180,7 @@ def test_two_workers_share_a_gp_study_exactly(flat_scenes, tmp_path, cache):
     """Exactly n_trials, one parent, nothing RUNNING, one version. (Not distinct points: GPSampler
     has no constant liar, so two workers asking with the same history may both pick the same
     boundary point, C=1e-3 in one run here.)"""
-    path = tiny_study(tmp_path, flat_scenes, cache, name="gp2", n_trials=4, register="scene-classifier",
+    path = searching_study(tmp_path, flat_scenes, cache, name="gp2", n_trials=4, register="scene-classifier",
                       sampler={"name": "gp", "seed": 0, "n_startup_trials": 2})
     outputs = _workers(2, path)
     trials = load("gp2").trials
@@ -213,7 +204,7 @@ def test_a_pareto_front_is_logged_selected_from_and_any_of_it_registered(flat_sc
     """val/acc against model size over VGG16's layers (pool5: 60 MB, relu7: 538 MB): the front
     on the parent (csv, plot, one chart series per objective), its runs tagged and named, the
     rule's pick registered; another front trial registered later by ``register --trial``."""
-    path = tiny_study(tmp_path, flat_scenes, cache, name="front", fixed=VGG_LAYERS, n_trials=6,
+    path = searching_study(tmp_path, flat_scenes, cache, name="front", fixed=VGG_LAYERS, n_trials=6,
                       space={"C": {"type": "float", "values": [0.01, 100.0]},
                              "layer": {"type": "categorical", "choices": ["pool5", "relu7", "fc6"]}},
                       objectives=[{"metric": "val/acc", "direction": "maximize"},
@@ -268,7 +259,7 @@ def test_a_pareto_front_is_logged_selected_from_and_any_of_it_registered(flat_sc
 
 def test_an_infeasible_trial_is_never_best_nor_registered(flat_scenes, tmp_path, cache):
     """relu7 (538 MB) breaks 'model/size_mb <= 100' however well it does: tagged, named, left out."""
-    path = tiny_study(tmp_path, flat_scenes, cache, name="constrained", fixed=VGG_LAYERS, n_trials=2,
+    path = searching_study(tmp_path, flat_scenes, cache, name="constrained", fixed=VGG_LAYERS, n_trials=2,
                       space={"layer": {"type": "categorical", "choices": ["relu7", "pool5"]}},
                       enqueue=[{"layer": "relu7"}, {"layer": "pool5"}], constraints=["model/size_mb <= 100"],
                       register="scene-classifier")
@@ -291,7 +282,7 @@ def test_an_infeasible_trial_is_never_best_nor_registered(flat_scenes, tmp_path,
 
 
 def test_a_prediction_time_objective_is_measured_once_per_backbone_and_kept(flat_scenes, tmp_path, cache):
-    path = tiny_study(tmp_path, flat_scenes, cache, name="timed", n_trials=2,
+    path = searching_study(tmp_path, flat_scenes, cache, name="timed", n_trials=2,
                       objectives=[{"metric": "val/acc"}, {"metric": "time/predict_ms_per_image"}])
     result = sweep(path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -305,11 +296,11 @@ def test_a_prediction_time_objective_is_measured_once_per_backbone_and_kept(flat
 # --------------------------------------------------------------------------------------------
 
 def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_scenes, tmp_path, cache):
-    first = tiny_study(tmp_path, flat_scenes, cache, name="earlier", n_trials=3)
+    first = searching_study(tmp_path, flat_scenes, cache, name="earlier", n_trials=3)
     assert sweep(first).returncode == 0
     earlier = trial_runs("earlier")
     # results: the earlier trials join with their values; they do not spend the new study's budget.
-    results = tiny_study(tmp_path, flat_scenes, cache, name="later", n_trials=2,
+    results = searching_study(tmp_path, flat_scenes, cache, name="later", n_trials=2,
                          warm_start={"study": "earlier", "as": "results"})
     done = sweep(results)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -322,7 +313,7 @@ def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_sce
     assert parent_of("later").data.tags["warm_start.count"] == "3"
     assert len(trial_runs("later")) == 2
     # enqueue: the best two earlier parameter sets run first, here.
-    again = tiny_study(tmp_path, flat_scenes, cache, name="again", n_trials=3,
+    again = searching_study(tmp_path, flat_scenes, cache, name="again", n_trials=3,
                        warm_start={"experiment": "searching", "where": "tags.study = 'earlier'", "as": "enqueue",
                                    "max": 2})
     done = sweep(again)
@@ -334,7 +325,7 @@ def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_sce
         assert runs[number].data.params["C"] == source.data.params["C"]
     assert "warm_start.source_run_id" not in runs[2].data.tags
     # Results measured under another setting are refused, naming the keys.
-    other = tiny_study(tmp_path, flat_scenes, cache, name="other", fixed={"image_size": 48},
+    other = searching_study(tmp_path, flat_scenes, cache, name="other", fixed={"image_size": 48},
                        warm_start={"study": "earlier"})
     assert_clear_error(sweep(other), "warm_start", "image_size: 32 -> 48", "as: enqueue")
 
@@ -366,7 +357,7 @@ def test_warm_start_adds_earlier_results_or_runs_their_parameters_again(flat_sce
         "constraint", "where", "select-one-objective", "wilcoxon-no-folds", "percentile-missing", "folds-mlp", "folds-too-many",
         "warm-no-experiment", "warm-no-runs"])
 def test_a_study_that_cannot_run_is_refused_before_any_trial(fields, fragments, flat_scenes, tmp_path, cache):
-    path = tiny_study(tmp_path, flat_scenes, cache, name="refused", **fields)
+    path = searching_study(tmp_path, flat_scenes, cache, name="refused", **fields)
     assert_clear_error(sweep(path), *fragments)
     assert not [r for r in parents_and_children()[1] if r.data.tags.get("study") == "refused"]
 
@@ -376,9 +367,9 @@ def test_a_worse_study_says_challenger_stays_where_it_is(flat_scenes, tmp_path, 
     hinge loss, C=1e-9), so @challenger stays on version 1, and the sweep's last line says so."""
     common = dict(objective={"metric": "val/loss"}, n_trials=1, register="scene-classifier",
                   space={"C": {"type": "float", "low": 1.0e-9, "high": 10.0, "log": True}})
-    first = sweep(tiny_study(tmp_path, flat_scenes, cache, name="good", enqueue=[{"C": 1.0}], **common))
+    first = sweep(searching_study(tmp_path, flat_scenes, cache, name="good", enqueue=[{"C": 1.0}], **common))
     assert "registered scene-classifier version 1 (alias @challenger)" in first.stdout
-    second = sweep(tiny_study(tmp_path, flat_scenes, cache, name="worse", enqueue=[{"C": 1.0e-9}], **common))
+    second = sweep(searching_study(tmp_path, flat_scenes, cache, name="worse", enqueue=[{"C": 1.0e-9}], **common))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "note: @challenger stays on version 1" in second.stderr
     assert "registered scene-classifier version 2 (@challenger stays on version 1)" in second.stdout
@@ -393,7 +384,7 @@ def test_a_progress_line_never_reports_an_older_best_than_the_trial_lines(flat_s
 
     monkeypatch.setenv("SCENESWEEP_LOG_EVERY", "0")
     monkeypatch.delenv("TQDM_DISABLE")  # the suite's quiet default
-    path = tiny_study(tmp_path, flat_scenes, cache, name="progress", n_trials=3, objective={"metric": "val/loss"},
+    path = searching_study(tmp_path, flat_scenes, cache, name="progress", n_trials=3, objective={"metric": "val/loss"},
                       enqueue=[{"C": 1.0e-3}, {"C": 10.0}])
     result = invoke("sweep", str(path))  # progress shown: stderr is not a terminal here
     assert result.returncode == 0, result.stderr[-3000:]

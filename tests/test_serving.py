@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from scenesweep.compute import backbone
 from scenesweep.cli.main import main
-from scenesweep.core.backbones import FAMILIES
+from scenesweep.core.backbone_families import FAMILIES
 from scenesweep.core.config import make_config
 from scenesweep.compute.imagenet import imagenet_categories, top_classes
 from scenesweep.models.promotion import promote

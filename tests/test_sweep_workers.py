@@ -20,7 +20,10 @@ from optuna.trial import TrialState
 from scenesweep.search.optuna_storage import default_storage
 
 from helpers import REPO
-from sweep_helpers import all_runs, load, parents_and_children, sweep, wait_for_running_trial, write_study
+from sweep_helpers import all_runs, load, parents_and_children, study_file, sweep, wait_for_running_trial
+
+RESNET18_POOL = {"arch": "resnet18", "layer": "pool"}  # a small network: the trials are quick
+WIDE_C = {"C": {"type": "float", "low": 1.0e-3, "high": 1.0e2, "log": True}}
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +47,7 @@ def test_running_again_resumes_up_to_n_trials_in_total(flat_scenes, tmp_path):
 
 
 def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes, tmp_path):
-    study = write_study(tmp_path, f"""
-        study: killed
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, hidden: "64", epochs: 300,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
-        n_trials: 1
-        register: ""
-        """)
+    study = long_mlp_study(tmp_path, flat_scenes, "killed", 1)
     worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", "1",
                                "--no-progress"], cwd=REPO, env=dict(os.environ),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,17 +84,8 @@ def start_workers(count, study, *args, heartbeat="30"):
 def test_three_workers_share_one_study_exactly(flat_scenes, tmp_path):
     """Three workers at once: exactly n_trials finish, no two draw the same parameters, one
     parent run holds every trial (each tagged with the worker that ran it), one model version."""
-    study = write_study(tmp_path, f"""
-        study: shared
-        experiment: svm
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
-        sampler: {{name: tpe, seed: 0}}
-        n_trials: 9
-        register: scene-classifier
-        """)
+    study = study_file(tmp_path, flat_scenes, "shared", experiment="svm", fixed=RESNET18_POOL, space=WIDE_C,
+                       sampler={"name": "tpe", "seed": 0}, n_trials=9, register="scene-classifier")
     workers = start_workers(3, study)
     outputs = [w.communicate(timeout=900) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
@@ -128,16 +112,8 @@ def test_three_workers_share_one_study_exactly(flat_scenes, tmp_path):
 
 
 def test_a_seeded_study_is_reproducible_with_one_worker(flat_scenes, tmp_path, monkeypatch):
-    study = write_study(tmp_path, f"""
-        study: seeded
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
-        sampler: {{name: random, seed: 7}}
-        n_trials: 3
-        register: ""
-        """)
+    study = study_file(tmp_path, flat_scenes, "seeded", fixed=RESNET18_POOL, space=WIDE_C,
+                       sampler={"name": "random", "seed": 7}, n_trials=3)
     draws = []
     for name in ("first", "second"):
         result = sweep(study, "--storage", f"sqlite:///{tmp_path / (name + '.db')}")
@@ -168,17 +144,10 @@ def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, o
 
 
 def long_mlp_study(tmp_path, flat_scenes, name, n_trials):
-    return write_study(tmp_path, f"""
-        study: {name}
-        experiment: pooling
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, hidden: "64", epochs: 300,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
-        n_trials: {n_trials}
-        register: ""
-        """, name=f"{name}.yaml")
+    """An mlp study whose trials run long enough (300 epochs) to be killed mid-trial."""
+    return study_file(tmp_path, flat_scenes, name, tunes="mlp", experiment="pooling",
+                      fixed={"hidden": "64", "epochs": 300},
+                      space={"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}, n_trials=n_trials)
 
 
 def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_leaves_nothing_running(flat_scenes, tmp_path):

@@ -117,12 +117,12 @@ def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_tri
                      space={"lr": {"type": "float", "low": 0.001, "high": 0.002}},
                      objective={"metric": "val/loss", "direction": "minimize"}, tuning={"batch_size": 4},
                      enqueue=[{"lr": 1.0e-9}])
-    spec, summary = ran.spec, ran.summary
+    spec, outcome = ran.spec, ran.outcome
     best = load("kept_head").best_trial
     # The own setting (lr 1e-9) stays at the uniform guess's loss, ln 3; the tuning trial learns.
-    assert best.number == 1 and summary["best_trial"] == 1, [t.value for t in load("kept_head").trials]
+    assert best.number == 1 and outcome.best.number == 1, [t.value for t in load("kept_head").trials]
     client = MlflowClient()
-    parent = client.get_run(summary["parent_run_id"])
+    parent = client.get_run(outcome.parent_run_id)
     assert parent.data.tags["best_head"].startswith("kept") and "best/val/acc_refit" not in parent.data.metrics
     head, why = kept_head(best)
     assert head is not None, why
@@ -132,7 +132,7 @@ def test_the_best_trials_own_head_is_scored_on_test_even_when_it_is_a_tuning_tri
     assert parent.data.metrics["test/acc"] == pytest.approx(test["test/acc"])
     assert client.get_run(best.user_attrs["mlflow_run_id"]).data.tags["head_kept"] == "true"
     # Only the best trial's head stays in the cache.
-    assert [p.name for p in (tmp_path / "cache" / "heads" / summary["parent_run_id"]).iterdir()] == ["trial-1.pkl"]
+    assert [p.name for p in (tmp_path / "cache" / "heads" / outcome.parent_run_id).iterdir()] == ["trial-1.pkl"]
     # Gone (another machine's worker kept it): refitted at the trial's own settings, and said so.
     Path(best.user_attrs["kept_head"]["path"]).unlink()
     refit = evaluate_trial(spec, best, "the best trial", progress=False)

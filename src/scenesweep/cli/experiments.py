@@ -10,7 +10,7 @@ import click
 
 from ..core.config import PARAMETERS
 from ..core.errors import UserError
-from .group import given, main, option, optional_number, parameter_options, user_errors
+from .group import given, main, option, optional_number, parameter_options, clean_exit
 
 
 @main.command("run")
@@ -29,7 +29,7 @@ from .group import given, main, option, optional_number, parameter_options, user
 @click.option("--check", is_flag=True, help="validate the file and print what would run; run nothing")
 @click.option("--progress/--no-progress", default=True, help="show progress bars")
 @parameter_options(tuple(p.name for p in PARAMETERS))
-@user_errors
+@clean_exit
 def run(experiment_file: str, demo: bool, images: tuple[str, ...], n_trials: str | None, timeout: str | None,
         threshold: str | None, top: str | None, register: bool, check: bool, progress: bool,
         **overrides: Any) -> None:

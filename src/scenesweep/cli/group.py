@@ -76,8 +76,10 @@ def _die_with_mlflow_run() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def user_errors(command: Callable) -> Callable:
-    """Bad input: one clear line on stderr and exit status 2, no traceback. SIGTERM (a scheduler,
+def clean_exit(command: Callable) -> Callable:
+    """How every command ends, whatever ends it. Bad input: one clear line on stderr and exit
+    status 2, no traceback; a failed run: one line, exit 1; a full disk or an MLflow error: one
+    line, exit 2. SIGTERM (a scheduler,
     ``timeout``, systemd, ``mlflow run`` stopped) ends the work as Ctrl-C does: runs KILLED, the
     running trial failed and retried on resume, one line, exit 128 + the signal (143; 130 for
     Ctrl-C)."""

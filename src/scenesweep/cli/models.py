@@ -16,7 +16,7 @@ import click
 from ..core.config import REGISTERED_MODEL
 from ..core.errors import UserError, first_line
 from ..core.store_urls import sqlite_path
-from .group import main, option, user_errors
+from .group import main, option, clean_exit
 
 DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL}@champion"
 
@@ -35,7 +35,7 @@ DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL}@champion"
                    "(`--force` alone means true)")
 @click.option("--version", "version", default=None, metavar="N",
               help="promote this version instead of the best one by the metric")
-@user_errors
+@clean_exit
 def promote(name: str, metric: str, where: str, force: bool, version: str | None) -> None:
     """Move the alias @champion to the best registered version if it beats the current champion.
 
@@ -137,7 +137,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
 @option("image_size", default="224", show_default=True, help="with --imagenet: input side in pixels")
 @click.option("--top", default="5", show_default=True, help="with --imagenet: classes per image")
 @click.pass_context
-@user_errors
+@clean_exit
 def predict(ctx: click.Context, images: tuple[str, ...], model_uri: str, as_json: bool, imagenet: bool,
             weights: str, arch: str, image_size: str, top: str) -> None:
     """Classify IMAGE files with a registered model (by default the champion), as served over REST.
@@ -181,7 +181,7 @@ def predict(ctx: click.Context, images: tuple[str, ...], model_uri: str, as_json
 @option("storage", default=None,
         help="Optuna storage URL [default: OPTUNA_STORAGE, else sqlite optuna.db beside the MLflow store]")
 @click.option("--name", default="", metavar="NAME", help="registered model name [default: the study file's register:]")
-@user_errors
+@clean_exit
 def register(study_name: str, trial_number: str, storage: str | None, name: str) -> None:
     """Register trial N of a finished study as a new version (a multi-objective study's other
     Pareto-optimal trials: their heads are kept). Its test accuracy is computed once, for it; its

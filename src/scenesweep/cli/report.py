@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import click
 
-from .group import main, user_errors
+from .group import main, clean_exit
 
 
 @main.command("report")
 @click.option("--out", default="reports/latest", show_default=True, metavar="FOLDER",
               help="report folder (replaced): report.md and figures/*.png")
 @click.option("--log/--no-log", default=True, help="log the folder as artifacts of a `report` MLflow run")
-@user_errors
+@clean_exit
 def report(out: str, log: bool) -> None:
     """Write the report of every experiment (experiments/*.yaml) from the tracking store and Optuna.
 
@@ -36,7 +36,7 @@ def report(out: str, log: bool) -> None:
               help="also draw these two studies' best-so-far curves in one PNG (in --out)")
 @click.option("--out", default="", metavar="FOLDER",
               help="also write studies.md and studies.csv there (with --compare: default reports/studies)")
-@user_errors
+@clean_exit
 def studies(compare: tuple[str, str] | None, out: str) -> None:
     """Every study in the tracking store side by side: trials complete, pruned, failed and
     running, the best objective and its trial, the test accuracy, the registered version, the

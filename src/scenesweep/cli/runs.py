@@ -9,7 +9,7 @@ import click
 
 from ..core.config import ENTRY_HEADS, PARAMETERS, make_config, run_parameters
 from ..core.errors import RunFailedError, UserError
-from .group import given, main, option, optional_number, parameter_options, user_errors
+from .group import given, main, option, optional_number, parameter_options, clean_exit
 
 
 def _single_run_command(entry_point: str, help_text: str) -> None:
@@ -20,7 +20,7 @@ def _single_run_command(entry_point: str, help_text: str) -> None:
     @click.option("--register", default="", metavar="NAME",
                   help="also register the servable model under this registered-model name")
     @click.option("--progress/--no-progress", default=True, help="show progress bars")
-    @user_errors
+    @clean_exit
     def command(register: str, progress: bool, **values: Any) -> None:
         from ..runs.single import track_single_run
 
@@ -55,7 +55,7 @@ _single_run_command("finetune", "Train the new classifier head on cached feature
 @click.option("--register/--no-register", default=True, help="register the best trial's servable model")
 @click.option("--progress/--no-progress", default=True, help="show progress bars")
 @parameter_options(tuple(p.name for p in PARAMETERS))
-@user_errors
+@clean_exit
 def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: str | None, study_name: str | None,
           n_jobs: str, heartbeat: str, register: bool, progress: bool, **overrides: Any) -> None:
     """Run (or resume) the Optuna study of STUDY_FILE: one parent MLflow run, one nested run per trial.
@@ -72,21 +72,21 @@ def sweep(study_file: str, n_trials: str | None, timeout: str | None, storage: s
                   timeout=optional_number("timeout", timeout, float),
                   n_jobs=optional_number("n_jobs", n_jobs, int) or 1,
                   heartbeat_s=optional_number("heartbeat", heartbeat, int) or 30)
-    from ..runs.summary import summary_lines
+    from ..runs.study_outcome import summary_lines
     from ..runs.sweep import run_study
 
-    summary = run_study(spec, storage=storage or None, study_name=study_name or None, progress=progress,
+    outcome = run_study(spec, storage=storage or None, study_name=study_name or None, progress=progress,
                         register=register, **budget)
-    for line in summary_lines(summary, spec):
+    for line in summary_lines(outcome, spec):
         click.echo(line)
-    if summary.get("error"):
+    if outcome.error:
         # Every trial failed: the study has nothing to show, and says so with its exit status.
-        raise RunFailedError(summary["error"])
+        raise RunFailedError(outcome.error)
 
 
 @main.command("describe")
 @parameter_options(("arch", "pooling", "fc_width", "image_size"))
-@user_errors
+@clean_exit
 def describe(**values: Any) -> None:
     """Print the study's Q1 table: every layer with channels, weights, biases and output size
     (VGG as the study has it; other backbones by stage)."""

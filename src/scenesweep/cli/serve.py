@@ -18,7 +18,7 @@ from ..core.errors import UserError, first_line
 from ..services import servers
 from ..serving.app import DEFAULT_PORT, DEFAULT_TIMEOUT_S, ServeSettings, serve as run_server
 from ..serving.guard import DEFAULT_MAX_DEPTH, DEFAULT_MAX_REQUEST_MB, Limits
-from .group import main, user_errors
+from .group import main, clean_exit
 from .models import DEFAULT_MODEL_URI, _use_project_store
 
 TITLE = "model server"
@@ -83,7 +83,7 @@ def load_served_model(model_uri: str, workers: int):
               type=click.FloatRange(0, 1024, min_open=True), help="largest request body in MiB (larger: 413)")
 @click.option("--max-json-depth", default=DEFAULT_MAX_DEPTH, show_default=True, type=click.IntRange(1, 512),
               help="deepest JSON nesting of a request (deeper: 400)")
-@user_errors
+@clean_exit
 def serve(model_uri: str, host: str, port: int, workers: int, timeout: int, max_request_mb: float,
           max_json_depth: int) -> None:
     """Serve MODEL_URI over REST as `mlflow models serve` does, behind a guard, until Ctrl-C.

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..services import shared_services as services
-from .group import main, user_errors
+from .group import main, clean_exit
 
 DIR_OPTION = click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
                           help="the services folder (database, artifacts, logs, password file) "
@@ -35,7 +35,7 @@ def services_group() -> None:
 @click.option("--pg-port", type=int, default=None, help="PostgreSQL's port [default: the last one, else 5432 if free]")
 @click.option("--mlflow-port", type=int, default=None,
               help="the MLflow server's port [default: the last one, else 5000 if free]")
-@user_errors
+@clean_exit
 def start(directory: Path | None, host: str | None, pg_port: int | None, mlflow_port: int | None) -> None:
     """Start PostgreSQL (databases mlflow and optuna) and an MLflow server on it, artifacts proxied.
 
@@ -61,7 +61,7 @@ def start(directory: Path | None, host: str | None, pg_port: int | None, mlflow_
 
 @services_group.command("status")
 @DIR_OPTION
-@user_errors
+@clean_exit
 def status(directory: Path | None) -> None:
     """Each service's pid, address and whether it answers; exit 0 when both answer, 3 otherwise."""
     directory = directory or services.default_dir()
@@ -76,7 +76,7 @@ def status(directory: Path | None) -> None:
 
 @services_group.command("stop")
 @DIR_OPTION
-@user_errors
+@clean_exit
 def stop(directory: Path | None) -> None:
     """Stop the MLflow server (its whole process group) and PostgreSQL; nothing to stop is fine."""
     directory = directory or services.default_dir()

@@ -16,7 +16,7 @@ import click
 from ..core.errors import UserError
 from ..core.store_urls import sqlite_path
 from ..services import servers
-from .group import main, user_errors
+from .group import main, clean_exit
 
 # MLflow 3.17 opens experiments in its GenAI view (traces); runs, metrics and charts are under
 # "Model training". The UI reads this query parameter (and remembers the toggle once clicked).
@@ -58,7 +58,7 @@ def experiment_links(base_url: str, limit: int = 12) -> list[tuple[str, str]]:
 @click.option("--port", default=5000, show_default=True, type=int, help="port on 127.0.0.1")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16),
               help="uvicorn worker processes of the MLflow server (1 starts quickest)")
-@user_errors
+@clean_exit
 def ui(port: int, workers: int) -> None:
     """Serve the MLflow UI on the project's tracking store, on 127.0.0.1, until Ctrl-C.
 
@@ -93,7 +93,7 @@ def ui(port: int, workers: int) -> None:
 @click.option("--storage", default=None, metavar="URL",
               help="Optuna storage URL [default: OPTUNA_STORAGE, else sqlite optuna.db beside the MLflow store, "
                    "as sweep uses]")
-@user_errors
+@clean_exit
 def dashboard(port: int, storage: str | None) -> None:
     """Serve optuna-dashboard on the project's Optuna storage, on 127.0.0.1, until Ctrl-C.
 

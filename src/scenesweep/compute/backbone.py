@@ -1,6 +1,6 @@
 """Backbones: torchvision classifiers split into an expensive trunk and cheap feature taps.
 
-Each family of ``core/backbones.py`` is implemented once, under its name, in ``family_code.py``
+Each family of ``core/backbone_families.py`` is implemented once, under its name, in ``family_code.py``
 (``FAMILY_CODE``); the rest of the package calls this module's functions:
   * ``trunk_forward(model, x)``: (N, 3, S, S) -> the trunk's output (VGG: (N, 512, S/32, S/32);
     ResNet-50: (N, 2048, S/32, S/32); ViT: (N, 768)). Expensive; what the feature cache stores.
@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.backbones import family_of
+from ..core.backbone_families import family_of
 from ..core.config import FC_WIDTH_PRETRAINED
 from ..core.errors import ConfigError
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
@@ -64,7 +64,7 @@ def build_backbone(arch: str = "vgg16", weights: str = "random", pooling: str | 
     """torchvision's ``arch`` with its pooling swapped (and VGG's fc6/fc7 widened), in eval mode.
 
     Args:
-        arch: a registered architecture, e.g. "vgg16", "resnet50" (``core/backbones.py``).
+        arch: a registered architecture, e.g. "vgg16", "resnet50" (``core/backbone_families.py``).
         weights: "imagenet", "random" (torchvision's initialisation, seeded) or a state_dict path.
         pooling: a pooling type the family takes (None: its own); VGG: every max-pool is
             replaced by it; others: the global pooling.
@@ -88,6 +88,12 @@ def build_backbone(arch: str = "vgg16", weights: str = "random", pooling: str | 
         torch.manual_seed(seed + 1_000_003)  # independent of the conv init, same for any weights
         code.widen(model, fc_width)
     return model.eval()
+
+
+def build_configured(config) -> nn.Module:
+    """``build_backbone`` with a run's own settings (a ``RunConfig``'s arch, weights, pooling,
+    fc_width, seed and image_size): the one place they are spelled out in order."""
+    return build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed, config.image_size)
 
 
 def architecture(arch: str = "vgg16", pooling: str | None = None, fc_width: int = FC_WIDTH_PRETRAINED,

@@ -1,4 +1,4 @@
-"""How each backbone family of ``core/backbones.py`` runs in torch: its torchvision network split
+"""How each backbone family of ``core/backbone_families.py`` runs in torch: its torchvision network split
 into a trunk (what the feature cache stores) and taps, its pooling types, its Q1 layer rows.
 
 ``FAMILY_CODE`` holds one object per family, under the family's name; ``code_of(model)`` finds a
@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..core.backbones import FAMILY_BY_NAME, RESNET_LAYER4_GRID, BackboneFamily
+from ..core.backbone_families import FAMILY_BY_NAME, RESNET_LAYER4_GRID, BackboneFamily
 from ..core.errors import ConfigError
 from .layer_tables import LayerRow, stage_table, vgg_layer_table
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.backbones import family_of
+from ..core.backbone_families import family_of
 from ..core.config import FC_WIDTH_PRETRAINED, RunConfig
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from . import backbone

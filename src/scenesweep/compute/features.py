@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.backbones import family_of
+from ..core.backbone_families import family_of
 from ..core.config import RunConfig
 from ..core.errors import UserError, first_line
 from ..core.progress import progress_bar
@@ -77,7 +77,8 @@ class Features:
             "absent" (the layer entry was a hit and no conv entry exists any more: none needed).
         extract_timing: per-batch statistics of the conv extraction (measured when the conv
             entry was computed, possibly by an earlier run: see conv_state).
-        precision, device: what the extraction ran with; precision_reason: why that precision
+        precision, device: what the extraction ran with (the device resolved once for the run:
+            everything after the features reads it from here); precision_reason: why that precision
             (measured, cached or given: see ``compute.precision``).
         read_s: seconds this call spent reading cache entries; layer_s: computing the layer
             from the conv output (0.0 when the layer entry was read).
@@ -90,7 +91,7 @@ class Features:
     conv_state: str
     extract_timing: dict[str, float]
     precision: str
-    device: str
+    device: torch.device
     precision_reason: str = ""
     read_s: float = 0.0
     layer_s: float = 0.0
@@ -188,21 +189,22 @@ def built_backbone(config: RunConfig, device: torch.device, precision: str) -> t
            config.fc_width, config.seed, config.image_size, str(device), precision)
     if key not in _BUILT:
         _BUILT.clear()  # one at a time: a VGG16 is 550 MB
-        _BUILT[key] = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width,
-                                              config.seed, config.image_size)
+        _BUILT[key] = backbone.build_configured(config)
     return _BUILT[key]
 
 
 def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
-                     share_poolings: tuple[str, ...] = ()) -> Features:
+                     share_poolings: tuple[str, ...] = (), device: torch.device | None = None) -> Features:
     """Features of ``config.layer`` for every image, from the cache when it holds them.
 
     Args:
+        device: the run's device, resolved once by its caller (None: resolved here from
+            ``config.device``).
         share_poolings: pooling types a study will need next (a pooling sweep's choices): when the
             convolutions must run and some of these have no conv entry either, one pass fills them
             all, the layers before the first pooling run once per batch (``backbone.PoolingBranches``).
     """
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     choice = choose_precision(config, device)
     precision = choice.precision
     cache = feature_cache(config.cache_path)
@@ -220,7 +222,7 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
         conv_meta = cache.meta(conv_key)
         timing = (conv_meta or meta).get("timing", {})
         return Features(values, key, conv_key, True, "hit" if conv_meta is not None else "absent", timing,
-                        precision, str(device), choice.reason, read_s=read_s)
+                        precision, device, choice.reason, read_s=read_s)
     if conv_stored is not None:
         conv_out, conv_meta = conv_stored
         conv_state = "hit"
@@ -250,5 +252,5 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
     values = layer_from_conv(model, conv_out, config.layer, device, precision)
     layer_s = time.perf_counter() - layer_began
     cache.save(key, values, {"parts": layer_key_parts(config, conv_key), "timing": conv_meta.get("timing", {})})
-    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, str(device),
+    return Features(values, key, conv_key, False, conv_state, conv_meta.get("timing", {}), precision, device,
                     choice.reason, read_s=read_s if conv_state == "hit" else 0.0, layer_s=layer_s)

@@ -48,8 +48,8 @@ def gpu_details(device: str) -> dict[str, str]:
     return info
 
 
-def hardware(device: str = "cpu") -> dict[str, str]:
-    """What a run ran on: CPU (model, flags, torch's capability), cores, threads, memory, library
+def machine_facts(device: str = "cpu") -> dict[str, str]:
+    """What a run ran on (its ``hardware.*`` tags): CPU (model, flags, torch's capability), cores, threads, memory, library
     versions, device; the GPU's details on CUDA."""
     info = {**this_cpu().as_dict(), "cpu_capability": cpu_capability(),
             "cpu_cores_logical": str(os.cpu_count()), "cpu_cores_physical": str(psutil.cpu_count(logical=False)),
@@ -64,7 +64,7 @@ def hardware(device: str = "cpu") -> dict[str, str]:
 
 def describe(device: str | torch.device = "cpu") -> str:
     """This machine in one line (benchmarks' headers)."""
-    return hardware_summary(hardware(str(device)))
+    return hardware_summary(machine_facts(str(device)))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

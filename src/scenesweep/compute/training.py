@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import StratifiedKFold
@@ -37,6 +38,11 @@ class Prepared:
     dataset: Dataset
     split: Split
     features: Features
+
+    @property
+    def device(self) -> torch.device:
+        """The run's device, resolved once when its features were computed."""
+        return self.features.device
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of 'train', 'val' or 'test'."""
@@ -135,18 +141,20 @@ def load_data(config: RunConfig) -> tuple[Dataset, Split]:
 
 
 def prepare(config: RunConfig, progress: bool = True, data: tuple[Dataset, Split] | None = None,
-            share_poolings: tuple[str, ...] = ()) -> Prepared:
+            share_poolings: tuple[str, ...] = (), device: torch.device | None = None) -> Prepared:
     """Load the dataset (unless given), carve the validation split and get features (cached);
-    ``share_poolings``: see ``compute_features``."""
+    ``share_poolings``, ``device``: see ``compute_features``."""
     dataset, split = data or load_data(config)
-    features = compute_features(config, dataset, progress=progress, share_poolings=share_poolings)
+    features = compute_features(config, dataset, progress=progress, share_poolings=share_poolings, device=device)
     return Prepared(config, dataset, split, features)
 
 
-def head_params(config: RunConfig, progress: bool = False, precision: str | None = None) -> dict:
-    """The head's hyperparameters from a config (the rest of the config is ignored); ``precision``:
-    the resolved one (the config's may be "auto")."""
-    return {**config.values, "progress": progress, "precision": precision or config.precision}
+def head_params(config: RunConfig, progress: bool = False, precision: str | None = None,
+                device: torch.device | None = None) -> dict:
+    """The head's hyperparameters from a config (the rest of the config is ignored); ``precision``
+    and ``device``: the resolved ones (the config's may be "auto")."""
+    return {**config.values, "progress": progress, "precision": precision or config.precision,
+            "device": str(device) if device is not None else config.device}
 
 
 def choose_head_precision(prepared: Prepared, config: RunConfig) -> PrecisionChoice | None:
@@ -155,7 +163,7 @@ def choose_head_precision(prepared: Prepared, config: RunConfig) -> PrecisionCho
     if config.head != "mlp":
         return None
     widths = (prepared.features.values.shape[1], *parse_hidden(config.hidden), len(prepared.dataset.classes))
-    return choose_head(config.precision, widths, config.batch_size, resolve_device(config.device), config.cache_path)
+    return choose_head(config.precision, widths, config.batch_size, prepared.device, config.cache_path)
 
 
 def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: EpochCallback | None = None,
@@ -171,7 +179,8 @@ def fit_head(prepared: Prepared, config: RunConfig | None = None, on_epoch: Epoc
     """
     config = config or prepared.config
     head_precision = choose_head_precision(prepared, config)
-    head = make_head(config.head, **head_params(config, progress, head_precision and head_precision.precision))
+    head = make_head(config.head, **head_params(config, progress, head_precision and head_precision.precision,
+                                                  prepared.device))
     X_train, y_train = prepared.part("train")
     X_val, y_val = prepared.part("val")
     began = time.perf_counter()
@@ -215,7 +224,9 @@ def fit_head_folds(prepared: Prepared, config: RunConfig, folds: int, on_fold: E
     index = np.concatenate([prepared.split.train, prepared.split.val])
     X, y = prepared.features.values[index], prepared.dataset.labels[index]  # (N, D), (N,)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
-    params = head_params(config, progress=False)
+    # The same precision and device as a single fit (before, "auto" reached the head unresolved: fp32).
+    head_precision = choose_head_precision(prepared, config)
+    params = head_params(config, False, head_precision and head_precision.precision, prepared.device)
     accuracy, loss = [], []
     began = time.perf_counter()
     for fold, (fit_index, held_out) in enumerate(splitter.split(X, y), start=1):
@@ -230,7 +241,7 @@ def fit_head_folds(prepared: Prepared, config: RunConfig, folds: int, on_fold: E
                "val/acc": float(np.mean(accuracy)), "val/loss": float(np.mean(loss)),
                "val/acc_std": float(np.std(accuracy)), "val/folds": float(folds)}
     timings = {**prepared.features.stage_timing(), "train": {"fit_s": fit_seconds}}
-    return RunResult(prepared, head, metrics, [], timings)
+    return RunResult(prepared, head, metrics, [], timings, head_precision=head_precision)
 
 
 def fit_metrics(prepared: Prepared, head: BaseEstimator) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Registries of names and the one table of run parameters.
 
 Every swappable piece has a name (heads and precisions here; pooling types, feature layers and
-architectures in ``core.backbones``), and
+architectures in ``core.backbone_families``), and
 every run parameter is declared once in ``PARAMETERS``: the CLI options, the MLproject entry
 points, the study files' search spaces and the experiment files all use these names and
 nothing else. This module imports neither MLflow, Optuna nor click.
@@ -14,16 +14,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import backbones
+from . import backbone_families
 from .errors import ConfigError
 
 # Pooling types, feature layers (taps) and architectures: declared per backbone family in
-# core/backbones.py (VGG: pool5 .. relu7 and four poolings inside its trunk; ResNet, ConvNeXt, ...:
+# core/backbone_families.py (VGG: pool5 .. relu7 and four poolings inside its trunk; ResNet, ConvNeXt, ...:
 # the global pooling's penultimate features). "lp1" is LPPool2d with p=1, the study's "sum"
 # pooling; "lp2" its "norm-2" pooling.
-POOLINGS = backbones.POOLINGS
-LAYERS = backbones.LAYERS
-ARCHS = backbones.ARCHS
+POOLINGS = backbone_families.POOLINGS
+LAYERS = backbone_families.LAYERS
+ARCHS = backbone_families.ARCHS
 
 # Heads trained on cached features: "svm" (study Q8/Q10, Q12.1) and "mlp" (study Q11/Q12.2).
 HEADS = ("svm", "mlp")
@@ -197,9 +197,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "'digits' (scikit-learn's bundled digits, offline) or a folder in the 15-Scene layout", selects_data=True),
     Parameter("weights", "random", _text,
               "'imagenet' (torchvision's IMAGENET1K_V1), 'random' (seeded init) or a state_dict file"),
-    Parameter("arch", "vgg16", _choice("arch", ARCHS), "backbone: a torchvision classifier (core/backbones.py)"),
+    Parameter("arch", "vgg16", _choice("arch", ARCHS), "backbone: a torchvision classifier (core/backbone_families.py)"),
     Parameter("image_size", 32, number("image_size", int, 16, 1024), "input side in pixels (224 for the study)", unit="px"),
-    # "" (the default): the backbone's own (core/backbones.py): VGG relu7 for the SVM, pool5 for
+    # "" (the default): the backbone's own (core/backbone_families.py): VGG relu7 for the SVM, pool5 for
     # the new head, and its max-pools; the other families' penultimate "pool", their own pooling.
     Parameter("layer", "", _optional_choice("layer", LAYERS), "feature layer the head reads",
               shown_default=BACKBONE_DEFAULT),
@@ -316,10 +316,10 @@ def make_config(head: str | None, values: dict[str, Any] | None = None) -> RunCo
         raw = values.get(name, param.default)
         resolved[name] = param.convert(raw)
     # What the backbone decides: its own tap for this head and its own pooling unless told,
-    # then whether it has them (core/backbones.py).
-    family = backbones.family_of(resolved["arch"])
+    # then whether it has them (core/backbone_families.py).
+    family = backbone_families.family_of(resolved["arch"])
     resolved["layer"] = resolved["layer"] or family.default_tap(head)
     resolved["pooling"] = resolved["pooling"] or family.own_pooling
-    backbones.check_backbone(resolved["arch"], resolved["layer"], resolved["pooling"], resolved["fc_width"],
+    backbone_families.check_backbone(resolved["arch"], resolved["layer"], resolved["pooling"], resolved["fc_width"],
                              FC_WIDTH_PRETRAINED, resolved["image_size"])
     return RunConfig(head, resolved)

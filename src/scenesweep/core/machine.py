@@ -106,7 +106,7 @@ def version(package: str) -> str:
 
 
 def hardware_summary(info: dict[str, str]) -> str:
-    """One line from ``compute.hardware.hardware()`` (or from a run's ``hardware.*`` tags with the prefix dropped):
+    """One line from ``compute.hardware.machine_facts()`` (or from a run's ``hardware.*`` tags with the prefix dropped):
     'Intel(R) Xeon(R) Processor (GenuineIntel family 6 model 207 stepping 2), flags avx512_bf16
     avx512_vnni avx2, torch AVX512, 2 cores, 2 threads, device cpu'."""
     parts = []

@@ -122,8 +122,7 @@ def backbone_state(config, precision: str = "fp32", extraction_precision: str | 
     if extraction_precision is not None and storage_precision(extraction_precision) == precision:
         model = built_backbone(config, resolve_device(config.device), extraction_precision)
     else:
-        model = backbone.build_backbone(config.arch, config.weights, config.pooling, config.fc_width, config.seed,
-                                        config.image_size)
+        model = backbone.build_configured(config)
     state = model.state_dict()
     dtype = backbone.compute_dtype(precision)
     return {key: state[key].to("cpu", dtype) if state[key].is_floating_point() else state[key].cpu()

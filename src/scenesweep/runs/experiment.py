@@ -24,7 +24,8 @@ from ..tracking import mlflow_store, sink
 from . import experiment_kinds
 from .experiment_kinds import Outcome
 from .single import track_single_run
-from .summary import evaluate_trial, summary_lines
+from .study_outcome import summary_lines
+from .summary import evaluate_trial
 from .sweep import run_study
 
 
@@ -48,33 +49,33 @@ def _run_single(plan_: Plan, progress: bool, register: bool) -> Outcome:
     if result.history:
         best = max(result.history, key=lambda h: h["val/acc"])
         line += f"; best val/acc {best['val/acc']:.4f} at epoch {best['epoch']}"
-    return Outcome(run_id, [line], {"metrics": m})
+    return Outcome(run_id, [line])
 
 
 def _run_study(plan_: Plan, progress: bool, register: bool) -> Outcome:
     spec = plan_.spec
-    summary = run_study(spec, study_name=plan_.study_name, n_trials=plan_.options.get("n_trials"),
+    outcome = run_study(spec, study_name=plan_.study_name, n_trials=plan_.options.get("n_trials"),
                         timeout=plan_.options.get("timeout"), progress=progress, register=register,
                         keep_best_per=plan_.options.get("test_per"))
-    parent_id = summary["parent_run_id"]
+    parent_id = outcome.parent_run_id
     tags = plan_.tags()
     test_per = plan_.options.get("test_per")
     if test_per:
         tags[TAG_TEST_PER] = test_per
     sink.log_batch(parent_id, tags=tags)
-    lines = summary_lines(summary, spec)
-    if summary.get("error"):
-        raise RunFailedError(summary["error"])
-    if test_per and summary["summarised"]:
+    lines = summary_lines(outcome, spec)
+    if outcome.error:
+        raise RunFailedError(outcome.error)
+    if test_per and outcome.summarised:
         # The study's best trial was just scored on test (on the parent): not refitted again.
         known = {}
-        if summary.get("best_run_id") and "result" in summary:
-            known[summary["best_run_id"]] = {k: v for k, v in summary["result"].metrics.items()
-                                             if k.startswith("test/")}
+        if outcome.best is not None and outcome.best.run_id:
+            known[outcome.best.run_id] = {k: v for k, v in outcome.best.result.metrics.items()
+                                          if k.startswith("test/")}
         for row in evaluate_best_per_group(spec, plan_.study_name, test_per, progress=progress, known=known):
             lines.append(f"best of {test_per}={row['group']}: trial #{row['trial']} {spec.metric}={row['value']:.4f} "
                          f"test/acc={row['test/acc']:.4f}")
-    return Outcome(parent_id, lines, {"summary": {k: v for k, v in summary.items() if k != "result"}})
+    return Outcome(parent_id, lines)
 
 
 def _test_metrics(spec: StudySpec, trial, run_id: str, why: str, known: dict, progress: bool) -> dict[str, float]:

@@ -8,7 +8,7 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import mlflow
 import torchvision
@@ -27,7 +27,6 @@ class Outcome:
 
     run_id: str
     lines: list[str]
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _hardware_tags(device: str) -> dict[str, str]:
@@ -62,7 +61,7 @@ def run_describe(plan_: Plan, progress: bool, register: bool) -> Outcome:
         table = sink.log_layer_table(run_id, config, rows)
         mlflow.log_dict([dataclasses.asdict(r) for r in rows], "layer_table.json")
     lines = [table, f"run {run_id}: {weights + biases:,} parameters ({weights:,} weights + {biases:,} biases)"]
-    return Outcome(run_id, lines, {"metrics": metrics})
+    return Outcome(run_id, lines)
 
 
 def _log_images(paths: tuple[Path, ...]) -> list[str]:
@@ -106,8 +105,7 @@ def run_imagenet(plan_: Plan, progress: bool, register: bool) -> Outcome:
         sink.log_batch(run_id, metrics={"time/predict_s": seconds, "images": len(records),
                                             **{f"top1_probability/{i:02d}": r["top"][0]["probability"]
                                                for i, r in enumerate(records)}})
-    return Outcome(run_id, [table, f"run {run_id}: top-{top} ImageNet classes of {len(records)} image(s)"],
-                   {"predictions": records})
+    return Outcome(run_id, [table, f"run {run_id}: top-{top} ImageNet classes of {len(records)} image(s)"])
 
 
 def format_predictions(records: list[dict]) -> str:
@@ -149,4 +147,4 @@ def run_featuremaps(plan_: Plan, progress: bool, register: bool) -> Outcome:
     lines = [f"run {run_id}: {len(names)} image(s), maps {tuple(result.maps.shape[1:])} each; "
              f"{100 * active_fraction.mean():.1f} % of map pixels above {threshold:g}",
              *[f"  artifact {f}" for f in files]]
-    return Outcome(run_id, lines, {"files": files})
+    return Outcome(run_id, lines)

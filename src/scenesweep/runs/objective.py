@@ -121,19 +121,21 @@ class Objective:
         """Features (cached), the head, per-epoch metrics reported to the pruner, final metrics;
         on CUDA the trial's peak GPU memory and utilisation (logged when pruned or failed too)."""
         gpu: dict[str, float] = {}
+        device = resolve_device(config.device)  # once per trial: the features carry it down from here
         try:
-            with provenance.gpu_usage(str(resolve_device(config.device))) as gpu:
-                return self._fit_measured(trial, run_id, config, prunable)
+            with provenance.gpu_usage(str(device)) as gpu:
+                return self._fit_measured(trial, run_id, config, prunable, device)
         finally:
             if gpu:
                 with contextlib.suppress(Exception):
                     sink.log_batch(run_id, metrics=gpu)
 
-    def _fit_measured(self, trial: optuna.Trial, run_id: str, config, prunable: bool) -> RunResult:
+    def _fit_measured(self, trial: optuna.Trial, run_id: str, config, prunable: bool, device) -> RunResult:
         with self._lock:
-            prepared = prepare(config, progress=self.progress, data=self.data, share_poolings=self.poolings)
+            prepared = prepare(config, progress=self.progress, data=self.data, share_poolings=self.poolings,
+                               device=device)
         if self._hardware is None:
-            self._hardware = sink.hardware_tags(prepared.features.device)
+            self._hardware = sink.hardware_tags(str(prepared.device))
         sink.log_batch(run_id, params={**sink.config_params(config), "head": config.head,
                                        "dataset_fingerprint": prepared.dataset.fingerprint,
                                        **sink.backbone_params(config), **sink.precision_params(prepared.features)},
@@ -178,10 +180,9 @@ class Objective:
         costs = {"model/size_mb": model_size_mb(config, extraction, result.head),
                  "backbone.params": float(sink.backbone_params(config)["backbone.params"])}
         if self.spec.needs_metric("time/predict_ms_per_image"):
-            device = prepared.features.device
-            served = serving_precision(storage_precision(extraction), resolve_device(device))
+            served = serving_precision(storage_precision(extraction), prepared.device)
             backbone_ms, _ = serving_cost.backbone_ms(config.arch, config.pooling, config.fc_width, config.layer,
-                                                      config.image_size, served, resolve_device(device),
+                                                      config.image_size, served, prepared.device,
                                                       config.cache_path)
             costs["time/predict_ms_per_image"] = backbone_ms + serving_cost.head_ms(
                 result.head, prepared.features.values.shape[1])

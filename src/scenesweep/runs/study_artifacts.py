@@ -53,7 +53,7 @@ def log_pareto(study: optuna.Study, spec: StudySpec, parent_id: str, experiment_
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pareto.csv"
         pd.DataFrame(rows, columns=None if rows else ["rank", "trial", "run_id", *spec.metrics]).to_csv(path, index=False)
-        mlflow.log_artifact(str(path))
+        client.log_artifact(parent_id, str(path))
     for rank, trial in enumerate(ranked):
         sink.log_batch(parent_id, metrics={f"pareto/{m}": v for m, v in zip(spec.metrics, trial.values)}, step=rank)
     # The front's size at the last trial's step: the live series of runs.sweep.log_progress ends there.
@@ -80,22 +80,23 @@ def log_pareto(study: optuna.Study, spec: StudySpec, parent_id: str, experiment_
                 figure = axes.get_figure()
                 figure.set_size_inches(8, 6)
                 figure.tight_layout()
-                plots.log_figure(figure, "plots/optuna_pareto_front.png")
+                plots.log_figure(figure, "plots/optuna_pareto_front.png", parent_id)
             except (ValueError, RuntimeError, IndexError) as error:
-                mlflow.set_tag("plot.pareto_front", f"skipped: {error}"[:250])
+                client.set_tag(parent_id, "plot.pareto_front", f"skipped: {error}"[:250])
         plt.close("all")
 
 
-def log_trials_table(study: optuna.Study) -> None:
-    """Every trial (params, value, state, times, user attributes) as ``trials.csv``."""
+def log_trials_table(study: optuna.Study, parent_id: str) -> None:
+    """Every trial (params, value, state, times, user attributes) as ``trials.csv`` of the parent."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(path, index=False)
-        mlflow.log_artifact(str(path))
+        MlflowClient().log_artifact(parent_id, str(path))
 
 
-def log_optuna_plots(study: optuna.Study, spec: StudySpec) -> list[str]:
-    """Optuna's matplotlib plots as PNG artifacts; a plot that needs more trials is skipped."""
+def log_optuna_plots(study: optuna.Study, spec: StudySpec, parent_id: str) -> list[str]:
+    """Optuna's matplotlib plots as PNG artifacts of the parent; a plot that needs more trials is
+    skipped (tagged ``plot.<name>``)."""
     finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     plots_ = {"optimization_history": oplt.plot_optimization_history,
               "parallel_coordinate": oplt.plot_parallel_coordinate, "slice": oplt.plot_slice}
@@ -117,13 +118,13 @@ def log_optuna_plots(study: optuna.Study, spec: StudySpec) -> list[str]:
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as error:
-                mlflow.set_tag(f"plot.{name}", f"skipped: {error}"[:250])
+                MlflowClient().set_tag(parent_id, f"plot.{name}", f"skipped: {error}"[:250])
                 continue
             first = np.ravel(axes)[0] if isinstance(axes, np.ndarray) else axes
             figure = first.get_figure()
             figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
             figure.tight_layout()
-            plots.log_figure(figure, f"plots/optuna_{name}.png")
+            plots.log_figure(figure, f"plots/optuna_{name}.png", parent_id)
             logged.append(name)
     plt.close("all")
     return logged

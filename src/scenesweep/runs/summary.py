@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any
 
 import mlflow
 import optuna
@@ -30,6 +29,7 @@ from ..search.trials import (USER_ATTR_RUN_ID, USER_ATTR_WARM_SOURCE, TrialBudge
 from ..specs.studies import StudySpec
 from ..tracking import lifecycle, plots, provenance, sink
 from .study_artifacts import log_optuna_plots, log_pareto, log_trials_table, trial_run_metrics
+from .study_outcome import BestTrial, Summary
 
 STUDY_ATTR_SUMMARY = "summary"  # {"finished", "parent", "best_trial", "registered_version"}
 STUDY_ATTR_SUMMARY_CLAIM = "summary_claim"
@@ -142,9 +142,9 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
         sink.log_datasets(parent_id, result.prepared.dataset, result.prepared.split)
     if result.history:
         plots.log_figure(plots.curves_figure({"": result.history}, f"best trial #{best.number}"), "plots/curves.png")
-    mlflow.log_dict(result.prepared.config.as_dict(), "best_config.yaml")
+    MlflowClient().log_dict(parent_id, result.prepared.config.as_dict(), "best_config.yaml")
     # The UI shows the first lines of a description: the result first, then how it was obtained.
-    mlflow.set_tag("mlflow.note.content", (
+    MlflowClient().set_tag(parent_id, "mlflow.note.content", (
         f"Best trial #{best.number}: "
         + ", ".join(f"{m} = {v:.4g}" for m, v in zip(spec.metrics, best.values)) + " with "
         + ", ".join(f"{k}={v}" for k, v in best.params.items())
@@ -153,20 +153,19 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
         f"Command: `{provenance.command_line()}`"))
 
 
-def study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: dict[str, Any],
-               model_name: str | None) -> str:
-    """The study's optuna-dashboard note (Markdown): its parent run and registered version, linked."""
+def study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: Summary,
+               model_name: str | None, version: str | None = None) -> str:
+    """The study's optuna-dashboard note (Markdown): its parent run and registered ``version``, linked."""
     uri = mlflow.get_tracking_uri()
     lines = [f"## Study `{study.study_name}`", "",
              f"MLflow parent run: {provenance.ui_link(parent_id, provenance.run_ui_path(experiment_id, parent_id), uri)}"
              f" (experiment id `{experiment_id}`, run id `{parent_id}`)", ""]
-    if "best_trial" in summary:
-        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-        lines += [f"Best trial #{summary['best_trial']}: {summary['best_value']:.4f} ({params}); "
-                  f"test/acc = {summary['test_acc']:.4f}", ""]
-    elif summary.get("error"):
-        lines += [summary["error"], ""]
-    version = summary.get("registered_version")
+    best = summary.best
+    if best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        lines += [f"Best trial #{best.number}: {best.value:.4f} ({params}); test/acc = {best.test_acc:.4f}", ""]
+    elif summary.error:
+        lines += [summary.error, ""]
     if model_name and version:
         path = provenance.model_version_ui_path(model_name, version)
         lines += [f"Registered: {provenance.ui_link(f'{model_name} version {version}', path, uri)} "
@@ -175,76 +174,77 @@ def study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary:
     return "\n".join(lines + [hint] if hint else lines).rstrip() + "\n"
 
 
-def _save_study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: dict[str, Any],
-                     model_name: str | None) -> None:
+def _save_study_note(study: optuna.Study, parent_id: str, experiment_id: str, summary: Summary,
+                     model_name: str | None, version: str | None = None) -> None:
     with contextlib.suppress(Exception):  # a note is a convenience, never why a summary fails
-        save_note(study, study_note(study, parent_id, experiment_id, summary, model_name))
+        save_note(study, study_note(study, parent_id, experiment_id, summary, model_name, version))
 
 
 def _summarise_failure(study: optuna.Study, parent_id: str, trials: list[FrozenTrial], states: dict,
-                       error: str | None = None) -> dict:
+                       error: str | None = None) -> Summary:
     first = _first_error(MlflowClient(), trials)
     error = error or (f"no trial of study {study.study_name!r} completed ({states['FAIL']} failed, "
                       f"{states['PRUNED']} pruned)" + (f"; first error: {first}" if first else ""))
     study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                              "best_trial": None})
     lifecycle.end_run(parent_id, Status.FAILED, error, failure=Failure.ERROR, best_trial="none: no trial completed")
-    return {"error": error}
+    return Summary(error=error)
 
 
 def summarise(study: optuna.Study, spec: StudySpec, parent_id: str, register: bool = True,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True) -> Summary:
     """Best trial, trials table, plots, and the one test evaluation, logged on the parent.
 
-    The parent run is active in this process meanwhile and ended here: FINISHED, or FAILED
+    The parent run is ended here: FINISHED, or FAILED
     with an ``error`` tag when no trial completed. A version is registered when the best trial
     has none yet (a resume whose best trial did not change registers nothing new).
     """
     trials = study.get_trials(deepcopy=False)
     previous = study.user_attrs.get(STUDY_ATTR_SUMMARY) or {}
-    with mlflow.start_run(run_id=parent_id, log_system_metrics=False) as active, lifecycle.ending(parent_id):
-        log_trials_table(study)
-        log_optuna_plots(study, spec)
+    # Every call names the parent (no fluent active run): the summary may run in a worker whose
+    # own trials' runs were the last it touched.
+    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
+    with lifecycle.ending(parent_id):
+        log_trials_table(study, parent_id)
+        log_optuna_plots(study, spec, parent_id)
         states = state_counts(trials)
         # The names and steps of the parent's live chart (runs.sweep.log_progress).
         sink.log_batch(parent_id, metrics=count_metrics(trials), step=max(t.number for t in trials))
         if not states["COMPLETE"]:
             failure = _summarise_failure(study, parent_id, trials, states)
-            _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
+            _save_study_note(study, parent_id, experiment_id, failure, None)
             return failure
-        best, why_none = choose_best(study, spec, parent_id, active.info.experiment_id, trials)
+        best, why_none = choose_best(study, spec, parent_id, experiment_id, trials)
         if best is None and why_none.startswith(NO_MATCH):
             # The study ran well; its rule picks nothing to register: said, not failed.
             print(f"note: {why_none}", file=sys.stderr)
-            mlflow.set_tags({"best_trial": "none: select.where matched no Pareto-optimal trial",
-                             "mlflow.note.content": f"{why_none}\n\n{spec.description_as_run}"})
+            sink.log_batch(parent_id, tags={"best_trial": "none: select.where matched no Pareto-optimal trial",
+                                            "mlflow.note.content": f"{why_none}\n\n{spec.description_as_run}"})
             study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                      "best_trial": None})
-            return {"note": why_none}
+            return Summary(note=why_none)
         if best is None:
             failure = _summarise_failure(study, parent_id, trials, states, why_none)
-            _save_study_note(study, parent_id, active.info.experiment_id, failure, None)
+            _save_study_note(study, parent_id, experiment_id, failure, None)
             return failure
         best_run_id = best.user_attrs.get(USER_ATTR_RUN_ID) or best.user_attrs.get(USER_ATTR_WARM_SOURCE, "")
-        _tag_children(MlflowClient(), parent_id, active.info.experiment_id, trials, best_run_id)
-        mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best_run_id,
-                         "mlflow.runName": finished_name(study.study_name, spec.metric, best.values[0])})
+        _tag_children(MlflowClient(), parent_id, experiment_id, trials, best_run_id)
+        sink.log_batch(parent_id, tags={"best_trial": str(best.number), "best_run_id": best_run_id,
+                                        "mlflow.runName": finished_name(study.study_name, spec.metric, best.values[0])})
         result = evaluate_best(spec, best, progress)
         summarised_before = (previous.get("best_trial"), previous.get("parent")) == (best.number, parent_id)
         _log_best(study, spec, parent_id, best, result, new_best=not summarised_before)
-        summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.values[0],
-                   "best_values": dict(zip(spec.metrics, best.values)),
-                   "best_run_id": best_run_id, "test_acc": result.metrics["test/acc"], "result": result}
+        chosen = BestTrial(best.number, best.params, dict(zip(spec.metrics, best.values)), best_run_id, result)
         version = previous.get("registered_version") if previous.get("best_trial") == best.number else None
         if register and spec.register and version is None:
-            version = summary["model_version"] = register_result(parent_id, result, spec.register, extra_tags={
+            version = chosen.model_version = register_result(parent_id, result, spec.register, extra_tags={
                 "study": study.study_name, "trial_number": str(best.number)},
                 source_run_id=best_run_id or None, objective=registry_objective(spec))
-            summary["alias"] = challenger_text(spec.register, version)
+            chosen.alias = challenger_text(spec.register, version)
         study.set_user_attr(STUDY_ATTR_SUMMARY, {"finished": TrialBudget.finished(trials), "parent": parent_id,
                                                  "best_trial": best.number, "registered_version": version})
-        _save_study_note(study, parent_id, active.info.experiment_id, {**summary, "registered_version": version},
-                         spec.register if register else None)
+        summary = Summary(best=chosen)
+        _save_study_note(study, parent_id, experiment_id, summary, spec.register if register else None, version)
     return summary
 
 
@@ -298,22 +298,3 @@ def choose_best(study: optuna.Study, spec: StudySpec, parent_id: str, experiment
     if not scored:
         return None, f"no Pareto-optimal trial logged {metric}"
     return max(scored, key=lambda t: (sign * metrics[t.number][metric], -t.number)), ""
-
-
-def summary_lines(summary: dict, spec: StudySpec) -> list[str]:
-    """What a sweep prints: the study's trials, then its best trial (or who will summarise)."""
-    states = ", ".join(f"{k.lower()}={v}" for k, v in summary["states"].items() if v)
-    lines = [f"study {summary['study']}: {summary['trials']} trials ({states}), {summary['ran_here']} run by "
-             f"this worker; parent run {summary['parent_run_id']}"]
-    if not summary["summarised"]:
-        lines.append("another worker is still running trials of this study: it summarises the study "
-                     "(best trial, test accuracy, registered model) when they end")
-    if "best_trial" in summary:
-        params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-        values = ", ".join(f"{m}={v:.4f}" for m, v in summary.get("best_values", {spec.metric: summary["best_value"]}).items())
-        what = "selected trial" if spec.multi_objective else "best trial"
-        lines.append(f"{what} #{summary['best_trial']}: {values} ({params}); test/acc={summary['test_acc']:.4f}")
-        if summary.get("model_version"):
-            lines.append(f"registered {spec.register} version {summary['model_version']} "
-                         + summary.get("alias", "(alias @challenger)"))
-    return lines

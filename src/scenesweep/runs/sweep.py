@@ -49,6 +49,7 @@ from .dead_trials import dead_here_callback, finished_value, mark_dead, stale_tr
 from .objective import Objective
 from .parent import attach_parent
 from .study_setting import check_same_setting, check_study_setting, study_setting
+from .study_outcome import StudyOutcome
 from .summary import claim_summary, summarise
 from .warm_start import EarlierTrial, add_earlier_trials, find_earlier_trials
 
@@ -329,7 +330,7 @@ def _run_here(sweep: Sweep, created: bool, n_jobs: int) -> None:
 def run_study(spec: StudySpec, storage: str | None = None, study_name: str | None = None,
               n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
               heartbeat_s: int = DEFAULT_HEARTBEAT_S, progress: bool = True, register: bool = True,
-              keep_best_per: str | None = None) -> dict:
+              keep_best_per: str | None = None) -> StudyOutcome:
     """Run (or resume, or join) the study of ``spec``: its trials nested under the study's parent run.
 
     The setting is checked before any trial (one ``ConfigError``). Any number of workers may run
@@ -338,9 +339,10 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     best of each value of ``keep_best_per``), so that the test split is scored with it.
 
     Returns:
-        A summary: parent run id, study name, trials and states, the trials this worker ran,
-        whether it summarised; when it did and a trial completed: the best trial's number,
-        params and value, its run id, the test accuracy of the best trial and its result.
+        The study's outcome (``runs.study_outcome``): parent run id, study name, trials and
+        states, the trials this worker ran; when this worker summarised, its ``Summary``: the best
+        trial (number, params, values, run id, its test-scored result, the version registered),
+        or the error or note that says why there is none.
     """
     storage_url = resolve_storage(storage)
     study_name = study_name or spec.study
@@ -370,10 +372,8 @@ def run_study(spec: StudySpec, storage: str | None = None, study_name: str | Non
     sink.log_batch(parent_id, tags={"budget.n_trials": n_trials, "budget.timeout": sweep.timeout})
     _run_here(sweep, created, n_jobs)
     trials = study.get_trials(deepcopy=False)
-    summary = {"parent_run_id": parent_id, "study": study.study_name, "trials": len(trials),
-               "states": state_counts(trials),
-               "ran_here": len(sweep.ran), "finished": TrialBudget.finished(trials), "summarised": False}
+    outcome = StudyOutcome(parent_id, study.study_name, len(trials), state_counts(trials), len(sweep.ran),
+                           TrialBudget.finished(trials))
     if claim_summary(study, parent_id, sweep.lock()):
-        summary.update(summarise(study, spec, parent_id, register=register, progress=progress))
-        summary["summarised"] = True
-    return summary
+        outcome.summary = summarise(study, spec, parent_id, register=register, progress=progress)
+    return outcome

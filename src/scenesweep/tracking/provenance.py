@@ -31,14 +31,6 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["scenesweep" if program == "__main__.py" else program, *sys.argv[1:]])
 
 
-def hardware(device: str = "cpu") -> dict[str, str]:
-    """What a run ran on (``compute.hardware.hardware``): CPU model, flags and torch's capability,
-    cores, threads, memory, library versions, device; GPU details on CUDA."""
-    from ..compute import hardware as machine  # here: `scenesweep ui` and `report` need no torch (5 s)
-
-    return machine.hardware(device)
-
-
 def pip_requirements() -> list[str]:
     """Explicit requirements of logged models (inference would pin torch for a sklearn head)."""
     return [f"{p}=={version(p)}" for p in PIP_PACKAGES if version(p) != "not installed"]

@@ -107,8 +107,11 @@ def unit_tags(config: RunConfig) -> dict[str, str]:
 
 
 def hardware_tags(device: str) -> dict[str, str]:
-    """``hardware.*`` tags: what the run ran on (see ``provenance.hardware``)."""
-    return {f"hardware.{k}": v for k, v in provenance.hardware(device).items()}
+    """``hardware.*`` tags: what the run ran on (``compute.hardware.machine_facts``: CPU model, flags
+    and torch's capability, cores, threads, memory, library versions, device; GPU details on CUDA)."""
+    from ..compute.hardware import machine_facts  # here: `scenesweep ui` and `report` need no torch (5 s)
+
+    return {f"hardware.{k}": v for k, v in machine_facts(device).items()}
 
 
 def cache_tags(features: Features) -> dict[str, str]:
@@ -244,7 +247,7 @@ def log_run_context(run_id: str, config: RunConfig, prepared: Prepared, entry_po
                       "n_classes": len(prepared.dataset.classes),
                       **{f"n_{k}": v for k, v in prepared.split.sizes().items()}},
               tags={"entry_point": entry_point, **cache_tags(features), "command": provenance.command_line(),
-                    **hardware_tags(features.device), **unit_tags(config)})
+                    **hardware_tags(str(features.device)), **unit_tags(config)})
     MlflowClient().log_dict(run_id, config.as_dict(), "config.yaml")
     log_dataset(run_id, prepared)
     log_datasets(run_id, prepared.dataset, prepared.split)
