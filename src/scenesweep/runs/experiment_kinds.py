@@ -134,7 +134,7 @@ def run_featuremaps(plan_: Plan, progress: bool, register: bool) -> Outcome:
                     (f"above_{threshold:g}", result.thresholded[index], True, f"maps > {threshold:g}")):
                 path = f"featuremaps/{stem}_{suffix}.png"
                 plots.log_figure(plots.featuremap_figure(result.inputs[index], maps, f"{name}: {what}", binary),
-                                 path)
+                                 path, run_id)
                 files.append(path)
         summary = [{"image": name, "max_activation": float(result.maps[i].max()),
                     "mean_active_fraction": float(active_fraction[i].mean()),

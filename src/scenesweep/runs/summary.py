@@ -134,14 +134,16 @@ def _log_best(study: optuna.Study, spec: StudySpec, parent_id: str, best: Frozen
                    tags={"best_head": "refitted" if result.refitted else "kept (the trial's own head)"})
     classes = result.prepared.dataset.classes
     plots.log_figure(plots.confusion_figure(result.confusion, classes,
-                                            f"{spec.study}: best trial #{best.number}, test"), "plots/confusion_matrix.png")
+                                            f"{spec.study}: best trial #{best.number}, test"), "plots/confusion_matrix.png",
+                     parent_id)
     result.metrics.update(sink.log_per_class(parent_id, result.confusion, classes,
                                              extra_columns={"trial": best.number}, table=new_best))
     if not MlflowClient().get_run(parent_id).inputs.dataset_inputs:
         # A study that searches a data parameter (seed, train_per_class): the best trial's splits.
         sink.log_datasets(parent_id, result.prepared.dataset, result.prepared.split)
     if result.history:
-        plots.log_figure(plots.curves_figure({"": result.history}, f"best trial #{best.number}"), "plots/curves.png")
+        plots.log_figure(plots.curves_figure({"": result.history}, f"best trial #{best.number}"), "plots/curves.png",
+                         parent_id)
     MlflowClient().log_dict(parent_id, result.prepared.config.as_dict(), "best_config.yaml")
     # The UI shows the first lines of a description: the result first, then how it was obtained.
     MlflowClient().set_tag(parent_id, "mlflow.note.content", (

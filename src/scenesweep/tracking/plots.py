@@ -90,12 +90,10 @@ def featuremap_figure(image: np.ndarray, maps: np.ndarray, title: str, binary: b
     return fig
 
 
-def log_figure(fig, path: str, run_id: str | None = None) -> None:
-    """Log a figure as a PNG artifact of ``run_id`` (default: the active run), then close it."""
-    if run_id is None:
-        mlflow.log_figure(fig, path)
-    else:
-        mlflow.MlflowClient().log_figure(run_id, fig, path)
+def log_figure(fig, path: str, run_id: str) -> None:
+    """Log a figure as a PNG artifact of ``run_id``, then close it. The run is named, never the
+    fluent active one: with none active, MLflow's fluent call would start a new, stray run."""
+    mlflow.MlflowClient().log_figure(run_id, fig, path)
     plt.close(fig)
 
 
