@@ -198,8 +198,7 @@ def compute_features(config: RunConfig, dataset: Dataset, progress: bool = True,
     """Features of ``config.layer`` for every image, from the cache when it holds them.
 
     Args:
-        device: the run's device, resolved once by its caller (None: resolved here from
-            ``config.device``).
+        device: the run's device, resolved once by its caller (None: from ``config.device``).
         share_poolings: pooling types a study will need next (a pooling sweep's choices): when the
             convolutions must run and some of these have no conv entry either, one pass fills them
             all, the layers before the first pooling run once per batch (``backbone.PoolingBranches``).
