@@ -4,11 +4,13 @@ One svm run (3 classes, pool5, 32 px) is tracked and registered once for the mod
 its own SQLite store, and promoted to @champion; `mlflow models serve` then serves that alias.
 """
 import base64
+import concurrent.futures
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -106,6 +108,28 @@ def test_the_champion_predicts_like_the_in_process_head(store, champion):
     # The input column is declared: MLflow's model page and clients show it.
     assert [(c.name, c.type.name, c.required) for c in champion.metadata.get_input_schema().inputs] == [
         ("image", "string", True)]
+
+
+def test_predict_from_many_threads_runs_torch_on_one_and_answers_alike(store, champion):
+    """MLflow's scoring server calls predict from whichever thread of asyncio's pool is free: the
+    model's torch work runs on its one compute thread all the same (one OpenMP team, none spinning
+    idle beside it), and every caller gets the same answer."""
+    classifier = champion.unwrap_python_model()
+    torch_threads = set()
+    features = classifier.features
+
+    def recording(images):
+        torch_threads.add(threading.current_thread().name)
+        return features(images)
+
+    classifier.features = recording
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as callers:
+            answers = list(callers.map(lambda _: champion.predict(table(store.test_paths[:2])), range(8)))
+    finally:
+        del classifier.features
+    assert len(torch_threads) == 1 and next(iter(torch_threads)).startswith("scenesweep-predict"), torch_threads
+    assert all(a.equals(answers[0]) for a in answers)
 
 
 def test_an_mlp_head_scores_are_probabilities(store, champion):
