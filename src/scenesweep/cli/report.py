@@ -48,7 +48,7 @@ def studies(compare: tuple[str, str] | None, out: str) -> None:
 
     from ..core.errors import UserError
     from ..report import studies as side_by_side
-    from .models import _use_project_store
+    from .model_commands import _use_project_store
 
     _use_project_store()
     client = MlflowClient()

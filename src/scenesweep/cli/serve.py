@@ -19,7 +19,7 @@ from ..services import servers
 from ..serving.app import DEFAULT_PORT, DEFAULT_TIMEOUT_S, ServeSettings, serve as run_server
 from ..serving.guard import DEFAULT_MAX_DEPTH, DEFAULT_MAX_REQUEST_MB, Limits
 from .group import main, clean_exit
-from .models import DEFAULT_MODEL_URI, _use_project_store
+from .model_commands import DEFAULT_MODEL_URI, _use_project_store
 
 TITLE = "model server"
 
