@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scenesweep-study-")).resolve()
     try:
-        return run_study(args, extra, workdir, argv)
+        return benchmark_the_study(args, extra, workdir, argv)
     finally:
         if args.keep:
             print(f"kept: {workdir}")
@@ -552,8 +552,56 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: list[str] | None) -> int:
+@dataclass
+class Setup:
+    """What every stage of one benchmark shares: the data, the stages' checked commands, the
+    weights, the environment of the processes, and where stores, cache, logs and report go."""
+
+    command_line: str
+    started_at: str
+    load_start: list[float] | None
+    data: Path
+    weights: str
+    stages: list[Stage]
+    env: dict
+    store: Path
+    cache: Path
+    logs: Path
+    out: Path | None
+
+
+@dataclass
+class Measured:
+    """What the stages ran and cost: their work runs, each stage's floor, the whole wall time."""
+
+    ran: list[Stage]
+    work: list[WorkRun]
+    floors: dict[str, StageFloor]
+    device: Any
+    study_wall_s: float
+
+
+def benchmark_the_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: list[str] | None) -> int:
     """Check, run and measure the experiments, measure the floor, print and write the report."""
+    setup = set_up(args, extra, workdir, argv)
+    if isinstance(setup, int):
+        return setup
+    if args.dry_run:
+        for stage in setup.stages:
+            print(f"--check {stage.name}: {stage.check_output}")
+        return 0
+    measured = run_stages(setup, args)
+    totals = print_stage_table(setup, measured)
+    print_floor_tables(measured)
+    naive_s = print_totals(setup, measured, totals)
+    load_end = load_numbers()
+    print(f"load average at end: {show_load(load_end)}")
+    write_report(setup, measured, totals, naive_s, load_end, extra)
+    return 0 if all(s.result.get("rc") == 0 for s in setup.stages) else 1
+
+
+def set_up(args: argparse.Namespace, extra: list[str], workdir: Path, argv: list[str] | None) -> Setup | int:
+    """Print the header and check every stage's command; an exit status when something is wrong."""
     command_line = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
         " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv])
     data = args.data.expanduser().resolve()
@@ -571,53 +619,64 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     print(f"command: {command_line}")
     print(f"machine: {machine_line(args.device)}; python {platform.python_version()}")
     print(f"load average at start: {show_load(load_start)}")
-
-    weights = args.weights
-    checkpoint = imagenet_weights_present()
-    if weights == "auto":
-        weights = "imagenet" if checkpoint else "random"
-    print(f"weights: {weights}" + (f" ({checkpoint})" if weights == "imagenet" and checkpoint else
-                                   " (no ImageNet checkpoint in torchvision's cache)" if not checkpoint else ""))
-
+    weights = chosen_weights(args.weights)
     store, cache = workdir / "store", workdir / "cache"
     store.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve() if args.out else None
     logs = (out or workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    env = stage_environment(store)
+    print(f"stores: {env['MLFLOW_TRACKING_URI']} (Optuna beside it); cache: {cache}; logs: {logs}")
+    fixed = ["--data", str(data), "--device", args.device, "--cache_dir", str(cache), "--no-progress"]
+    if weights == "random":
+        fixed += ["--weights", "random"]
+    stages = checked_stages(files, split_options(fixed) + split_options(extra), env)
+    if stages is None:
+        return 2
+    return Setup(command_line, started_at, load_start, data, weights, stages, env, store, cache, logs, out)
+
+
+def chosen_weights(asked: str) -> str:
+    """``auto``: ImageNet's when torchvision's cache holds the checkpoint, else random; printed."""
+    checkpoint = imagenet_weights_present()
+    weights = ("imagenet" if checkpoint else "random") if asked == "auto" else asked
+    print(f"weights: {weights}" + (f" ({checkpoint})" if weights == "imagenet" and checkpoint else
+                                   " (no ImageNet checkpoint in torchvision's cache)" if not checkpoint else ""))
+    return weights
+
+
+def stage_environment(store: Path) -> dict:
+    """The experiments' environment: this store, no run or experiment inherited, no progress bars.
+    This process reads the same store."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI")}
     env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{(store / 'mlflow.db').as_posix()}",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")})
-    print(f"stores: {env['MLFLOW_TRACKING_URI']} (Optuna beside it); cache: {cache}; logs: {logs}")
+    return env
 
+
+def checked_stages(files: list[Path], extra_groups: list[list[str]], env: dict) -> list[Stage] | None:
+    """Every stage's command, checked (``--check``) before anything runs; None if one fails."""
     base = scenesweep_command() + ["run"]
-    fixed = ["--data", str(data), "--device", args.device, "--cache_dir", str(cache), "--no-progress"]
-    if weights == "random":
-        fixed += ["--weights", "random"]
-    extra_groups = split_options(fixed) + split_options(extra)
     stages = [Stage(f) for f in files]
-    failed_checks = []
-    for stage in stages:
-        error = check_stage(stage, base, extra_groups, env)
-        if error:
-            failed_checks.append(f"{stage.name}: {error}")
-    if failed_checks:
-        print("error: an experiment does not check; nothing was run:\n  " + "\n  ".join(failed_checks), file=sys.stderr)
-        return 2
+    failed = [f"{stage.name}: {error}" for stage in stages
+              if (error := check_stage(stage, base, extra_groups, env))]
+    if failed:
+        print("error: an experiment does not check; nothing was run:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return None
     for stage in stages:
         print(f"  {stage.name}: {' '.join(shlex.quote(t) for t in stage.command)}"
               + (f"   [dropped here: {', '.join(stage.dropped)}]" if stage.dropped else ""))
-    if args.dry_run:
-        for stage in stages:
-            print(f"--check {stage.name}: {stage.check_output}")
-        return 0
+    return stages
 
+
+def run_stages(setup: Setup, args: argparse.Namespace) -> Measured:
+    """Each stage as its own process, then its runs and trials read from the stores and the floor
+    of what it ran measured right after it (under the same load). Ctrl-C reports what ran."""
     import logging
 
     from mlflow.tracking import MlflowClient
-
-    import torch
 
     import floor
 
@@ -625,7 +684,7 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     client = MlflowClient()
     device = floor.resolve_device(args.device)
     floors: dict[str, StageFloor] = {}
-    default_storage = f"sqlite:///{(store / 'optuna.db').as_posix()}"
+    default_storage = f"sqlite:///{(setup.store / 'optuna.db').as_posix()}"
     # A reused --workdir (--keep, then other --experiments on the same cache): what is already in
     # its stores belongs to earlier invocations, not to this one's first stage.
     seen_runs: set[str] = set(all_runs(client))
@@ -633,97 +692,95 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     work: list[WorkRun] = []
     began_all = time.perf_counter()
     try:
-        for number, stage in enumerate(stages, 1):
-            cache_before = folder_bytes(cache)
+        for number, stage in enumerate(setup.stages, 1):
             load = load_numbers()
-            print(f"[{number}/{len(stages)}] {stage.name} (load {fmt(load[0] if load else None, '.2f')}) ...",
+            print(f"[{number}/{len(setup.stages)}] {stage.name} (load {fmt(load[0] if load else None, '.2f')}) ...",
                   end="", flush=True)
-            measured = run_measured(stage.command, env, logs / f"{stage.name}.log", args.stage_timeout)
-            measured.update({"cache_bytes_added": folder_bytes(cache) - cache_before, "load_at_start": load})
+            cache_before = folder_bytes(setup.cache)
+            measured = run_measured(stage.command, setup.env, setup.logs / f"{stage.name}.log", args.stage_timeout)
+            measured.update({"cache_bytes_added": folder_bytes(setup.cache) - cache_before, "load_at_start": load})
             runs = all_runs(client)
             new_runs = [r for rid, r in runs.items() if rid not in seen_runs]
             seen_runs.update(runs)
             trials = all_trials(optuna_storage_url(runs, default_storage))
             new_trials = [t for key, t in trials.items() if key not in seen_trials]
             seen_trials.update(trials)
-            trials_by_run = {t.user_attrs.get(USER_ATTR_RUN_ID): t for t in new_trials}
-            parents = [r for r in new_runs if r.data.tags.get("sweep") == "parent"]
-            stage_work = describe_runs(stage.name, new_runs, trials_by_run, client, str(data), parents)
+            stage_work = read_stage(stage, measured, new_runs, new_trials, client, setup)
             work += stage_work
-            # The floor of what this stage ran, measured now: under the same load as the stage.
             floors[stage.name] = measure_floor(stage_work, device, args.floor_repeats, args.floor_steps)
-            states = defaultdict(int)
-            for t in new_trials:
-                states[t.state.name] += 1
-            best = {}
-            for r in parents:
-                best.update({k: v for k, v in r.data.metrics.items() if k.startswith(("best/val", "test/"))})
-            if not parents:
-                for r in new_runs:
-                    best.update({k: v for k, v in r.data.metrics.items() if k in ("val/acc", "test/acc")})
-            measured.update({
-                "runs": len(new_runs), "trials": dict(states),
-                "images_extracted": sum(w.images_extracted * w.branches for w in stage_work),
-                "epochs": sum(w.epochs for w in stage_work),
-                "head_steps": sum(w.steps for w in stage_work),
-                "refit_steps": sum(w.refit_steps for w in stage_work),
-                "extract_images_per_s": [w.extract_images_per_s for w in stage_work if w.extract_images_per_s],
-                "own_setting_runs_s": sum(w.duration_s for w in stage_work if w.own_setting),
-                "accuracy": best, "log": str(logs / f"{stage.name}.log")})
-            stage.result = measured
             status = "ok" if measured["rc"] == 0 else f"FAILED (exit {measured['rc']})"
             print(f" {measured['wall_s']:.0f} s, {status}", flush=True)
             if measured["rc"] != 0:
-                print(log_tail(logs / f"{stage.name}.log"))
+                print(log_tail(setup.logs / f"{stage.name}.log"))
     except KeyboardInterrupt:
         print("\ninterrupted: the stages run so far are reported", file=sys.stderr)
-    study_wall = time.perf_counter() - began_all
-    ran = [s for s in stages if s.result]
+    ran = [s for s in setup.stages if s.result]
+    return Measured(ran, work, floors, device, time.perf_counter() - began_all)
 
-    def reference_same_work(w: WorkRun) -> float:
-        batch = w.head_key[1] if w.head_key else REFERENCE_BATCH
-        image_passes = (w.steps + w.refit_steps) * batch
-        return (w.images_extracted * w.branches * REFERENCE_EXTRACT_S_PER_BATCH + image_passes * REFERENCE_TRAIN_S_PER_BATCH) \
-            / REFERENCE_BATCH
 
+def read_stage(stage: Stage, measured: dict, new_runs: list, new_trials: list, client, setup: Setup) -> list[WorkRun]:
+    """One stage's work runs, and its result (``stage.result``): runs, trial states, images,
+    epochs, steps, the extractor's logged speed and the best accuracy."""
+    trials_by_run = {t.user_attrs.get(USER_ATTR_RUN_ID): t for t in new_trials}
+    parents = [r for r in new_runs if r.data.tags.get("sweep") == "parent"]
+    stage_work = describe_runs(stage.name, new_runs, trials_by_run, client, str(setup.data), parents)
+    states = defaultdict(int)
+    for t in new_trials:
+        states[t.state.name] += 1
+    best = {}
+    for r in parents:
+        best.update({k: v for k, v in r.data.metrics.items() if k.startswith(("best/val", "test/"))})
+    if not parents:
+        for r in new_runs:
+            best.update({k: v for k, v in r.data.metrics.items() if k in ("val/acc", "test/acc")})
+    measured.update({
+        "runs": len(new_runs), "trials": dict(states),
+        "images_extracted": sum(w.images_extracted * w.branches for w in stage_work),
+        "epochs": sum(w.epochs for w in stage_work),
+        "head_steps": sum(w.steps for w in stage_work),
+        "refit_steps": sum(w.refit_steps for w in stage_work),
+        "extract_images_per_s": [w.extract_images_per_s for w in stage_work if w.extract_images_per_s],
+        "own_setting_runs_s": sum(w.duration_s for w in stage_work if w.own_setting),
+        "accuracy": best, "log": str(setup.logs / f"{stage.name}.log")})
+    stage.result = measured
+    return stage_work
+
+
+def reference_same_work(w: WorkRun) -> float:
+    """Seconds the reference report's per-batch figures give for the work of ``w``."""
+    batch = w.head_key[1] if w.head_key else REFERENCE_BATCH
+    image_passes = (w.steps + w.refit_steps) * batch
+    return (w.images_extracted * w.branches * REFERENCE_EXTRACT_S_PER_BATCH
+            + image_passes * REFERENCE_TRAIN_S_PER_BATCH) / REFERENCE_BATCH
+
+
+TOTALLED = ("wall_s", "floor_s", "floor_extract_s", "floor_head_s", "images_extracted", "epochs", "head_steps",
+            "refit_steps", "cache_bytes_added", "reference_same_work_s", "own_setting_runs_s",
+            "own_setting_floor_s", "cpu_s")
+
+
+def print_stage_table(setup: Setup, measured: Measured) -> dict:
+    """One row per stage, its floor set beside it (stored in its result); the totals."""
     rows, totals = [], defaultdict(float)
-    for stage in ran:
+    for stage in measured.ran:
         r = stage.result
-        sw = [w for w in work if w.stage == stage.name]
-        measured = floors[stage.name]
-        r["floor_extract_s"] = sum(measured.extract_s(w) for w in sw)
-        r["floor_head_s"] = sum(measured.head_s(w, w.steps + w.refit_steps) for w in sw)
+        sw = [w for w in measured.work if w.stage == stage.name]
+        floor_of = measured.floors[stage.name]
+        r["floor_extract_s"] = sum(floor_of.extract_s(w) for w in sw)
+        r["floor_head_s"] = sum(floor_of.head_s(w, w.steps + w.refit_steps) for w in sw)
         r["floor_s"] = r["floor_extract_s"] + r["floor_head_s"]
-        r["own_setting_floor_s"] = sum(measured.extract_s(w) + measured.head_s(w, w.steps) for w in sw if w.own_setting)
-        r["floor"] = measured.as_dict()
+        r["own_setting_floor_s"] = sum(floor_of.extract_s(w) + floor_of.head_s(w, w.steps) for w in sw if w.own_setting)
+        r["floor"] = floor_of.as_dict()
         r["reference_same_work_s"] = sum(reference_same_work(w) for w in sw)
-        for key in ("wall_s", "floor_s", "floor_extract_s", "floor_head_s", "images_extracted", "epochs",
-                    "head_steps", "refit_steps", "cache_bytes_added", "reference_same_work_s",
-                    "own_setting_runs_s", "own_setting_floor_s", "cpu_s"):
+        for key in TOTALLED:
             totals[key] += r[key]
         totals["peak_rss_bytes"] = max(totals["peak_rss_bytes"], r["peak_rss_bytes"])
-        trials = r["trials"]
-        finished = {k: v for k, v in trials.items() if k in ("COMPLETE", "PRUNED", "FAIL")}
-        trial_text = (f"{sum(finished.values())} ({trials.get('COMPLETE', 0)}/{trials.get('PRUNED', 0)}/"
-                      f"{trials.get('FAIL', 0)})" if trials else "-")
-        if trials.get("WAITING"):
-            trial_text += f" +{trials['WAITING']} queued"
-        ips = r["extract_images_per_s"]
-        acc = r["accuracy"]
-        val = acc.get("best/val/acc", acc.get("val/acc"))
-        rows.append([stage.name, str(r["images_extracted"] or "-"), trial_text, str(r["epochs"] or "-"),
-                     (str(r["head_steps"]) + (f" +{r['refit_steps']}" if r["refit_steps"] else "")
-                      if r["head_steps"] else "-"), f"{r['wall_s']:.1f}", fmt(statistics.mean(ips) if ips else None),
-                     f"{r['floor_s']:.1f}", fmt(r["wall_s"] / r["floor_s"] if r["floor_s"] else None, ".2f"),
-                     f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['cache_bytes_added'] / 1e6:.1f}",
-                     fmt(val, ".3f") + " / " + fmt(acc.get("test/acc"), ".3f"),
-                     "ok" if r["rc"] == 0 else f"exit {r['rc']}"])
-    load_end = load_numbers()
-
-    print(f"\nThe study, {len(ran)} experiments, data {data} ({weights} weights), device {device}:")
+        rows.append(stage_row(stage))
+    print(f"\nThe study, {len(measured.ran)} experiments, data {setup.data} ({setup.weights} weights), "
+          f"device {measured.device}:")
     print(table(["stage", "images", "trials (C/P/F)", "epochs", "head steps (+refit)", "wall s",
-                       "extract img/s", "floor s", "wall/floor", "peak RSS GiB", "cache MB", "val / test acc",
-                       "status"], rows))
+                 "extract img/s", "floor s", "wall/floor", "peak RSS GiB", "cache MB", "val / test acc",
+                 "status"], rows))
     print("   images: images whose convolutions ran, once per pooling type (a cache hit extracts nothing; a "
           "pooling study's one pass for several poolings counts each); trials: complete / pruned / "
           "failed; epochs and head steps: trained by runs and trials, '+N': steps of the refits that compute "
@@ -733,28 +790,51 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
           "time; val: the "
           "best trial's (or the run's). SVM fits, fc layers of new widths, process start-up, evaluation and "
           "logging are outside the floor.")
+    return totals
 
+
+def stage_row(stage: Stage) -> list[str]:
+    r = stage.result
+    trials = r["trials"]
+    finished = {k: v for k, v in trials.items() if k in ("COMPLETE", "PRUNED", "FAIL")}
+    trial_text = (f"{sum(finished.values())} ({trials.get('COMPLETE', 0)}/{trials.get('PRUNED', 0)}/"
+                  f"{trials.get('FAIL', 0)})" if trials else "-")
+    if trials.get("WAITING"):
+        trial_text += f" +{trials['WAITING']} queued"
+    ips = r["extract_images_per_s"]
+    acc = r["accuracy"]
+    val = acc.get("best/val/acc", acc.get("val/acc"))
+    return [stage.name, str(r["images_extracted"] or "-"), trial_text, str(r["epochs"] or "-"),
+            (str(r["head_steps"]) + (f" +{r['refit_steps']}" if r["refit_steps"] else "")
+             if r["head_steps"] else "-"), f"{r['wall_s']:.1f}", fmt(statistics.mean(ips) if ips else None),
+            f"{r['floor_s']:.1f}", fmt(r["wall_s"] / r["floor_s"] if r["floor_s"] else None, ".2f"),
+            f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['cache_bytes_added'] / 1e6:.1f}",
+            fmt(val, ".3f") + " / " + fmt(acc.get("test/acc"), ".3f"),
+            "ok" if r["rc"] == 0 else f"exit {r['rc']}"]
+
+
+def print_floor_tables(measured: Measured) -> None:
+    """The head steps against the bare loop's, and extraction against the conv-layer ceiling."""
     head_rows, ceiling_rows = [], []
-    for stage in ran:
-        measured = floors[stage.name]
-        for key, step in measured.heads.items():
-            widths, batch_size = key
-            mine = [w for w in work if w.stage == stage.name and w.head_key == key]
-            logged = [w.logged_step_s for w in mine if w.logged_step_s]
+    for stage in measured.ran:
+        floor_of = measured.floors[stage.name]
+        mine = [w for w in measured.work if w.stage == stage.name]
+        for (widths, batch_size), step in floor_of.heads.items():
+            same = [w for w in mine if w.head_key == (widths, batch_size)]
+            logged = [w.logged_step_s for w in same if w.logged_step_s]
             median_logged = statistics.median(logged) if logged else None
             head_rows.append([stage.name, "-".join(map(str, widths)), str(batch_size),
-                              str(sum(w.steps + w.refit_steps for w in mine)), f"{step.min_s * 1e3:.1f}",
+                              str(sum(w.steps + w.refit_steps for w in same)), f"{step.min_s * 1e3:.1f}",
                               f"{step.median_s * 1e3:.1f}", fmt(median_logged * 1e3 if median_logged else None),
                               fmt(median_logged / step.min_s if median_logged else None, ".2f"),
                               fmt(median_logged / step.median_s if median_logged else None, ".2f")])
-        for key, ceiling in measured.ceilings.items():
-            ips = [w.extract_images_per_s for w in work if w.stage == stage.name and w.extract_key == key
-                   and w.extract_images_per_s]
+        for key, ceiling in floor_of.ceilings.items():
+            ips = [w.extract_images_per_s for w in mine if w.extract_key == key and w.extract_images_per_s]
             mean_ips = statistics.mean(ips) if ips else None
             ceiling_rows.append([stage.name, f"{key[0]} {key[1]} px, batch {key[2]}, {ceiling.precision}",
                                  f"{ceiling.seconds_per_batch * 1e3:.1f}", f"{ceiling.images_per_s:.1f}",
                                  fmt(mean_ips), fmt(mean_ips / ceiling.images_per_s if mean_ips else None, ".2f"),
-                                 fmt(measured.load[0] if measured.load else None, ".2f")])
+                                 fmt(floor_of.load[0] if floor_of.load else None, ".2f")])
     if head_rows:
         print("\nHead steps against the bare PyTorch loop (same head and batch, Adam fused; measured after each stage):")
         print(table(["stage", "head", "batch", "steps run", "bare best ms (floor)", "bare median ms",
@@ -762,55 +842,65 @@ def run_study(args: argparse.Namespace, extra: list[str], workdir: Path, argv: l
     if ceiling_rows:
         print("\nExtraction against the summed conv-layer ceiling (each conv layer alone; measured after each stage):")
         print(table(["stage", "setting", "ceiling ms/batch", "ceiling img/s", "extractor img/s (logged)",
-                           "extractor / ceiling", "load"], ceiling_rows))
+                     "extractor / ceiling", "load"], ceiling_rows))
 
+
+def print_totals(setup: Setup, measured: Measured, totals: dict) -> float:
+    """The whole study against the reference report's figures and the floor; returns the
+    reference's cost of every run from scratch, as the report did."""
     reference = totals["reference_same_work_s"]
-    # "From scratch", as the report did: every run that fits a head extracts the whole dataset first.
-    dataset_images = split_sizes(str(data), 0, 0.0)["n_images"]
+    wall = totals["wall_s"]
+    dataset_images = split_sizes(str(setup.data), 0, 0.0)["n_images"]
     naive_s = 0.0
-    for w in work:
+    for w in measured.work:
         batch = w.head_key[1] if w.head_key else REFERENCE_BATCH
         naive_s += (dataset_images * REFERENCE_EXTRACT_S_PER_BATCH
                     + (w.steps + w.refit_steps) * batch * REFERENCE_TRAIN_S_PER_BATCH) / REFERENCE_BATCH
     floor_s = totals["floor_s"]
-    print(f"\nTotal: {totals['wall_s']:.0f} s of experiments ({study_wall:.0f} s with reading the stores and measuring the floor after each), "
+    print(f"\nTotal: {wall:.0f} s of experiments ({measured.study_wall_s:.0f} s with reading the stores and "
+          f"measuring the floor after each), "
           f"{totals['cpu_s']:.0f} CPU s, {int(totals['images_extracted'])} images extracted, "
           f"{int(totals['epochs'])} epochs, {int(totals['head_steps'])} head steps "
           f"(+{int(totals['refit_steps'])} in refits), peak RSS {totals['peak_rss_bytes'] / 2**30:.2f} GiB, "
           f"cache {totals['cache_bytes_added'] / 1e9:.2f} GB")
-    print(f"Reference report's per-batch figures for the same work ({REFERENCE_EXTRACT_S_PER_BATCH} s per batch of "
-          f"{REFERENCE_BATCH} extracted, {REFERENCE_TRAIN_S_PER_BATCH} s per batch of {REFERENCE_BATCH} trained): "
-          f"{reference:.0f} s = {reference / 3600:.1f} h: ours is {reference / totals['wall_s']:.1f}x faster"
-          if totals["wall_s"] else "")
-    print(f"   (and with every run from scratch, as the report did: {naive_s:.0f} s = {naive_s / 3600:.1f} h, "
-          f"{naive_s / totals['wall_s']:.1f}x)" if totals["wall_s"] else "")
+    if wall:
+        print(f"Reference report's per-batch figures for the same work ({REFERENCE_EXTRACT_S_PER_BATCH} s per batch "
+              f"of {REFERENCE_BATCH} extracted, {REFERENCE_TRAIN_S_PER_BATCH} s per batch of {REFERENCE_BATCH} "
+              f"trained): {reference:.0f} s = {reference / 3600:.1f} h: ours is {reference / wall:.1f}x faster")
+        print(f"   (and with every run from scratch, as the report did: {naive_s:.0f} s = {naive_s / 3600:.1f} h, "
+              f"{naive_s / wall:.1f}x)")
     if floor_s:
         print(f"Floor measured in this run: {floor_s:.0f} s (extraction {totals['floor_extract_s']:.0f} s at the "
               f"summed conv-layer ceiling, head steps {totals['floor_head_s']:.0f} s at the bare loop's best step): "
-              f"study / floor = {totals['wall_s'] / floor_s:.2f}")
+              f"study / floor = {wall / floor_s:.2f}")
     if totals["own_setting_floor_s"]:
         print(f"The study's own settings (single runs and enqueued trials, their MLflow run durations): "
               f"{totals['own_setting_runs_s']:.0f} s against a floor of {totals['own_setting_floor_s']:.0f} s: "
               f"{totals['own_setting_runs_s'] / totals['own_setting_floor_s']:.2f}x")
-    print(f"load average at end: {show_load(load_end)}")
+    return naive_s
 
+
+def write_report(setup: Setup, measured: Measured, totals: dict, naive_s: float, load_end, extra: list[str]) -> None:
+    """study.json in --out, when given: every stage, every work run, the totals."""
+    if not setup.out:
+        return
+    wall, floor_s = totals["wall_s"], totals["floor_s"]
     report = {
-        "command": command_line, "started": started_at, "load_average_start": load_start,
-        "load_average_end": load_end, "machine": machine_details(str(device)),
-        "data": str(data), "weights": weights, "extra_args": extra,
-        "stages": [{"name": s.name, "command": s.command, "dropped_options": s.dropped, **s.result} for s in ran],
-        "work_runs": [w.__dict__ for w in work],
-        "totals": {**totals, "study_wall_s": study_wall, "reference_naive_s": naive_s,
-                   "study_over_floor": totals["wall_s"] / floor_s if floor_s else None,
-                   "reference_over_study": reference / totals["wall_s"] if totals["wall_s"] else None},
+        "command": setup.command_line, "started": setup.started_at, "load_average_start": setup.load_start,
+        "load_average_end": load_end, "machine": machine_details(str(measured.device)),
+        "data": str(setup.data), "weights": setup.weights, "extra_args": extra,
+        "stages": [{"name": s.name, "command": s.command, "dropped_options": s.dropped, **s.result}
+                   for s in measured.ran],
+        "work_runs": [w.__dict__ for w in measured.work],
+        "totals": {**totals, "study_wall_s": measured.study_wall_s, "reference_naive_s": naive_s,
+                   "study_over_floor": wall / floor_s if floor_s else None,
+                   "reference_over_study": totals["reference_same_work_s"] / wall if wall else None},
         "reference": {"batch": REFERENCE_BATCH, "extract_s_per_batch": REFERENCE_EXTRACT_S_PER_BATCH,
                       "train_s_per_batch": REFERENCE_TRAIN_S_PER_BATCH},
     }
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "study.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        print(f"written: {out / 'study.json'} (logs in {logs})")
-    return 0 if all(s.result.get("rc") == 0 for s in stages) else 1
+    setup.out.mkdir(parents=True, exist_ok=True)
+    (setup.out / "study.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"written: {setup.out / 'study.json'} (logs in {setup.logs})")
 
 
 if __name__ == "__main__":

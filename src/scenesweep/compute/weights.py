@@ -74,9 +74,14 @@ def weights_identity(weights: str, arch: str, seed: int) -> str:
 
 
 def load_state_dict(model: nn.Module, weights: str, arch: str, adapt_state: Callable[[dict], dict],
-                    assign: bool = False) -> None:
+                    assign: bool = False, mmap: bool | None = None) -> None:
     """Load ``weights`` ("imagenet" or a state_dict file) into ``model`` (``arch``), ``adapt_state``
-    first (a family's renames of older checkpoints' keys); any mismatch is one WeightsError."""
+    first (a family's renames of older checkpoints' keys); any mismatch is one WeightsError.
+
+    ``assign``: the loaded tensors become the model's (a model on the meta device has no storage
+    to copy into). ``mmap`` (default: ``assign``): the file is memory-mapped, read only where
+    touched; a check wants that, a network that computes does not (a file rewritten in place
+    under a mapping changes or faults the weights)."""
     if weights == "imagenet":
         checkpoint = imagenet_checkpoint(arch)
         if not checkpoint.is_file():
@@ -102,9 +107,9 @@ def load_state_dict(model: nn.Module, weights: str, arch: str, adapt_state: Call
     try:
         try:
             # mmap: a check reads only what it needs of a 528 MB file (zip-format files only).
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=assign)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=assign if mmap is None else mmap)
         except RuntimeError:
-            if not assign:
+            if not (assign if mmap is None else mmap):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
