@@ -14,8 +14,10 @@ probes, both in a temporary folder put on ``PYTHONPATH`` for that run only:
   that was running (``PYTEST_CURRENT_TEST``, which the processes inherit) and its command.
 
 It also measures, once, the CPU one new interpreter spends importing the sweep driver
-(``import scenesweep.runs.sweep``): times the number of interpreters a file starts, that is the
-share of its time no test code can remove, short of starting fewer processes.
+(``import scenesweep.runs.sweep``): what every sweep worker, ``scenesweep run`` or served model a
+test starts pays before it does anything (a services command or an MLflow server's worker
+imports less, ``sh`` nothing), so the number of interpreters a file starts, times that, is an
+upper bound of its import cost.
 
 Usage:
     .venv/bin/python benchmarks/suite_cost.py [--out FILE.json] [-- PYTEST ARGS]
@@ -138,17 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s = row["self_cpu_s"] + row["children_cpu_s"]
         rows.append([name.removeprefix("tests/"), str(int(row["tests"])), f"{row['wall_s']:.0f}",
                      f"{row['self_cpu_s']:.0f}", f"{row['children_cpu_s']:.0f}",
-                     f"{cpu_s / row['wall_s']:.2f}" if row["wall_s"] else "-", str(int(row["interpreters"])),
-                     f"{row['interpreters'] * import_s:.0f}"])
+                     f"{cpu_s / row['wall_s']:.2f}" if row["wall_s"] else "-", str(int(row["interpreters"]))])
     print(f"\nThe suite: {wall:.0f} s wall, {cpu:.0f} CPU s in all ({cpu / wall:.2f} cores busy on average, "
           f"{os.cpu_count()} cores), exit {done.returncode}")
     print(table(["file", "tests", "wall s (tests summed)", "worker CPU s", "started processes' CPU s",
-                 "CPU / wall", "interpreters started", "their imports, CPU s (estimate)"], rows))
+                 "CPU / wall", "interpreters started"], rows))
     total = {key: sum(row[key] for row in files.values())
              for key in ("wall_s", "self_cpu_s", "children_cpu_s", "interpreters")}
     print(f"   summed: {total['wall_s']:.0f} s of tests, {total['self_cpu_s']:.0f} CPU s in the workers, "
           f"{total['children_cpu_s']:.0f} CPU s in {int(total['interpreters'])} started interpreters and "
-          f"other processes; the interpreters' imports alone about {total['interpreters'] * import_s:.0f} CPU s")
+          f"other processes (at most {import_s:.1f} CPU s of imports each)")
     print("   CPU / wall below 1: the file waits (servers starting, heartbeats, polls); CPU counts a test's "
           "processes once they are reaped, so a daemon (PostgreSQL) is not in it.")
     print(f"load average at end: {load_average()}")
