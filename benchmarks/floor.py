@@ -17,13 +17,16 @@ or an AMD with AVX-512 bf16 or neither, and the library build matters as much):
 2. ``head_step``: the bare PyTorch training step of a head: a ``torch.nn.Sequential`` MLP of
    given widths (Linear, ReLU, Dropout per hidden width, then Linear; the study's
    25088-1024-1024-15 with dropout 0.5 by default), Adam (``fused=True`` on CPU and CUDA),
-   cross-entropy, on random features held in one tensor on the device. Its floor is the best
-   step (``floor_s``), not the median: a head step's time on CPU is mostly the kernel's page
-   faults on fc6's weight gradient (allocated afresh every step, 100 MB), which vary with the
-   machine's memory state, not with the features (``benchmarks/head_floor.py``), so a run's
-   median could beat the bare loop's median but not its best. It runs under the process settings
-   every scenesweep run has (``scenesweep.compute.numerics``: denormals flushed, large buffers on
-   huge pages), so no run gains from a setting the floor lacks.
+   cross-entropy, on random features held in one tensor on the device. It runs under the
+   process settings every scenesweep run has (``scenesweep.compute.numerics``: denormals flushed,
+   large buffers on huge pages), so no run gains from a setting the floor lacks. Its floor
+   (``floor_s``) is ``head_op_ceiling``, the head's own summed ceiling: each operation of a step
+   timed alone at its best and summed, as the conv ceiling sums the layers (the forward GEMMs,
+   the weight- and input-gradient GEMMs into buffers reused from call to call, the fused Adam
+   update). Not the bare loop's best step: a step on CPU is mostly the page faults on fc6's
+   weight gradient, allocated afresh every step (100 MB), whose cost depends on the memory the
+   kernel has at hand (``benchmarks/head_floor.py``), and trials in a process that had run a long
+   extraction stepped 17 % below a fresh bare loop's best (Q12.3 on an AMD EPYC Zen 3).
 
 Both interleave their repeats (round-robin over the layers), so that a slow period caused by
 another process is shared by all layers rather than landing on one. Used by
@@ -284,6 +287,7 @@ class HeadStep:
     optimizer: str
     seconds: list[float]
     settings: dict = dataclasses.field(default_factory=lambda: process_settings())
+    op_ceiling: dict[str, float] | None = None  # head_op_ceiling's parts, when measured
 
     @property
     def median_s(self) -> float:
@@ -294,14 +298,56 @@ class HeadStep:
         return min(self.seconds)
 
     @property
+    def op_ceiling_s(self) -> float | None:
+        return sum(self.op_ceiling.values()) if self.op_ceiling else None
+
+    @property
     def floor_s(self) -> float:
-        """The step time no run of this head can beat on average: the bare loop's best step."""
-        return self.min_s
+        """The step time no run of this head can beat: the summed-op ceiling when measured (never
+        above the bare loop's best), else the bare loop's best step."""
+        return min(self.min_s, self.op_ceiling_s) if self.op_ceiling else self.min_s
 
     def as_dict(self) -> dict:
         return {"widths": list(self.widths), "dropout": self.dropout, "batch_size": self.batch_size,
                 "device": self.device, "optimizer": self.optimizer, "median_s": self.median_s,
-                "min_s": self.min_s, "floor_s": self.floor_s, "steps": len(self.seconds), **self.settings}
+                "min_s": self.min_s, "op_ceiling_s": self.op_ceiling_s, "op_ceiling": self.op_ceiling,
+                "floor_s": self.floor_s, "steps": len(self.seconds), **self.settings}
+
+
+def head_op_ceiling(widths: Sequence[int], batch_size: int, device: torch.device, repeats: int = 100) -> dict[str, float]:
+    """Seconds of each operation of one training step of the MLP ``widths`` at ``batch_size``,
+    each timed alone at its best of ``repeats`` (round-robin), into buffers reused from call to
+    call: per Linear, the forward GEMM (B, in) x (in, out), the weight gradient (out, B) x (B, in),
+    the input gradient (B, out) x (out, in) but for the first layer (the features need none); then
+    the fused Adam update of every parameter. ReLU, dropout and the loss on (B, hidden) are left
+    out (microseconds), as are allocation and page faults: no loop of this head beats the sum."""
+    torch.manual_seed(0)
+    calls: dict[str, callable] = {}
+    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:]), 1):
+        x = torch.randn(batch_size, width_in, device=device)  # (B, in)
+        weight = torch.randn(width_out, width_in, device=device)  # (out, in)
+        dy = torch.randn(batch_size, width_out, device=device)  # (B, out)
+        y, dw, dx = (torch.empty(batch_size, width_out, device=device), torch.empty_like(weight),
+                     torch.empty_like(x))
+        calls[f"fc{index} forward"] = lambda x=x, w=weight, y=y: torch.mm(x, w.t(), out=y)
+        calls[f"fc{index} weight gradient"] = lambda x=x, dy=dy, dw=dw: torch.mm(dy.t(), x, out=dw)
+        if index > 1:
+            calls[f"fc{index} input gradient"] = lambda w=weight, dy=dy, dx=dx: torch.mm(dy, w, out=dx)
+    model = mlp(widths).to(device)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    optimizer.step()  # Adam's state allocated and touched before timing
+    calls["Adam update (fused)"] = optimizer.step
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, call in calls.items():
+            sync(device)
+            began = time.perf_counter()
+            call()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - began)
+    return best
 
 
 def process_settings() -> dict:
@@ -321,7 +367,8 @@ def mlp(widths: Sequence[int], dropout: float = 0.5) -> nn.Sequential:
 
 def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int = 8, dropout: float = 0.5,
               device: str | torch.device = "auto", steps: int = 20, warmup: int = 3, rows: int = 1200,
-              lr: float = 1e-3, seed: int = 0, features: torch.Tensor | None = None) -> HeadStep:
+              lr: float = 1e-3, seed: int = 0, features: torch.Tensor | None = None,
+              op_ceiling: bool = True) -> HeadStep:
     """Step times of the bare loop: index a batch, forward, cross-entropy, backward, Adam.
 
     The features are one (rows, D) float32 tensor on the device (1200 rows: the study's training
@@ -338,6 +385,7 @@ def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int =
         lr: Adam's learning rate (does not change the time).
         seed: of the weights, features and batches.
         features: (N, D) real features to step on instead of random ones (``rows`` is then N).
+        op_ceiling: also measure ``head_op_ceiling`` (the floor) after the loop.
     """
     if len(widths) < 2:
         raise ValueError(f"widths={widths!r}: expected (input, [hidden...,] classes)")
@@ -366,8 +414,10 @@ def head_step(widths: Sequence[int] = (25088, 1024, 1024, 15), batch_size: int =
         sync(device)
         if step >= warmup:
             seconds.append(time.perf_counter() - began)
+    del model, optimizer, features  # the ceiling's own buffers in their place
+    ceiling = head_op_ceiling(widths, batch_size, device) if op_ceiling else None
     return HeadStep(tuple(int(w) for w in widths), float(dropout), int(batch_size), str(device),
-                    f"Adam(fused={fused})", seconds)
+                    f"Adam(fused={fused})", seconds, op_ceiling=ceiling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     widths = tuple(int(w) for w in args.head.split(","))
     step = head_step(widths, args.batch_size, device=device, steps=args.steps)
     print(f"bare head step {'-'.join(map(str, widths))}, batch {args.batch_size}, {step.optimizer}: "
-          f"median {step.median_s * 1e3:.1f} ms, best {step.min_s * 1e3:.1f} ms (the floor) over "
+          f"median {step.median_s * 1e3:.1f} ms, best {step.min_s * 1e3:.1f} ms over "
           f"{len(step.seconds)} steps; {', '.join(f'{k}={v}' for k, v in step.settings.items())}")
+    print(f"summed-op ceiling of that step (the floor): {step.floor_s * 1e3:.1f} ms = "
+          + " + ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in step.op_ceiling.items()))
     print(f"load average at end: {load_average()}")
     return 0
 

@@ -786,8 +786,8 @@ def print_stage_table(setup: Setup, measured: Measured) -> dict:
           "failed; epochs and head steps: trained by runs and trials, '+N': steps of the refits that compute "
           "test accuracy; extract img/s: the extractor's own logged time/extract_images_per_s (a shared pass: "
           "images through all its poolings per second); floor: those images at the summed conv-layer ceiling "
-          "(a shared pass: block 1 once, the rest per pooling) plus every head step at the bare loop's best step "
-          "time; val: the "
+          "(a shared pass: block 1 once, the rest per pooling) plus every head step at the head's summed-op "
+          "ceiling (each GEMM of a step and the Adam update timed alone, best, summed); val: the "
           "best trial's (or the run's). SVM fits, fc layers of new widths, process start-up, evaluation and "
           "logging are outside the floor.")
     return totals
@@ -824,9 +824,10 @@ def print_floor_tables(measured: Measured) -> None:
             logged = [w.logged_step_s for w in same if w.logged_step_s]
             median_logged = statistics.median(logged) if logged else None
             head_rows.append([stage.name, "-".join(map(str, widths)), str(batch_size),
-                              str(sum(w.steps + w.refit_steps for w in same)), f"{step.min_s * 1e3:.1f}",
+                              str(sum(w.steps + w.refit_steps for w in same)), f"{step.floor_s * 1e3:.1f}",
+                              f"{step.min_s * 1e3:.1f}",
                               f"{step.median_s * 1e3:.1f}", fmt(median_logged * 1e3 if median_logged else None),
-                              fmt(median_logged / step.min_s if median_logged else None, ".2f"),
+                              fmt(median_logged / step.floor_s if median_logged else None, ".2f"),
                               fmt(median_logged / step.median_s if median_logged else None, ".2f")])
         for key, ceiling in floor_of.ceilings.items():
             passes = [w for w in mine if w.extract_key == key and w.extract_images_per_s]
@@ -843,9 +844,10 @@ def print_floor_tables(measured: Measured) -> None:
                                      fmt(mean_ips / pass_ceiling if mean_ips else None, ".2f"),
                                      fmt(floor_of.load[0] if floor_of.load else None, ".2f")])
     if head_rows:
-        print("\nHead steps against the bare PyTorch loop (same head and batch, Adam fused; measured after each stage):")
-        print(table(["stage", "head", "batch", "steps run", "bare best ms (floor)", "bare median ms",
-                     "logged median ms", "logged / floor", "logged / bare median"], head_rows))
+        print("\nHead steps against the summed-op ceiling and the bare PyTorch loop (same head and batch, Adam fused; "
+              "measured after each stage):")
+        print(table(["stage", "head", "batch", "steps run", "summed-op ceiling ms (floor)", "bare best ms",
+                     "bare median ms", "logged median ms", "logged / floor", "logged / bare median"], head_rows))
     if ceiling_rows:
         print("\nExtraction against the summed conv-layer ceiling (each conv layer alone; measured after each stage):")
         print(table(["stage", "setting", "ceiling ms/batch (one pooling)", "ceiling img/s (this pass)",
@@ -878,7 +880,7 @@ def print_totals(setup: Setup, measured: Measured, totals: dict) -> float:
               f"{naive_s / wall:.1f}x)")
     if floor_s:
         print(f"Floor measured in this run: {floor_s:.0f} s (extraction {totals['floor_extract_s']:.0f} s at the "
-              f"summed conv-layer ceiling, head steps {totals['floor_head_s']:.0f} s at the bare loop's best step): "
+              f"summed conv-layer ceiling, head steps {totals['floor_head_s']:.0f} s at the summed-op ceiling): "
               f"study / floor = {wall / floor_s:.2f}")
     if totals["own_setting_floor_s"]:
         print(f"The study's own settings (single runs and enqueued trials, their MLflow run durations): "
