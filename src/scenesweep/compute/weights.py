@@ -73,6 +73,29 @@ def weights_identity(weights: str, arch: str, seed: int) -> str:
     return f"{arch}:file:sha256={digest.hexdigest()}"
 
 
+def weights_file(weights: str, arch: str) -> str:
+    """The file ``weights`` names: torchvision's ImageNet checkpoint for ``arch`` (downloaded into
+    torch's hub cache when missing, unless SCENESWEEP_OFFLINE is set), or the path given."""
+    if weights != "imagenet":
+        return weights
+    checkpoint = imagenet_checkpoint(arch)
+    if not checkpoint.is_file():
+        if os.environ.get("SCENESWEEP_OFFLINE", "") not in ("", "0"):
+            raise WeightsError(
+                f"weights=imagenet: {checkpoint} not found and SCENESWEEP_OFFLINE is set. "
+                f"Copy torchvision's file {checkpoint.name} there (TORCH_HOME moves it), "
+                "or save a state_dict and pass weights=<path>.")
+        try:
+            torch.hub.load_state_dict_from_url(imagenet_weights(arch).url, progress=True)
+        except Exception as error:  # any network failure: say how to provide the file
+            raise WeightsError(
+                f"weights=imagenet: could not download {checkpoint.name} ({error.__class__.__name__}). "
+                f"On a connected machine run `python -c \"import torchvision; "
+                f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\"` and copy {checkpoint.name} to "
+                f"{checkpoint.parent}/ (TORCH_HOME moves it), or pass weights=<state_dict file>.") from None
+    return str(checkpoint)
+
+
 def load_state_dict(model: nn.Module, weights: str, arch: str, adapt_state: Callable[[dict], dict],
                     assign: bool = False, mmap: bool | None = None) -> None:
     """Load ``weights`` ("imagenet" or a state_dict file) into ``model`` (``arch``), ``adapt_state``
@@ -82,25 +105,7 @@ def load_state_dict(model: nn.Module, weights: str, arch: str, adapt_state: Call
     to copy into). ``mmap`` (default: ``assign``): the file is memory-mapped, read only where
     touched; a check wants that, a network that computes does not (a file rewritten in place
     under a mapping changes or faults the weights)."""
-    if weights == "imagenet":
-        checkpoint = imagenet_checkpoint(arch)
-        if not checkpoint.is_file():
-            if os.environ.get("SCENESWEEP_OFFLINE", "") not in ("", "0"):
-                raise WeightsError(
-                    f"weights=imagenet: {checkpoint} not found and SCENESWEEP_OFFLINE is set. "
-                    f"Copy torchvision's file {checkpoint.name} there (TORCH_HOME moves it), "
-                    "or save a state_dict and pass weights=<path>.")
-            try:
-                torch.hub.load_state_dict_from_url(imagenet_weights(arch).url, progress=True)
-            except Exception as error:  # any network failure: say how to provide the file
-                raise WeightsError(
-                    f"weights=imagenet: could not download {checkpoint.name} ({error.__class__.__name__}). "
-                    f"On a connected machine run `python -c \"import torchvision; "
-                    f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\"` and copy {checkpoint.name} to "
-                    f"{checkpoint.parent}/ (TORCH_HOME moves it), or pass weights=<state_dict file>.") from None
-        source = str(checkpoint)
-    else:
-        source = weights
+    source = weights_file(weights, arch)
     path = Path(source).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights={weights!r}: expected 'imagenet', 'random' or a state_dict file; {path} not found")
