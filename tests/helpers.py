@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from warm_processes import run_process
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("coast", "forest", "street")
 T = TypeVar("T")
@@ -60,11 +62,12 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int 
             process: bool = False) -> subprocess.CompletedProcess:
     """``scenesweep ARGS`` as a user runs it: in this process (``invoke``), or with ``process``
     in a new ``python -m scenesweep`` process (what only a process shows: its exit status as the
-    shell sees it, signals, several workers at once)."""
+    shell sees it, signals, several workers at once), forked from the tests' pre-imported zygote
+    (``warm_processes``)."""
     if not process:
         return invoke(*args, env=env, cwd=cwd)
-    return subprocess.run([sys.executable, "-m", "scenesweep", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+    return run_process([sys.executable, "-m", "scenesweep", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                       timeout=timeout)
 
 
 def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900) -> subprocess.CompletedProcess:

@@ -77,28 +77,40 @@ def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
     assert head.coef_.shape == (3, 500)
 
 
-def transparent_huge_pages_available() -> bool:
+def huge_pages_only_where_asked() -> bool:
+    """The kernel's mode is ``[madvise]``: a mapping gets huge pages only when its process asks
+    (under ``[always]`` every one does, under ``[never]`` none: nothing of ours to see)."""
     try:
-        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        return "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     except OSError:
         return False
 
 
-@pytest.mark.skipif(not transparent_huge_pages_available(), reason="the kernel offers no transparent huge pages")
+@pytest.mark.skipif(not huge_pages_only_where_asked(),
+                    reason="the kernel's transparent huge pages are not in madvise mode")
 def test_a_scenesweep_process_maps_large_buffers_on_huge_pages():
-    """A 100 MB buffer (fc6's weight gradient, allocated afresh at every head step) faults in on
-    2 MiB pages in a process that runs scenesweep's compute code: a few hundred page faults, not
-    the 25,000 of 4 KiB pages that dominated a head step's time (compute/numerics.py)."""
+    """A 100 MB buffer (fc6's weight gradient, allocated afresh at every head step) is mapped for
+    2 MiB pages in a process that runs scenesweep's compute code (the kernel's ``THPeligible``
+    for its mapping), where 4 KiB pages cost the 25,000 page faults that dominated a head step's
+    time (compute/numerics.py). How many huge pages the kernel then hands out depends on its free
+    memory's fragmentation at that moment, not on us: under the full suite's load a fault count
+    was 11,319 once, against about 300 on an idle machine, so the test reads the mapping."""
     code = (
-        "import resource, torch\n"
+        "import torch\n"
         "from scenesweep.compute import heads\n"
-        "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "gradient = torch.ones(25088 * 1024)  # (fc6 out x in) floats: 100 MB\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)\n")
+        "address, inside = gradient.data_ptr(), False\n"
+        "for line in open('/proc/self/smaps').read().splitlines():\n"
+        "    first = line.split(' ', 1)[0]\n"
+        "    if '-' in first and not first.endswith(':'):  # a mapping's header: START-END perms ...\n"
+        "        start, end = (int(x, 16) for x in first.split('-'))\n"
+        "        inside = start <= address < end\n"
+        "    elif inside and line.startswith('THPeligible:'):\n"
+        "        print(line.split()[1])\n")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert int(result.stdout) < 25088 * 1024 * 4 // 4096 // 10, result.stdout  # a tenth of 4 KiB pages' count
+    assert result.stdout.split() == ["1"], result.stdout
 
 
 def test_denormals_are_flushed_in_every_thread_of_a_scenesweep_process():

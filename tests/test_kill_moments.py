@@ -7,7 +7,6 @@ run, one model version with its description and alias, nothing RUNNING, no tempo
 """
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from optuna.trial import TrialState
 from scenesweep.core.faults import KILL_ENV, MOMENTS
 
 from helpers import REPO
+from warm_processes import run_process
 from sweep_helpers import all_runs, load, sweep, write_study
 
 pytestmark = pytest.mark.slow
@@ -44,9 +44,8 @@ def study_file(tmp_path, flat_scenes):
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_a_sweep_killed_at_this_moment_resumes_to_one_study_one_parent_one_version(moment, flat_scenes, tmp_path):
     study = study_file(tmp_path, flat_scenes)
-    killed = subprocess.run([sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress"],
-                            cwd=REPO, env={**os.environ, KILL_ENV: moment}, capture_output=True, text=True,
-                            timeout=600)
+    killed = run_process([sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress"],
+                         cwd=REPO, env={**os.environ, KILL_ENV: moment}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, (moment, killed.returncode, killed.stderr[-3000:])
     resumed = sweep(study)
     assert resumed.returncode == 0, resumed.stderr[-4000:]

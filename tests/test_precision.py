@@ -3,7 +3,7 @@ every run says which CPU it ran on in enough detail to explain its timings."""
 import pytest
 import torch
 
-from scenesweep.compute import backbone, feature_cache, features as feat, precision
+from scenesweep.compute import backbone, feature_cache, precision
 from scenesweep.compute.training import fit_head, prepare
 from scenesweep.core.config import make_config
 from scenesweep.core.machine import hardware_summary, parse_cpuinfo

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from scenesweep.specs.studies import SAMPLERS
 
 from helpers import REPO, invoke
+from warm_processes import WarmPopen
 from sweep_helpers import load, parents_and_children, study_file, sweep
 
 pytestmark = pytest.mark.slow
@@ -153,7 +154,7 @@ def test_folds_select_on_the_mean_of_stratified_folds(flat_scenes, tmp_path, cac
 
 def _workers(count, path):
     command = [sys.executable, "-m", "scenesweep", "sweep", str(path), "--no-progress"]
-    workers = [subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
+    workers = [WarmPopen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(count)]
     outputs = [w.communicate(timeout=900) for w in workers]
     for worker, (_, err) in zip(workers, outputs):

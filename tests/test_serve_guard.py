@@ -27,6 +27,7 @@ from experiment_runs import small_scenes
 from scenesweep.cli.main import main
 from scenesweep.serving.guard import ECHO_RUN, inner_error, json_too_deep, mask_echoes
 from scenesweep.services import servers
+from warm_processes import WarmPopen
 
 pytestmark = pytest.mark.slow
 MODEL = "scene-classifier"
@@ -83,7 +84,7 @@ def server(champion_store):
     log = champion_store.folder / "serve.log"
     env = {**os.environ, **champion_store.env}
     with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "scenesweep", "serve", CHAMPION_URI, "--port", str(port),
+        process = WarmPopen([sys.executable, "-m", "scenesweep", "serve", CHAMPION_URI, "--port", str(port),
                                     "--workers", "2"], stdout=output, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     try:

@@ -36,6 +36,7 @@ from scenesweep.services import servers
 from scenesweep.services import shared_services as services
 
 from helpers import CLASSES, REPO, run_cli
+from warm_processes import WarmPopen
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def mlp_study(tmp_path, flat_scenes, name, n_trials, epochs):
         """)
 
 
-class Worker(subprocess.Popen):
+class Worker(WarmPopen):
     """A ``scenesweep sweep`` process whose output goes to files (pipes read one worker at a time
     could fill up and block a worker that holds the study lock)."""
 

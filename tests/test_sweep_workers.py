@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from scenesweep.search.optuna_storage import default_storage
 
 from helpers import REPO
+from warm_processes import WarmPopen
 from sweep_helpers import all_runs, load, parents_and_children, study_file, sweep, wait_for_running_trial
 
 RESNET18_POOL = {"arch": "resnet18", "layer": "pool"}  # a small network: the trials are quick
@@ -48,7 +49,7 @@ def test_running_again_resumes_up_to_n_trials_in_total(flat_scenes, tmp_path):
 
 def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes, tmp_path):
     study = long_mlp_study(tmp_path, flat_scenes, "killed", 1)
-    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", "1",
+    worker = WarmPopen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", "1",
                                "--no-progress"], cwd=REPO, env=dict(os.environ),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -77,7 +78,7 @@ def test_a_killed_trial_is_failed_retried_and_leaves_no_run_running(flat_scenes,
 
 def start_workers(count, study, *args, heartbeat="30"):
     command = [sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress", "--heartbeat", heartbeat, *args]
-    return [subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
+    return [WarmPopen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(count)]
 
 
@@ -129,7 +130,7 @@ def kill_during_trial(study, number, *args, heartbeat="1", sig=signal.SIGKILL, o
     and stderr)."""
     command = command or [sys.executable, "-m", "scenesweep", "sweep", str(study), "--heartbeat", heartbeat,
                           "--no-progress", *args]
-    worker = subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL,
+    worker = WarmPopen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     name = yaml.safe_load(study.read_text())["study"]
     try:
@@ -257,7 +258,7 @@ def test_two_mlflow_runs_at_once_on_a_fresh_store(flat_scenes, tmp_path, monkeyp
     command = [mlflow_bin, "run", ".", "-e", "sweep_svm", "--env-manager", "local", "--experiment-name", "svm"]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
-    runs = [subprocess.Popen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
+    runs = [WarmPopen(command, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [r.communicate(timeout=900) for r in runs]
     for run, (_, err) in zip(runs, outputs):
@@ -322,7 +323,7 @@ def test_a_store_disk_filling_up_mid_sweep_ends_everything_and_the_sweep_resumes
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{disk / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{disk / 'mlflow.db'}")
     study = long_mlp_study(disk.parent, flat_scenes, "filled", 1)
-    worker = subprocess.Popen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress"], cwd=REPO,
+    worker = WarmPopen([sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress"], cwd=REPO,
                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     filler = disk / "filler"
     try:
