@@ -9,7 +9,9 @@ probes, both in a temporary folder put on ``PYTHONPATH`` for that run only:
   teardown): its wall time, the CPU of the worker process (``os.times``: user + system), and the
   CPU of the child processes it reaped meanwhile (``os.times``' children: every process the test
   started and waited for, killed ones and non-Python ones such as Chromium included; a daemon
-  such as PostgreSQL's postmaster is not a child and is not counted);
+  such as PostgreSQL's postmaster is not a child and is not counted), plus the CPU of the
+  ``scenesweep`` processes it forked from the tests' pre-imported zygote (``tests/warm_processes.py``
+  reports each one's, as they are not the worker's children);
 * a ``sitecustomize.py`` that appends one line per Python interpreter started, with the test
   that was running (``PYTEST_CURRENT_TEST``, which the processes inherit) and its command.
 
@@ -41,21 +43,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, load_average, table  # noqa: E402
 
 PLUGIN = '''
-import os, time, json
+import os, sys, time, json
 import pytest
 
 _LOG = os.environ["SUITE_COST_TESTS"]
 
 
+def _forked():
+    """Processes forked from the tests' zygote (tests/warm_processes.py) that ended, their CPU."""
+    module = sys.modules.get("warm_processes")
+    return (module.FORKED["processes"], module.FORKED["cpu_s"]) if module else (0, 0.0)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    before, began = os.times(), time.perf_counter()
+    before, forked_before, began = os.times(), _forked(), time.perf_counter()
     yield
-    after = os.times()
+    after, forked_after = os.times(), _forked()
     record = {"test": item.nodeid, "wall_s": time.perf_counter() - began,
               "self_cpu_s": after.user + after.system - before.user - before.system,
               "children_cpu_s": (after.children_user + after.children_system
-                                 - before.children_user - before.children_system)}
+                                 - before.children_user - before.children_system
+                                 + forked_after[1] - forked_before[1]),
+              "forked": forked_after[0] - forked_before[0]}
     with open(_LOG, "a") as log:
         log.write(json.dumps(record) + "\\n")
 '''
@@ -98,6 +108,7 @@ def per_file(tests: list[dict], processes: list[tuple[str, str]]) -> dict[str, d
         row["tests"] += 1
         for key in ("wall_s", "self_cpu_s", "children_cpu_s"):
             row[key] += record[key]
+        row["forked"] += record.get("forked", 0)
     for test, command in processes:
         if test:  # an interpreter a test started (not a pytest worker)
             files[file_of(test)]["interpreters"] += 1
@@ -140,16 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s = row["self_cpu_s"] + row["children_cpu_s"]
         rows.append([name.removeprefix("tests/"), str(int(row["tests"])), f"{row['wall_s']:.0f}",
                      f"{row['self_cpu_s']:.0f}", f"{row['children_cpu_s']:.0f}",
-                     f"{cpu_s / row['wall_s']:.2f}" if row["wall_s"] else "-", str(int(row["interpreters"]))])
+                     f"{cpu_s / row['wall_s']:.2f}" if row["wall_s"] else "-", str(int(row["interpreters"])),
+                     str(int(row["forked"]))])
     print(f"\nThe suite: {wall:.0f} s wall, {cpu:.0f} CPU s in all ({cpu / wall:.2f} cores busy on average, "
           f"{os.cpu_count()} cores), exit {done.returncode}")
     print(table(["file", "tests", "wall s (tests summed)", "worker CPU s", "started processes' CPU s",
-                 "CPU / wall", "interpreters started"], rows))
+                 "CPU / wall", "interpreters started", "forked from the zygote"], rows))
     total = {key: sum(row[key] for row in files.values())
-             for key in ("wall_s", "self_cpu_s", "children_cpu_s", "interpreters")}
+             for key in ("wall_s", "self_cpu_s", "children_cpu_s", "interpreters", "forked")}
     print(f"   summed: {total['wall_s']:.0f} s of tests, {total['self_cpu_s']:.0f} CPU s in the workers, "
-          f"{total['children_cpu_s']:.0f} CPU s in {int(total['interpreters'])} started interpreters and "
-          f"other processes (at most {import_s:.1f} CPU s of imports each)")
+          f"{total['children_cpu_s']:.0f} CPU s in {int(total['interpreters'])} started interpreters, "
+          f"{int(total['forked'])} processes forked from the tests' zygotes and other processes "
+          f"(at most {import_s:.1f} CPU s of imports for each interpreter)")
     print("   CPU / wall below 1: the file waits (servers starting, heartbeats, polls); CPU counts a test's "
           "processes once they are reaped, so a daemon (PostgreSQL) is not in it.")
     print(f"load average at end: {load_average()}")

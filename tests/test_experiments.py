@@ -236,7 +236,31 @@ def test_report_from_the_demo_runs_holds_each_table(tmp_path_factory, tmp_path, 
         assert "**DEMO**" in text and "not a 15-Scene result" in text
         assert experiment.reference["figure"] in text  # the study's figure beside ours
     assert "real setting (" not in markdown
+    assert_question_sections(markdown)
+    # Hardware of each measured figure.
+    assert markdown.count(", flags ") >= 5  # the CPU's model and speed flags, per stage
+    # Every linked figure exists.
+    for link in re.findall(r"\]\((figures/[^)]+)\)", markdown) + re.findall(r'src="(figures/[^"]+)"', markdown):
+        assert (out / link).is_file(), link
+    # No 15-Scene run: each experiment is named with the command that would produce it.
+    missing = markdown.split("## Missing runs", 1)[1].split("\n## ", 1)[0]
+    for experiment in experiments:
+        assert f"`{experiment.command()}`" in missing
+    assert "--data path/to/15-Scene" in missing
+    # The report is logged as an MLflow run.
+    client = MlflowClient()
+    report_runs = client.search_runs([client.get_experiment_by_name("report").experiment_id])
+    assert len(report_runs) == 1
+    logged = {a.path for a in client.list_artifacts(report_runs[0].info.run_id, "report")}
+    assert "report/report.md" in logged and "report/figures" in logged and "report/studies.csv" in logged
+    # Every study in the store, side by side.
+    studies = markdown.split("## Studies in the tracking store", 1)[1]
+    assert studies.count("| DEMO |") == 4 and (out / "studies.csv").is_file()
+    assert_backbones_section(section_of(markdown, "Backbones"))
 
+
+def assert_question_sections(markdown: str) -> None:
+    """The study's questions, each with its own table or figures."""
     # Q1: the parameter table.
     q1 = section_of(markdown, "Q1")
     assert "| total | 138,357,544 |" in q1 and "| 19 | fc6 | Fully connected | 25088 | 4096 |" in q1
@@ -265,27 +289,10 @@ def test_report_from_the_demo_runs_holds_each_table(tmp_path_factory, tmp_path, 
         row = [line for line in q123.splitlines() if line.startswith(f"| {pooling} | #")]
         assert len(row) == 1 and "%" in row[0], pooling
     assert "curves.png" in q123
-    # Hardware of each measured figure.
-    assert markdown.count(", flags ") >= 5  # the CPU's model and speed flags, per stage
-    # Every linked figure exists.
-    for link in re.findall(r"\]\((figures/[^)]+)\)", markdown) + re.findall(r'src="(figures/[^"]+)"', markdown):
-        assert (out / link).is_file(), link
-    # No 15-Scene run: each experiment is named with the command that would produce it.
-    missing = markdown.split("## Missing runs", 1)[1].split("\n## ", 1)[0]
-    for experiment in experiments:
-        assert f"`{experiment.command()}`" in missing
-    assert "--data path/to/15-Scene" in missing
-    # The report is logged as an MLflow run.
-    client = MlflowClient()
-    report_runs = client.search_runs([client.get_experiment_by_name("report").experiment_id])
-    assert len(report_runs) == 1
-    logged = {a.path for a in client.list_artifacts(report_runs[0].info.run_id, "report")}
-    assert "report/report.md" in logged and "report/figures" in logged and "report/studies.csv" in logged
-    # Every study in the store, side by side.
-    studies = markdown.split("## Studies in the tracking store", 1)[1]
-    assert studies.count("| DEMO |") == 4 and (out / "studies.csv").is_file()
-    # Beyond VGG: one row per backbone, what it costs and gives, beside Kornblith et al.
-    backbones = section_of(markdown, "Backbones")
+
+
+def assert_backbones_section(backbones: str) -> None:
+    """Beyond VGG: one row per backbone, what it costs and gives, beside Kornblith et al."""
     assert "Kornblith, Shlens and Le" in backbones and "89.15 % test" in backbones
     header = next(line for line in backbones.splitlines() if line.startswith("| backbone | family |"))
     for column in ("parameters", "features (width)", "ImageNet top-1", "extraction images/s", "val acc", "test acc"):

@@ -10,6 +10,7 @@ depend on each other's order. Tiny data: 3 classes, 32 px, 10 training images pe
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import psycopg
@@ -381,6 +383,35 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+@contextlib.contextmanager
+def served_hidden_from(folder: Path, model_uri: str, cwd: Path, log_path: Path) -> Iterator[str]:
+    """``mlflow models serve -m MODEL_URI`` started in ``cwd`` where ``folder`` reads as empty; its
+    base URL once it answers /ping; stopped (its whole process group) afterwards."""
+    port = servers.free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(hidden_from(folder, [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
+                                                       "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]),
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not serving after 120 s: " + log_path.read_text()[-3000:]
+            time.sleep(1)
+        yield base
+    finally:
+        servers.stop(server)  # its whole process group (the server and its uvicorn worker)
+
+
 def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_path):
     """A model registered through the server is promoted, predicted with and served from a
     folder that cannot see the services' artifact directory: artifacts come through the proxy.
@@ -412,36 +443,12 @@ def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_p
     rows = json.loads(predicted.stdout)
     assert [r["file"] for r in rows] == list(map(str, images)) and {r["label"] for r in rows} <= set(CLASSES)
 
-    port = servers.free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(hidden_from(remote.dir, [str(bin_dir / "mlflow"), "models", "serve", "-m",
-                                                           f"models:/{model}@champion", "--env-manager", "local",
-                                                           "-h", "127.0.0.1", "-p", str(port)]),
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere, env=env,
-                                  start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "not serving after 120 s: " + log_path.read_text()[-3000:]
-            time.sleep(1)
+    with served_hidden_from(remote.dir, f"models:/{model}@champion", elsewhere, tmp_path / "serve.log") as base:
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]}}
         status, answer = post(f"{base}/invocations", body)
         assert status == 200, answer
         assert [p["label"] for p in answer["predictions"]] == [r["label"] for r in rows]
-    finally:
-        servers.stop(server)  # its whole process group (the server and its uvicorn worker)
     assert not list(elsewhere.iterdir()), f"files written in the client's folder: {list(elsewhere.iterdir())}"
 
 

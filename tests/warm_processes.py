@@ -16,7 +16,8 @@ command it forks a *waiter*, and the waiter forks the process itself, which:
 - exits as an interpreter does: non-daemon threads joined, ``atexit`` handlers run (MLflow ends
   its runs there), streams flushed, the exit status of ``SystemExit``, and death by SIGINT
   after an uncaught KeyboardInterrupt.
-The waiter sends the process's pid, then its exit status, back on the same socket.
+The waiter sends the process's pid, then its exit status and CPU time (its own and that of what
+it waited for), back on the same socket.
 
 So it is a real process with its own pid, signals, files, locks, stores and exit status; what it
 does not repeat is the interpreter's start-up and the imports. Tests that are about a fresh
@@ -43,6 +44,10 @@ PRELOADED = ("scenesweep.cli.main", "scenesweep.cli.run_commands", "scenesweep.c
              "scenesweep.specs.studies", "scenesweep.tracking.sink", "scenesweep.models.promotion",
              "scenesweep.serving.app", "optuna", "sklearn.svm")
 MESSAGE_BYTES = 1 << 20  # a command's argv, cwd and environment, as JSON
+# The forked processes that ended, and their CPU (user + system) seconds: what
+# ``benchmarks/suite_cost.py`` adds to a test's started processes (they are not this process's
+# children, so ``os.times`` does not see them).
+FORKED = {"processes": 0, "cpu_s": 0.0}
 _zygote: subprocess.Popen | None = None
 _zygote_socket: Path | None = None
 _zygote_lock = threading.Lock()
@@ -69,7 +74,7 @@ def zygote_socket() -> Path:
             log.close()
             atexit.register(_stop_zygote, _zygote, folder)
         zygote, path = _zygote, _zygote_socket
-    while not path.exists():  # the socket is bound before the imports: a few ms
+    while not path.exists():  # it listens before the imports: a few ms
         if zygote.poll() is not None:
             raise RuntimeError(f"the test zygote exited ({zygote.returncode}); see {path.parent / 'zygote.log'}")
         threading.Event().wait(0.01)
@@ -133,7 +138,11 @@ class WarmPopen(subprocess.Popen):
             return False
         self._status_socket.close()
         self._status_socket = None
-        self.returncode = json.loads(message)["returncode"] if message else -signal.SIGKILL
+        status = json.loads(message) if message else {"returncode": -signal.SIGKILL, "cpu_s": 0.0}
+        self.returncode = status["returncode"]
+        with _zygote_lock:
+            FORKED["processes"] += 1
+            FORKED["cpu_s"] += status["cpu_s"]
         return True
 
     def _internal_poll(self, _deadstate=None, **_unused):
@@ -169,13 +178,18 @@ def run_process(args, *, timeout: float | None = None, **popen_args) -> subproce
 
 def _serve(path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(path)
+    # Bound and listening under another name, then renamed: a client that sees the path can
+    # connect (one that connected between bind and listen was refused).
+    server.bind(path + ".binding")
     server.listen(64)
+    os.rename(path + ".binding", path)
     import importlib
 
     for module in PRELOADED:
         importlib.import_module(module)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
+    # Waiters are reaped as they end, so that their CPU (and their commands') adds up in this
+    # process's children, and in the pytest process's once it stops this one.
+    signal.signal(signal.SIGCHLD, _reap_waiters)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C meant for pytest
     while True:
         connection, _ = server.accept()
@@ -186,6 +200,14 @@ def _serve(path: str) -> None:
         connection.close()
         for fd in fds:
             os.close(fd)
+
+
+def _reap_waiters(signum, frame) -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def _wait_for(connection: socket.socket, request: dict, fds: list[int]) -> None:
@@ -199,15 +221,15 @@ def _wait_for(connection: socket.socket, request: dict, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
         connection.send(json.dumps({"pid": pid}).encode())
-        _, status = os.waitpid(pid, 0)
-        connection.send(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+        _, status, usage = os.wait4(pid, 0)
+        connection.send(json.dumps({"returncode": os.waitstatus_to_exitcode(status),
+                                    "cpu_s": usage.ru_utime + usage.ru_stime}).encode())
     finally:
         os._exit(0)
 
 
 def _run(request: dict, fds: list[int]) -> None:
     """The command: ``python -m scenesweep ARGV`` in the test's directory, environment and streams."""
-    import atexit
     import runpy
     import traceback
 
