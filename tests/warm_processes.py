@@ -177,6 +177,13 @@ def run_process(args, *, timeout: float | None = None, **popen_args) -> subproce
 # The zygote's side (this file run as a script).
 
 def _serve(path: str) -> None:
+    import ctypes
+
+    # Gone with the pytest process however it ends (a SIGKILL runs no atexit); not inherited by
+    # the processes it forks.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        return
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # Bound and listening under another name, then renamed: a client that sees the path can
     # connect (one that connected between bind and listen was refused).
