@@ -79,6 +79,18 @@ def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=timeout)
 
 
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    """Until ``url`` answers 200 (a server's /ping); the test fails, with the end of ``log``, when
+    ``process`` exits first or ``timeout_s`` passes."""
+    from scenesweep.services import servers
+
+    deadline = time.monotonic() + timeout_s
+    while not servers.answers(url):
+        assert process.poll() is None, f"exited ({process.returncode}): " + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{url} not answering after {timeout_s:.0f} s: " + log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.3) -> T:
     """``condition()``'s first truthy value within ``timeout`` seconds, else the test fails
     saying ``what`` never happened."""

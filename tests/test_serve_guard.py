@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from experiment_runs import small_scenes
+from helpers import wait_until_serving
 from scenesweep.cli.main import main
 from scenesweep.serving.guard import ECHO_RUN, inner_error, json_too_deep, mask_echoes
 from scenesweep.services import servers
@@ -69,14 +70,6 @@ def champion_store(tmp_path_factory):
     return SimpleNamespace(env=env, folder=folder, model=model)
 
 
-def wait_for_ping(port: int, process: subprocess.Popen, log, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not servers.answers(f"http://127.0.0.1:{port}/ping"):
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no /ping after 180 s: " + log.read_text()[-3000:]
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def server(champion_store):
     """`scenesweep serve @champion --workers 2` on a free port, in its own process group."""
@@ -88,7 +81,7 @@ def server(champion_store):
                                     "--workers", "2"], stdout=output, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     try:
-        wait_for_ping(port, process, log)
+        wait_until_serving(f"http://127.0.0.1:{port}/ping", process, log)
         yield SimpleNamespace(port=port, process=process, log=log)
     finally:
         servers.stop(process)  # the group (workers too), when the last test has not stopped it

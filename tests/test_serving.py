@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,7 +35,7 @@ from scenesweep.models.pyfunc import InputError
 from scenesweep.services import servers
 from scenesweep.compute.training import fit_head, prepare
 
-from helpers import CLASSES, run_cli
+from helpers import CLASSES, run_cli, wait_until_serving
 from test_registry import write_flat_scenes
 
 pytestmark = pytest.mark.slow
@@ -295,17 +294,7 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (store.folder / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not up after 90 s: " + (store.folder / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_until_serving(f"{base}/ping", server, store.folder / "serve.log", timeout_s=90)
 
         paths = store.test_paths
         expected = champion.predict(table(paths))

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from scenesweep.services import servers
 from scenesweep.services import shared_services as services
 
-from helpers import CLASSES, REPO, run_cli
+from helpers import CLASSES, REPO, run_cli, wait_until_serving
 from warm_processes import WarmPopen
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
@@ -396,17 +396,7 @@ def served_hidden_from(folder: Path, model_uri: str, cwd: Path, log_path: Path) 
                                   stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "not serving after 120 s: " + log_path.read_text()[-3000:]
-            time.sleep(1)
+        wait_until_serving(f"{base}/ping", server, log_path, timeout_s=120)
         yield base
     finally:
         servers.stop(server)  # its whole process group (the server and its uvicorn worker)
