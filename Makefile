@@ -14,8 +14,8 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,postgres]'
+	$(BIN)/python -m pip install --quiet --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --quiet -e '.[test,postgres]'
 	grep -q MLFLOW_TRACKING_URI $(BIN)/activate || \
 	  printf '\n# scenesweep: the project tracking store\nexport MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlruns/mlflow.db"\nexport MLFLOW_DISABLE_TELEMETRY=true\n' >> $(BIN)/activate
 	touch $(STAMP)
@@ -29,8 +29,11 @@ demo: $(STAMP)
 # One pytest worker per core (pytest-xdist); each test file runs whole on one worker, the slowest
 # files first (tests/conftest.py): the files' module fixtures (a PostgreSQL cluster, an MLflow
 # server, the demo runs) start once.
+# The free disk is printed first: the tests write about 13 GB in all (each passed test's folders
+# are removed as it ends), and a full disk fails every test at its set-up.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	@echo "free for the tests' temporary files: $$(df -h --output=avail "$$($(BIN)/python -c 'import tempfile; print(tempfile.gettempdir())')" | tail -1)"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --tb=short
 
 # Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

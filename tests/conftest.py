@@ -51,17 +51,33 @@ def copy_store(template: Path, folder: Path) -> None:
                            ((folder / "artifacts" / "0").resolve().as_uri(),))
 
 
+# Each phase's outcome, on the test: a passed test's store is removed at its teardown.
+PHASES_PASSED = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.stash.setdefault(PHASES_PASSED, {})[report.when] = report.passed
+    return report
+
+
 @pytest.fixture(autouse=True)
-def _isolated_environment(tmp_path_factory, monkeypatch, _store_template):
-    """No test touches the user's store, cache, or the network; each test gets its own store."""
+def _isolated_environment(request, tmp_path_factory, monkeypatch, _store_template):
+    """No test touches the user's store, cache, or the network; each test gets its own store.
+
+    A passed test's store and TORCH_HOME are removed when it ends, as its ``tmp_path`` is
+    (``tmp_path_retention_policy = "failed"``): the suite writes about 13 GB of models, weights
+    and caches, which a CI machine's disk need not hold at once. A failed test's stay to look at."""
     store = tmp_path_factory.mktemp("store")
+    torch_home = tmp_path_factory.mktemp("torch_home")
     copy_store(_store_template, store)
     tracking_uri = f"sqlite:///{store / 'mlflow.db'}"  # a real SQLite store in a temporary folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     monkeypatch.setenv("SCENESWEEP_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
@@ -74,6 +90,11 @@ def _isolated_environment(tmp_path_factory, monkeypatch, _store_template):
     while mlflow.active_run():
         mlflow.end_run()
     yield store
+    if all(request.node.stash.get(PHASES_PASSED, {"call": False}).values()):
+        import shutil
+
+        for folder in (store, torch_home):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
