@@ -18,8 +18,8 @@ or an AMD with AVX-512 bf16 or neither, and the library build matters as much):
    given widths (Linear, ReLU, Dropout per hidden width, then Linear; the study's
    25088-1024-1024-15 with dropout 0.5 by default), Adam (``fused=True`` on CPU and CUDA),
    cross-entropy, on random features held in one tensor on the device. It runs under the
-   process settings every scenesweep run has (``scenesweep.compute.numerics``: denormals flushed,
-   large buffers on huge pages), so no run gains from a setting the floor lacks. Its floor
+   process settings every scenesweep run has (``scenesweep.compute.numerics``: denormals flushed),
+   so no run gains from a setting the floor lacks. Its floor
    (``floor_s``) is ``head_op_ceiling``, the head's own summed ceiling: each operation of a step
    timed alone at its best and summed, as the conv ceiling sums the layers (the forward GEMMs,
    the weight- and input-gradient GEMMs into buffers reused from call to call, the fused Adam

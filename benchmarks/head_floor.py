@@ -8,7 +8,8 @@ PyTorch loop of ``floor.head_step`` on
   random-weight VGG16 at 224 px (``--data``: an image folder, e.g. ``make_scenes.py``'s),
 
 each in a fresh process with 4 KiB pages and with huge pages for buffers of 2 MiB and more
-(PyTorch's ``THP_MEM_ALLOC_ENABLE``, which ``scenesweep.compute.numerics`` turns on), rounds
+(PyTorch's ``THP_MEM_ALLOC_ENABLE``, which ``scenesweep.compute.numerics`` turned on until
+``compute/mlp_layers.py`` kept the head's gradient: ``huge_pages.py`` measures both), rounds
 interleaved. Per case: the median and best step, and the minor page faults per step. Then the
 package's own ``MLPHead`` is fitted on the real features of each pooling, in the same processes,
 and its logged median step is set beside the bare loop's best step (the floor).

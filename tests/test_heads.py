@@ -3,12 +3,17 @@ import os
 import subprocess
 import sys
 
+import pickle
+
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 
 from scenesweep.core.config import make_config
 from scenesweep.compute.heads import HEAD_CLASSES, MLPHead, SVMHead, make_head
+from scenesweep.compute.mlp_layers import KeptGradLinear, build_mlp, release_buffers
+from scenesweep.compute.precision import autocast
 from scenesweep.compute.training import fit_head, prepare
 
 
@@ -77,40 +82,55 @@ def test_the_svm_fits_in_the_samples_span_with_liblinears_own_answer(C):
     assert head.coef_.shape == (3, 500)
 
 
-def huge_pages_only_where_asked() -> bool:
-    """The kernel's mode is ``[madvise]``: a mapping gets huge pages only when its process asks
-    (under ``[always]`` every one does, under ``[never]`` none: nothing of ours to see)."""
-    try:
-        return "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
+def plain_mlp(in_features: int, hidden: tuple[int, ...], n_classes: int) -> torch.nn.Sequential:
+    """The head as autograd's own layers would build it (every Linear an ``nn.Linear``)."""
+    layers, width = [], in_features
+    for out in hidden:
+        layers += [torch.nn.Linear(width, out), torch.nn.ReLU(inplace=True), torch.nn.Dropout(0.5)]
+        width = out
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, n_classes))
 
 
-@pytest.mark.skipif(not huge_pages_only_where_asked(),
-                    reason="the kernel's transparent huge pages are not in madvise mode")
-def test_a_scenesweep_process_maps_large_buffers_on_huge_pages():
-    """A 100 MB buffer (fc6's weight gradient, allocated afresh at every head step) is mapped for
-    2 MiB pages in a process that runs scenesweep's compute code (the kernel's ``THPeligible``
-    for its mapping), where 4 KiB pages cost the 25,000 page faults that dominated a head step's
-    time (compute/numerics.py). How many huge pages the kernel then hands out depends on its free
-    memory's fragmentation at that moment, not on us: under the full suite's load a fault count
-    was 11,319 once, against about 300 on an idle machine, so the test reads the mapping."""
-    code = (
-        "import torch\n"
-        "from scenesweep.compute import heads\n"
-        "gradient = torch.ones(25088 * 1024)  # (fc6 out x in) floats: 100 MB\n"
-        "address, inside = gradient.data_ptr(), False\n"
-        "for line in open('/proc/self/smaps').read().splitlines():\n"
-        "    first = line.split(' ', 1)[0]\n"
-        "    if '-' in first and not first.endswith(':'):  # a mapping's header: START-END perms ...\n"
-        "        start, end = (int(x, 16) for x in first.split('-'))\n"
-        "        inside = start <= address < end\n"
-        "    elif inside and line.startswith('THPeligible:'):\n"
-        "        print(line.split()[1])\n")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["1"], result.stdout
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("hidden", [(64, 32), ()], ids=["hidden", "linear"])
+def test_a_head_step_writes_its_first_weight_gradient_into_one_buffer_with_autograds_numbers(precision, hidden):
+    """The head's first layer (fc6 of the study's head: a 100 MB weight gradient) keeps one buffer
+    for its weight gradient across steps, instead of a fresh allocation per step whose 4 KiB pages
+    each fault (compute/mlp_layers.py); losses and weights after 30 Adam steps are autograd's
+    ``nn.Linear``'s bit for bit, in fp32 and under bf16 autocast. A trained head keeps no buffer."""
+    X, y = torch.randn(240, 500), torch.randint(0, 15, (240,))  # (N, D) features, labels
+    trained = []
+    for build in (lambda: build_mlp(500, hidden, 0.5, 15), lambda: plain_mlp(500, hidden, 15)):
+        torch.manual_seed(0)
+        model = build().train()
+        torch.manual_seed(1)  # the same dropout masks for both
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        losses, buffers = [], set()
+        for step in range(30):
+            rows = slice(step * 8, step * 8 + 8)
+            with autocast(torch.device("cpu"), precision):
+                loss = torch.nn.functional.cross_entropy(model(X[rows]), y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            buffers.add(model[0].weight.grad.data_ptr())
+        trained.append((losses, [p.detach().clone() for p in model.parameters()], buffers, model))
+    (kept_losses, kept_weights, kept_buffers, kept), (losses, weights, buffers, _) = trained
+    assert isinstance(kept[0], KeptGradLinear) and len(kept_buffers) == 1 and len(buffers) > 1
+    assert kept_losses == losses and all(torch.equal(a, b) for a, b in zip(kept_weights, weights))
+    release_buffers(kept)
+    assert kept[0].kept_grad is None and all(p.grad is None for p in kept.parameters())
+    assert len(pickle.dumps(kept)) < 1.1 * sum(p.numel() * 4 for p in kept.parameters()) + 10_000
+
+
+def test_a_fitted_mlp_head_pickles_without_its_training_buffers():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(0, 1, (60, 300)).astype(np.float32), np.repeat(np.arange(3), 20)
+    head = MLPHead(hidden="16", epochs=2, batch_size=8).fit(X, y)
+    first = head.model_[0]
+    assert isinstance(first, KeptGradLinear) and first.kept_grad is None and first.weight.grad is None
+    assert (pickle.loads(pickle.dumps(head)).predict(X) == head.predict(X)).all()
 
 
 def test_denormals_are_flushed_in_every_thread_of_a_scenesweep_process():

@@ -30,6 +30,7 @@ from . import numerics  # noqa: F401  (denormals flushed before torch's threads 
 from .atomic_files import atomic_write
 from .features import batch_timing_stats
 from .hardware import resolve_device
+from .mlp_layers import build_mlp, release_buffers
 from .precision import autocast
 
 EpochCallback = Callable[[int, dict], None]
@@ -122,17 +123,6 @@ class SVMHead(ClassifierMixin, BaseEstimator):
         return float(np.mean(np.sum(np.maximum(0.0, 1.0 - signs * scores) ** 2, axis=1)))
 
 
-def build_mlp(in_features: int, hidden: tuple[int, ...], dropout: float, n_classes: int) -> nn.Sequential:
-    """The study's head: (Linear, ReLU, Dropout) per hidden width, then Linear to the classes."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for out in hidden:
-        layers += [nn.Linear(width, out), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-        width = out
-    layers.append(nn.Linear(width, n_classes))
-    return nn.Sequential(*layers)
-
-
 class MLPHead(ClassifierMixin, BaseEstimator):
     """The study's new classifier head trained with Adam and cross-entropy on cached features.
 
@@ -174,8 +164,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         batch_counts: list[int] = []
         # Denormals are flushed process-wide (compute/numerics.py): a head that learns little
         # would otherwise slow down epoch after epoch.
-        self._train(X_t, y_t, optimizer, loss_fn, generator, device, eval_set, on_epoch, batch_seconds,
-                    batch_counts)
+        try:
+            self._train(X_t, y_t, optimizer, loss_fn, generator, device, eval_set, on_epoch, batch_seconds,
+                        batch_counts)
+        finally:
+            release_buffers(self.model_)  # the last step's gradients and the kept buffers: 100 MB or more
         self.train_timing_ = batch_timing_stats(batch_seconds, batch_counts)
         return self
 

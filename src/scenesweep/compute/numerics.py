@@ -13,16 +13,16 @@
    Setting it only around the fit, in a process that had extracted features first (its thread
    pool already running), left a pooling trial at 7.5 s per epoch for 4 epochs, then 25 s.
 
-2. Buffers of 2 MiB and more are allocated on transparent huge pages (PyTorch's own
-   ``THP_MEM_ALLOC_ENABLE``, which c10 reads once, at its first large allocation). A head's step
-   on CPU is not bound by its arithmetic but by the kernel's page faults: backward allocates
-   fc6's weight gradient afresh every step (25088 x 1024 floats, 100 MB, for the study's pool5
-   head), glibc maps it from the kernel (it is over malloc's 32 MB mmap ceiling), and every 4 KiB
-   page faults on first touch: 25,000 minor faults a step. Measured on an AMD EPYC Zen 3, 2 cores
-   (``benchmarks/head_floor.py``): the bare loop at batch 8 took 93-104 ms a step with 4 KiB pages
-   and 59-62 ms with huge pages (1,100 faults a step), the same on random and on real max-, avg-
-   and lp1-pooled features. Eager VGG16 extraction at 224 px was unchanged (within run-to-run
-   noise). A value the user set (``THP_MEM_ALLOC_ENABLE=0``) is kept.
+2. Large buffers stay on the kernel's 4 KiB pages: PyTorch's ``THP_MEM_ALLOC_ENABLE`` (2 MiB
+   pages for every allocation of 2 MiB and more) is not set. It made a head step faster (fc6's
+   100 MB weight gradient, allocated afresh at every step, faulted 25,000 times on 4 KiB pages),
+   but every other large allocation slower where the machine is a virtual machine that reports
+   free memory to its host (virtio-balloon free page reporting: a fresh huge page is one the
+   host faults in again). Measured on this project's AMD EPYC Zen 3 VM, 2 cores
+   (``benchmarks/huge_pages.py``): VGG16 built with random weights in 9.5 s instead of 1.5 s, and
+   with fc6/fc7 16384 wide in 29 s instead of 6.3 s. The head's first layer now keeps its weight
+   gradient in one buffer (``compute/mlp_layers.py``): 51 ms a step on 4 KiB pages, as fast as
+   huge pages made it. A value the user sets (``THP_MEM_ALLOC_ENABLE=1``) is PyTorch's to read.
 
 Imported for its effect by every compute module that runs torch. This module imports neither
 MLflow, Optuna nor click.
@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import os
 
-# Before torch allocates anything large (c10 caches the variable at that first allocation).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402  (after the allocator's setting)
+import torch
 
 # False where the CPU cannot (then nothing changes).
 FLUSHES_DENORMALS = torch.set_flush_denormal(True)
-HUGE_PAGE_ALLOCATIONS = os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+# Whether PyTorch maps large buffers on huge pages (only where the user asked for it).
+HUGE_PAGE_ALLOCATIONS = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"

@@ -40,6 +40,7 @@ from ..core.machine import this_cpu
 from . import numerics  # noqa: F401  (denormals flushed before torch's threads start)
 from .atomic_files import atomic_write
 from .hardware import cpu_capability
+from .mlp_layers import build_mlp
 
 PROBE_FORMAT = 1
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -201,10 +202,7 @@ def measure_head_steps(widths: tuple[int, ...], batch_size: int, device: torch.d
     y = torch.randint(0, widths[-1], (samples,), device=device)
     speed = {}
     for precision in precisions:
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-2], widths[1:-1]):
-            layers += [nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(0.5)]
-        model = nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1])).to(device).train()
+        model = build_mlp(widths[0], tuple(widths[1:-1]), 0.5, widths[-1]).to(device).train()  # the head that runs
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
         best = float("inf")
         for step in range(warmup + steps):
