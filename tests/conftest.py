@@ -190,6 +190,11 @@ def tmpfs(tmp_path):
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.strip()}")
         mounted.append(mountpoint)
+        # The tests fill it: had the mount not taken (a sandbox's mount that reports success),
+        # they would fill the disk every other test writes to.
+        size = os.statvfs(mountpoint).f_blocks * os.statvfs(mountpoint).f_frsize
+        if not os.path.ismount(mountpoint) or size > 2 * size_mb * 2**20:
+            pytest.fail(f"{mountpoint}: no {size_mb} MB tmpfs there after mount ({size / 2**20:.0f} MB)")
         return mountpoint
 
     yield mount
