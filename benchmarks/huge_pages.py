@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py
-from _common import load_average, table  # noqa: E402
+from _common import load_average, machine_line, table  # noqa: E402
 
 PAGES = {"4 KiB": "0", "huge": "1"}
 WIDTHS = (4096, 16384)
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return 0
-    from scenesweep.compute import hardware
-
-    print(f"machine: {hardware.describe('cpu')}")
-    print(f"load average at start: {load_average()}")
+    print(f"machine: {machine_line('cpu')}, load average at start: {load_average()}")
     cases = [f"build:{width}" for width in WIDTHS] + ["head:nn.Linear", "head:KeptGradLinear"]
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
