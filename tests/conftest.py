@@ -164,9 +164,13 @@ def split_scenes(tmp_path) -> Path:
 
 # The slowest files first: xdist (``--dist loadfile``) hands a whole file to an idle worker in
 # collection order, and a long file that starts last keeps the other worker idle at the end.
-SLOW_FIRST = ("test_several_machines", "test_sweep_workers", "test_experiments", "test_kill_moments",
-              "test_browser", "test_sweeps", "test_services", "test_serving", "test_serve_guard", "test_study_tracking",
-              "test_single_runs", "test_registry", "test_bad_input")
+# The order is each file's measured test time, longest first (``benchmarks/suite_cost.py`` on
+# the 2-core Zen 3, 2026-12-07: sweep workers 285 s, sweeps 191, several machines 166, ...);
+# files not named come after, in pytest's order.
+SLOW_FIRST = ("test_sweep_workers", "test_sweeps", "test_several_machines", "test_experiments", "test_searching",
+              "test_backbone", "test_single_runs", "test_serve_guard", "test_serving", "test_features",
+              "test_study_tracking", "test_browser", "test_registry", "test_services", "test_kill_moments",
+              "test_heads", "test_precision", "test_imagenet", "test_bad_input")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,13 +1,16 @@
 """What the tests share besides fixtures: the repository, the image classes the tests draw,
-running the CLI (in this process or as a new one) and ``mlflow run``, and waiting for a
-condition. Test modules import these from here (``from helpers import ...``), never from conftest.
+running the CLI (in this process or as a new one) and ``mlflow run``, what a refused command
+must print, a JSON POST to a server, and waiting for a condition. Test modules import these from here (``from helpers import ...``), never from conftest.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -77,6 +80,39 @@ def run_mlflow_project(entry: str, params: dict[str, object], timeout: int = 900
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=timeout)
+
+
+def error_line(result) -> str:
+    """The one ``error: ...`` line a refused command prints (exit status 2, no traceback), from a
+    finished process or from click's runner."""
+    status = result.returncode if hasattr(result, "returncode") else result.exit_code
+    assert status == 2, (status, result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def assert_clear_error(result, *fragments: str) -> None:
+    """Refused with one error line that names each of ``fragments``."""
+    line = error_line(result)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+def assert_one_error(result, expected: str) -> None:
+    """Refused with exactly the line ``error: EXPECTED``."""
+    assert error_line(result) == f"error: {expected}"
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """POST ``body`` as JSON; the status and the decoded JSON answer, an error status included."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:

@@ -18,16 +18,7 @@ from PIL import Image
 
 from scenesweep.services.servers import free_port
 
-from helpers import REPO, invoke, run_cli
-
-
-def assert_clear_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(message) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in message[0], (fragment, message[0])
+from helpers import REPO, assert_clear_error, invoke, run_cli
 
 
 def svm(data, *extra):

@@ -23,7 +23,7 @@ from scenesweep.specs.experiments import (DEMO_SETTING, REAL_SETTING, TAG_EXPERI
 from scenesweep.specs.plans import plan
 from scenesweep.compute.featuremaps import first_conv_maps
 
-from helpers import REPO, run_cli, run_mlflow_project
+from helpers import REPO, assert_clear_error, run_cli, run_mlflow_project
 from experiment_runs import EXPERIMENT_FILES, demo_runs
 
 EXPECTED = {"q1_parameter_count", "q3_imagenet_predictions", "q4_first_conv_maps", "q8_svm_relu7",
@@ -36,15 +36,6 @@ def invoke(*args: str) -> subprocess.CompletedProcess:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
-
-
-def assert_clear_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(message) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in message[0], (fragment, message[0])
 
 
 def runs_of(name: str):

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from scenesweep.specs.studies import SAMPLERS
 
-from helpers import REPO, invoke
+from helpers import REPO, assert_clear_error, invoke
 from warm_processes import WarmPopen
 from sweep_helpers import load, parents_and_children, study_file, sweep
 
@@ -50,15 +50,6 @@ def trial_runs(study_name):
 def parent_of(study_name):
     parents, _ = parents_and_children()
     return next(p for p in parents if p.data.tags["study"] == study_name)
-
-
-def assert_clear_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout[-1000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # --------------------------------------------------------------------------------------------

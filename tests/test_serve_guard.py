@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from experiment_runs import small_scenes
-from helpers import wait_until_serving
+from helpers import assert_one_error, wait_until_serving
 from scenesweep.cli.main import main
 from scenesweep.serving.guard import ECHO_RUN, inner_error, json_too_deep, mask_echoes
 from scenesweep.services import servers
@@ -263,12 +263,6 @@ def test_sigterm_stops_the_server_and_its_workers(server):
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
-
-
-def assert_one_error(result, expected: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [f"error: {expected}"]
-    assert "Traceback" not in result.output
 
 
 def test_bad_command_lines_are_one_error_line():

@@ -7,12 +7,9 @@ import base64
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,14 +25,13 @@ from scenesweep.compute import backbone
 from scenesweep.cli.main import main
 from scenesweep.core.backbone_families import FAMILIES
 from scenesweep.core.config import make_config
-from scenesweep.compute.imagenet import imagenet_categories, top_classes
 from scenesweep.models.promotion import promote
 from scenesweep.models.logged import log_image_classifier
 from scenesweep.models.pyfunc import InputError
 from scenesweep.services import servers
 from scenesweep.compute.training import fit_head, prepare
 
-from helpers import CLASSES, run_cli, wait_until_serving
+from helpers import CLASSES, assert_one_error, post_json, run_cli, wait_until_serving
 from test_registry import write_flat_scenes
 
 pytestmark = pytest.mark.slow
@@ -197,12 +193,6 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def assert_one_error(result, expected: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [f"error: {expected}"]
-    assert "Traceback" not in result.output
-
-
 def test_predict_command_prints_a_table_and_names_a_bad_file(store):
     paths = store.test_paths[:2]
     result = invoke("predict", *map(str, paths), "--model-uri", f"models:/{MODEL}/1")
@@ -224,67 +214,12 @@ def test_predict_command_prints_a_table_and_names_a_bad_file(store):
     assert result.exit_code == 2 and f"--model-uri=models:/{MODEL}@nobody: cannot load it" in result.stderr
 
 
-def test_imagenet_top_classes_named_from_the_weights_metadata(tmp_path, flat_scenes):
-    image = next(flat_scenes.glob("coast/*.png"))
-    model = backbone.build_backbone("vgg16", "random", seed=0)
-    state = model.state_dict()
-    # fc8 answers golden retriever (207) whatever the image: weights zero, bias 20 for that class.
-    state["classifier.6.weight"].zero_()
-    state["classifier.6.bias"].zero_()
-    state["classifier.6.bias"][207] = 20.0
-    weights = tmp_path / "vgg16_golden.pt"
-    torch.save(state, weights)
-    (found,) = top_classes([image], weights=str(weights), image_size=32, top=3)
-    assert found[0][:2] == (207, "golden retriever") and found[0][2] > 0.99
-    assert [name for _, name, _ in found] == [imagenet_categories()[i] for i, _, _ in found]
-
-    random_top = top_classes([image, image], weights="random", image_size=32)
-    assert len(random_top) == 2 and len(random_top[0]) == 5 and random_top[0] == random_top[1]
-    probabilities = [p for _, _, p in random_top[0]]
-    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
-
-
-def test_predict_imagenet_command(flat_scenes):
-    image = next(flat_scenes.glob("forest/*.jpg"))
-    result = invoke("predict", str(image), "--imagenet", "--weights", "random", "--top", "3", "--image_size", "32")
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == ["file", "rank", "class_index", "name", "probability"] and len(lines) == 4
-    names = imagenet_categories()
-    for rank, line in enumerate(lines[1:], 1):
-        cells = line.split()
-        assert cells[0] == str(image) and cells[1] == str(rank)
-        assert " ".join(cells[3:-1]) == names[int(cells[2])]
-
-    assert_one_error(invoke("predict", str(image), "--imagenet", "--model-uri", CHAMPION_URI),
-                     "--model-uri and --imagenet exclude each other: --imagenet uses the full network, not a model")
-    assert_one_error(invoke("predict", str(image), "--top", "3"), "--top: only with --imagenet")
-    assert_one_error(invoke("predict", str(image), "--imagenet", "--top", "0"),
-                     "top=0: expected an integer from 1 to 1000")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def split(*values) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
 
 
 def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
-    port = free_port()
+    port = servers.free_port()
     bin_dir = Path(sys.executable).parent
     # uvicorn is started by name: the venv's bin must be on PATH, as it is once activated.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -298,7 +233,7 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
 
         paths = store.test_paths
         expected = champion.predict(table(paths))
-        status, answer = post(f"{base}/invocations", split(*[b64(p) for p in paths]))
+        status, answer = post_json(f"{base}/invocations", split(*[b64(p) for p in paths]))
         assert status == 200, answer
         assert [p["label"] for p in answer["predictions"]] == list(expected["label"])
         assert [p["class_index"] for p in answer["predictions"]] == list(expected["class_index"])
@@ -312,7 +247,7 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
             "empty input": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty input"),
         }
         for name, (body, message) in bad_requests.items():
-            status, answer = post(f"{base}/invocations", body)
+            status, answer = post_json(f"{base}/invocations", body)
             assert 400 <= status < 500, (name, status, answer)
             assert answer["message"].startswith(message), (name, answer)
             if name == "missing column":
@@ -320,7 +255,7 @@ def test_mlflow_models_serve_answers_images_and_bad_input(store, champion):
             assert "stack_trace" not in answer and "Traceback" not in answer["message"], (name, answer)
 
         # Still serving, and a single image in the records format too.
-        status, answer = post(f"{base}/invocations", {"dataframe_records": [{"image": b64(paths[0])}]})
+        status, answer = post_json(f"{base}/invocations", {"dataframe_records": [{"image": b64(paths[0])}]})
         assert status == 200 and answer["predictions"][0]["label"] == expected["label"][0]
     finally:
         servers.stop(server)  # its whole process group (the server and its uvicorn worker)

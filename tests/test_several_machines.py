@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-import optuna
-import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -37,8 +30,9 @@ from optuna.trial import TrialState
 from scenesweep.services import servers
 from scenesweep.services import shared_services as services
 
-from helpers import CLASSES, REPO, run_cli, wait_until_serving
-from warm_processes import WarmPopen
+from helpers import CLASSES, post_json, run_cli, wait_until_serving
+from remote_workers import (assert_no_password, assert_nothing_running, finish, fresh_schema, load, mlp_study,
+                            parent_and_children, rdb, start_workers, svm_study, trials_of, wait_for_running_trial)
 from services_fixture import postgres_services  # noqa: F401  (a fixture, found by name)
 
 pytestmark = pytest.mark.slow
@@ -55,155 +49,6 @@ def remote(postgres_services, monkeypatch):
 
     mlflow.set_tracking_uri(postgres_services.tracking_uri)
     return postgres_services
-
-
-def password(services) -> str:
-    return urllib.parse.urlsplit(services.storage_url).password
-
-
-def fresh_schema(services) -> str:
-    """A new, empty schema in the optuna database, and the storage URL that uses it: for the
-    workers, a database that has never seen Optuna (its tables are created by whoever comes first)."""
-    schema = f"fresh_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(services.storage_url, connect_timeout=10, autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {schema}")
-    return f"{services.storage_url}?options={urllib.parse.quote(f'-csearch_path={schema}')}"
-
-
-def write_study(tmp_path: Path, name: str, body: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(body).replace("STUDY", name))
-    return path
-
-
-def svm_study(tmp_path, flat_scenes, name, n_trials, register=""):
-    return write_study(tmp_path, name, f"""
-        study: STUDY
-        experiment: STUDY
-        tunes: svm
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, image_size: 32,
-                cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          C: {{type: float, low: 1.0e-3, high: 1.0e2, log: true}}
-        sampler: {{name: tpe, seed: 0}}
-        n_trials: {n_trials}
-        register: "{register}"
-        """)
-
-
-def mlp_study(tmp_path, flat_scenes, name, n_trials, epochs):
-    """Trials long enough to be killed in the middle of one (``epochs`` of a 64-wide head)."""
-    return write_study(tmp_path, name, f"""
-        study: STUDY
-        experiment: STUDY
-        tunes: mlp
-        fixed: {{data: "{flat_scenes}", train_per_class: 10, arch: resnet18, layer: pool, image_size: 32, hidden: "64",
-                epochs: {epochs}, cache_dir: "{tmp_path / 'cache'}"}}
-        space:
-          lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
-        n_trials: {n_trials}
-        register: ""
-        """)
-
-
-class Worker(WarmPopen):
-    """A ``scenesweep sweep`` process whose output goes to files (pipes read one worker at a time
-    could fill up and block a worker that holds the study lock)."""
-
-    def __init__(self, command: list[str], env: dict, logs: Path):
-        logs.mkdir(parents=True, exist_ok=True)
-        self.out_path, self.err_path = (logs / f"{uuid.uuid4().hex[:8]}.{n}" for n in ("out", "err"))
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            super().__init__(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
-
-    def output(self) -> tuple[str, str]:
-        return self.out_path.read_text(), self.err_path.read_text()
-
-
-def start_workers(count: int, study: Path, *args: str, heartbeat: str = "30", env: dict | None = None) -> list[Worker]:
-    command = [sys.executable, "-m", "scenesweep", "sweep", str(study), "--no-progress", "--heartbeat", heartbeat,
-               *args]
-    return [Worker(command, {**os.environ, **(env or {})}, study.parent / "logs") for _ in range(count)]
-
-
-def finish(workers: list[Worker], timeout: float = 600) -> list[tuple[str, str]]:
-    """Wait for every worker (all killed when one outlasts ``timeout``); their (stdout, stderr)."""
-    deadline = time.monotonic() + timeout
-    try:
-        for worker in workers:
-            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
-        pytest.fail("workers still running after %d s; their stderr:\n" % timeout
-                    + "\n".join(w.output()[1][-3000:] for w in workers))
-    return [worker.output() for worker in workers]
-
-
-@functools.lru_cache(maxsize=None)
-def rdb(storage: str) -> optuna.storages.RDBStorage:
-    """One storage (one small pool) per URL for the whole module: a new RDBStorage per poll would
-    open connections faster than they are closed and exhaust PostgreSQL's max_connections."""
-    return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True, "pool_size": 1,
-                                                              "max_overflow": 1})
-
-
-def load(name: str, storage: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=rdb(storage))
-
-
-def trials_of(name: str, storage: str) -> list:
-    try:
-        return load(name, storage).trials
-    except KeyError:  # not created yet
-        return []
-
-
-def experiment_runs(name: str) -> list:
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None, f"no experiment {name!r} on the server"
-    return client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-def parent_and_children(name: str):
-    runs = experiment_runs(name)
-    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
-    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    return runs, parents, children
-
-
-def assert_no_password(services, runs, outputs=()) -> None:
-    """The password is in no run tag, param or note, and in no line a worker printed."""
-    secret = password(services)
-    for run in runs:
-        for kind, values in (("tag", run.data.tags), ("param", run.data.params)):
-            leaked = [key for key, value in values.items() if secret in str(value) or secret in key]
-            assert not leaked, f"run {run.info.run_name}: the password is in its {kind}(s) {leaked}"
-    for out, err in outputs:
-        leaked = [line for line in (out + err).splitlines() if secret in line]
-        assert not leaked, f"a worker printed the password: {leaked[0].replace(secret, '***')}"
-
-
-def assert_nothing_running(runs) -> None:
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-
-
-def wait_for_running_trial(name: str, storage: str, pids: set[int], number: int | None = None,
-                           timeout: float = 300):
-    """A trial RUNNING (trial ``number``, else any) with its MLflow run, run by one of ``pids``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for trial in trials_of(name, storage):
-            if number is not None and trial.number != number:
-                continue
-            worker = trial.user_attrs.get("worker") or {}
-            if trial.state == TrialState.RUNNING and "mlflow_run_id" in trial.user_attrs \
-                    and worker.get("pid") in pids:
-                return trial
-        time.sleep(0.3)
-    pytest.fail(f"no trial of {name} ran within {timeout} s")
 
 
 # --- many workers, one study -------------------------------------------------------------------
@@ -374,15 +219,6 @@ def hidden_from(folder: Path, command: list[str]) -> list[str]:
             *command]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @contextlib.contextmanager
 def served_hidden_from(folder: Path, model_uri: str, cwd: Path, log_path: Path) -> Iterator[str]:
     """``mlflow models serve -m MODEL_URI`` started in ``cwd`` where ``folder`` reads as empty; its
@@ -436,7 +272,7 @@ def test_promote_predict_and_serve_through_the_server(remote, flat_scenes, tmp_p
     with served_hidden_from(remote.dir, f"models:/{model}@champion", elsewhere, tmp_path / "serve.log") as base:
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]}}
-        status, answer = post(f"{base}/invocations", body)
+        status, answer = post_json(f"{base}/invocations", body)
         assert status == 200, answer
         assert [p["label"] for p in answer["predictions"]] == [r["label"] for r in rows]
     assert not list(elsewhere.iterdir()), f"files written in the client's folder: {list(elsewhere.iterdir())}"
