@@ -21,6 +21,8 @@ One run measures, on the same machine and in the same process:
 The conv-layer ceiling and the four VGG settings run round-robin (in each round, a few calls of
 the conv layer in each precision, then one batch of each setting), so that a slow period caused
 by another process on the machine is shared by all of them and the ratios stay meaningful.
+The kernels of parts 1 and 2 are in ``extract_kernels.py``, the pipeline runs of parts 3 to 5 in
+``extract_pipeline.py``; this script measures and prints them in order.
 
 Usage:
     .venv/bin/python benchmarks/extract.py [--image-size 224] [--batch-size 8] [--batches N]
@@ -32,19 +34,12 @@ but the accuracies are those of an untrained network.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
-from torch import nn
 
 # Run from a checkout without installing: put src/ on the path when scenesweep is not importable.
 try:
@@ -52,316 +47,17 @@ try:
 except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scenesweep.compute import backbone, features, hardware, synthetic, training
+from scenesweep.compute import backbone, features, hardware
 from scenesweep.core.config import make_config
 
-# benchmarks/floor.py (the per-layer ceiling) and _common.py: the script's folder on sys.path.
+# benchmarks/floor.py (the per-layer ceiling), _common.py and this script's extract_*.py: the
+# script's folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
-from _common import digits_subset, flops_per_image, load_average, table  # noqa: E402
-
-WARMUP = features.WARMUP_BATCHES  # leading batches / iterations left out of every timing
-
-
-# --------------------------------------------------------------------------------------------
-# Timing and FLOP counting
-# --------------------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work, so that wall-clock time covers the kernels (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_repeats(fn: Callable[[], object], device: torch.device, repeats: int,
-                 warmup: int = WARMUP) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
-
-    Warm-up calls let oneDNN / cuDNN pick and cache their kernels and the allocator settle.
-    """
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        seconds = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            fn()
-            sync(device)
-            seconds.append(time.perf_counter() - began)
-    return seconds
-
-
-
-# --------------------------------------------------------------------------------------------
-# 1. The ceiling: one conv layer and one matmul
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Ceiling:
-    """Throughput of one kernel in one precision."""
-
-    name: str
-    precision: str
-    gflop: float  # per call
-    seconds: list[float]
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def gflops(self) -> float:
-        return self.gflop / self.median_s
-
-
-@dataclass
-class ConvCeiling(Ceiling):
-    """The conv-layer ceiling of one precision, timed inside the VGG rounds (see measure_rounds).
-
-    The layer is 512 -> 512 channels, 3x3, padding 1, on (8, 512, 28, 28) channels_last: the
-    shape of VGG16's conv4_2/conv4_3 at 224, so it is about the best the network's own layers
-    can hope for on this machine and library build.
-    """
-
-    module: nn.Module | None = None
-    input: torch.Tensor | None = None
-
-    def call(self) -> torch.Tensor:
-        return self.module(self.input)  # (8, 512, 28, 28)
-
-
-def conv_ceilings(device: torch.device) -> list[ConvCeiling]:
-    """The fp32 and bf16 conv layers, same weights and input, both channels_last."""
-    torch.manual_seed(0)
-    layer = nn.Conv2d(512, 512, kernel_size=3, padding=1).to(device).eval()
-    x = torch.randn(8, 512, 28, 28, device=device)  # (N, C, H, W)
-    gflop = 2.0 * 8 * 512 * 28 * 28 * 512 * 3 * 3 / 1e9  # 2 * N*C_out*H*W * C_in*kh*kw = 29.6
-    return [ConvCeiling("conv3x3 512->512 28x28 b8", precision, gflop, [],
-                        copy.deepcopy(layer).to(dtype=dtype, memory_format=torch.channels_last),
-                        x.to(dtype=dtype, memory_format=torch.channels_last))
-            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
-
-
-def matmul_ceilings(device: torch.device, size: int, repeats: int) -> list[Ceiling]:
-    """GFLOP/s of an (n, n) @ (n, n) matmul in fp32 and bf16 (for reference; not in the ratios)."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device)
-    b = torch.randn(size, size, generator=generator).to(device)
-    results = []
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a_, b_ = a.to(dtype), b.to(dtype)
-        seconds = time_repeats(lambda: torch.mm(a_, b_), device, repeats)
-        results.append(Ceiling(f"matmul {size}x{size}", precision, 2.0 * size ** 3 / 1e9, seconds))
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# 2. VGG16 extraction in four settings
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Setting:
-    """One way of running conv + from_conv to relu7.
-
-    Attributes:
-        name: shown in the table.
-        precision: "fp32" or "bf16": which ceiling it is compared with.
-        model: the network, already in its dtype and memory format.
-        dtype, memory_format: what each input batch is converted to (inside the timed region,
-            as ``extract_conv`` does per batch).
-        context: a fresh context per batch (autocast, or nothing); entered per batch because
-            that is how a caller uses it, and autocast's weight-cast cache lives only that long.
-    """
-
-    name: str
-    precision: str
-    model: nn.Module
-    dtype: torch.dtype
-    memory_format: torch.memory_format
-    context: Callable[[], ContextManager]
-    seconds: list[float] = field(default_factory=list)
-    first_output: torch.Tensor | None = None
-
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) fp32 NCHW -> (B, 4096) fp32 relu7 features."""
-        x = batch.to(dtype=self.dtype, memory_format=self.memory_format)
-        with self.context():
-            conv_out = backbone.trunk_forward(self.model, x)  # (B, 512, S/32, S/32)
-            return backbone.from_trunk(self.model, conv_out, "relu7")  # (B, 4096)
-
-
-def make_settings(model: nn.Module, device: torch.device) -> list[Setting]:
-    """The four settings; the two channels_last fp32 ones share one model (autocast casts on the fly)."""
-    cl = torch.channels_last
-    fp32 = copy.deepcopy(model).to(device=device, dtype=torch.float32)
-    fp32_cl = copy.deepcopy(model).to(device=device, dtype=torch.float32, memory_format=cl)
-    # Same conversion as features.extract_conv for precision "bf16".
-    bf16_cl = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16, memory_format=cl)
-    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
-    return [
-        Setting("fp32", "fp32", fp32, torch.float32, torch.contiguous_format, contextlib.nullcontext),
-        Setting("fp32 channels_last", "fp32", fp32_cl, torch.float32, cl, contextlib.nullcontext),
-        Setting("bf16 autocast + channels_last", "bf16", fp32_cl, torch.float32, cl, autocast),
-        Setting("bf16 whole model + channels_last", "bf16", bf16_cl, torch.bfloat16, cl, contextlib.nullcontext),
-    ]
-
-
-def measure_rounds(ceilings: list[ConvCeiling], settings: list[Setting], device: torch.device,
-                   image_size: int, batch_size: int, batches: int, conv_calls: int) -> None:
-    """Time ``WARMUP + batches`` rounds; fills every ``seconds`` list, warm-up rounds left out.
-
-    Each round makes ``conv_calls`` calls of each conv ceiling layer, then one batch of each
-    VGG setting, so slow periods caused by other processes are shared by all of them instead of
-    biasing whichever happened to run at the time.
-    """
-    generator = torch.Generator().manual_seed(0)
-    # Synthetic batches, already normalised-looking: (B, 3, S, S) fp32 NCHW on the device.
-    inputs = [torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
-              for _ in range(2)]
-    with torch.inference_mode():
-        for round_index in range(WARMUP + batches):
-            for ceiling in ceilings:
-                for _ in range(conv_calls):
-                    sync(device)
-                    began = time.perf_counter()
-                    ceiling.call()
-                    sync(device)
-                    if round_index >= WARMUP:
-                        ceiling.seconds.append(time.perf_counter() - began)
-            batch = inputs[round_index % len(inputs)]
-            for setting in settings:
-                sync(device)
-                began = time.perf_counter()
-                out = setting.run(batch)
-                sync(device)
-                setting.seconds.append(time.perf_counter() - began)
-                if round_index == 0:
-                    setting.first_output = out.cpu()  # (B, 4096) to compare with fp32
-
-
-def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """Cosine similarity of two arrays taken as flat vectors, in float64."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Accuracy through the real pipeline
-# --------------------------------------------------------------------------------------------
-
-def accuracy_check(device: torch.device, subset_per_class: int | None = None) -> dict[str, dict]:
-    """fp32 vs bf16 through scenesweep's pipeline: digits, 32 px, relu7, LinearSVC (C=1).
-
-    Uses a temporary cache_dir, so nothing is read from or left in the project's cache.
-
-    Args:
-        device: where the pipeline runs.
-        subset_per_class: None for all 1797 digits (100 per class to train+val, the rest test);
-            else only this many images per class, half of them to train+val (quicker, noisier).
-
-    Returns:
-        {"fp32": {...}, "bf16": {...}}, each with val/test accuracy, the resolved precision,
-        extraction images/s (from the pipeline's own batch timings) and the (N, 4096) features.
-    """
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as cache_dir:
-        data, train_per_class = "digits", 100
-        if subset_per_class is not None:
-            data = str(digits_subset(Path(cache_dir), subset_per_class))
-            train_per_class = subset_per_class // 2
-        for precision in ("fp32", "bf16"):
-            config = make_config("svm", {"data": data, "train_per_class": train_per_class,
-                                         "image_size": 32, "layer": "relu7",
-                                         "weights": "random", "precision": precision,
-                                         "device": device.type, "cache_dir": cache_dir})
-            began = time.perf_counter()
-            prepared = training.prepare(config, progress=False)
-            extract_s = time.perf_counter() - began
-            result = training.fit_head(prepared, evaluate_test=True)
-            results[precision] = {
-                "val": result.metrics["val/acc"], "test": result.metrics["test/acc"],
-                "precision": prepared.features.precision, "features": prepared.features.values,
-                "images_per_s": prepared.features.extract_timing.get("images_per_s", float("nan")),
-                "prepare_s": extract_s, "n": len(prepared.dataset.paths),
-                "C": config.C, "batch_size": config.batch_size, "train_per_class": train_per_class,
-            }
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# 4. The extractor against the summed per-layer ceiling
-# --------------------------------------------------------------------------------------------
-
-def conv_stack_speed(device: torch.device, precision: str, image_size: int, batch_size: int,
-                     batches: int) -> float:
-    """Images/s of VGG16's eager conv stack on tensors, as extract_conv runs it (no decoding).
-
-    The conv part of a random VGG16 in ``precision`` + channels_last, on a random
-    (B, 3, S, S) batch; median of ``batches`` calls after the warm-up ones.
-    """
-    model = backbone.build_backbone("vgg16", "random")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model.features.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    x = torch.randn(batch_size, 3, image_size, image_size).to(device=device, dtype=dtype,
-                                                              memory_format=torch.channels_last)
-    seconds = time_repeats(lambda: backbone.trunk_forward(model, x), device, batches)  # (B, 512, S/32, S/32)
-    return batch_size / statistics.median(seconds)
-
-
-def extractor_speed(device: torch.device, image_size: int, batch_size: int, n_images: int) -> dict:
-    """scenesweep's own extraction (``training.prepare``, precision auto) on a synthetic folder.
-
-    About ``n_images`` synthetic 15-Scene-shaped JPEGs (grayscale, ~250 x 300 px: decoding and
-    resizing as on the real set) in a temporary folder and cache. Returns the pipeline's own batch
-    timing (``Features.extract_timing``: what a run logs as ``time/extract_*``, warm-up batches left
-    out, decoding included), the resolved precision and the number of images.
-    """
-    scale = n_images / synthetic.TOTAL_IMAGES
-    counts = synthetic.class_counts(scale, min_per_class=4)
-    train_per_class = max(2, min(counts.values()) // 2)
-    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as tmp:
-        root = synthetic.write_scenes(Path(tmp) / "scenes", scale=scale, min_per_class=4)
-        config = make_config("svm", {"data": str(root), "train_per_class": train_per_class, "val_fraction": 0.5,
-                                     "image_size": image_size, "batch_size": batch_size, "layer": "pool5",
-                                     "weights": "random", "precision": "auto", "device": device.type,
-                                     "cache_dir": str(Path(tmp) / "cache")})
-        prepared = training.prepare(config, progress=False)
-        return {"timing": dict(prepared.features.extract_timing), "precision": prepared.features.precision,
-                "images": len(prepared.dataset.paths)}
-
-
-def pooling_share_speed(device: torch.device, image_size: int, batch_size: int, n_images: int,
-                        poolings: tuple[str, ...] = ("avg", "lp1", "lp2")) -> dict:
-    """The pooling study's extractions: each pooling type in its own pass against one pass that
-    runs the layers before the first pooling once per batch and branches into every pooling.
-
-    The default is what Q12.3 extracts after Q8 (max is cached by then): avg, lp1 and lp2. Same
-    synthetic JPEGs, precision auto, each pass in a fresh cache; the steady-state images/s of each
-    (warm-up batches, which hold any compile, left out) gives the seconds per image of all poolings.
-    """
-    scale = n_images / synthetic.TOTAL_IMAGES
-    with tempfile.TemporaryDirectory(prefix="scenesweep-bench-") as tmp:
-        root = synthetic.write_scenes(Path(tmp) / "scenes", scale=scale, min_per_class=4)
-        counts = synthetic.class_counts(scale, min_per_class=4)
-
-        def config(pooling: str, cache: str):
-            return make_config("svm", {"data": str(root), "train_per_class": max(2, min(counts.values()) // 2),
-                                       "val_fraction": 0.5, "image_size": image_size, "batch_size": batch_size,
-                                       "layer": "pool5", "pooling": pooling, "weights": "random",
-                                       "device": device.type, "cache_dir": str(Path(tmp) / cache)})
-
-        separate = {p: training.prepare(config(p, f"separate-{p}"), progress=False).features.extract_timing
-                    for p in poolings}
-        shared = training.prepare(config(poolings[0], "shared"), progress=False,
-                                  share_poolings=poolings).features.extract_timing
-    separate_s = sum(1.0 / t["images_per_s"] for t in separate.values())  # per image, all poolings
-    shared_s = 1.0 / shared["images_per_s"]
-    return {"poolings": poolings, "separate_images_per_s": {p: t["images_per_s"] for p, t in separate.items()},
-            "shared_images_per_s": shared["images_per_s"], "separate_s_per_image": separate_s,
-            "shared_s_per_image": shared_s, "saved": 1.0 - shared_s / separate_s,
-            "compiled": shared.get("compiled", 0.0)}
+from _common import flops_per_image, load_average, table  # noqa: E402
+from extract_kernels import (WARMUP, Ceiling, Setting, conv_ceilings, cosine, make_settings,  # noqa: E402
+                             matmul_ceilings, measure_rounds)
+from extract_pipeline import accuracy_check, conv_stack_speed, extractor_speed, pooling_share_speed  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = hardware.resolve_device(args.device)
-    started = time.perf_counter()
+def print_header(args: argparse.Namespace, device: torch.device) -> None:
+    """What runs, on which machine and under which load, and how the timings are taken."""
     print(f"scenesweep extraction benchmark{' (--quick)' if args.quick else ''}")
     print(describe_machine(device))
     print(f"Load average at start: {load_average()}")
@@ -430,24 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Timings: median of repeats, first {WARMUP} iterations/rounds left out. Other processes on "
           "the machine add noise; the conv ceiling and the VGG settings are interleaved to share it.\n")
 
-    if args.poolings_only:
-        print_pooling_share(pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images),
-                            args.extractor_images, args.image_size, args.batch_size)
-        print(f"Load average at end: {load_average()}")
-        return 0
 
+def measure_kernels(args: argparse.Namespace,
+                    device: torch.device) -> tuple[list[Ceiling], list[Ceiling], list[Setting]]:
+    """Parts 1 and 2 timed: (conv ceilings, matmul ceilings, VGG16 settings), seconds filled in."""
     # 1. Matmul reference (not interleaved: it is not in the ratios) -----------------------
     matmuls = matmul_ceilings(device, size=2048 if args.quick else 4096, repeats=3 if args.quick else 5)
 
     # 2. Conv ceiling + VGG16 settings, round-robin ----------------------------------------
-    conv_flop, fc_flop = flops_per_image(args.image_size)
-    per_image_gflop = (conv_flop + fc_flop) / 1e9
     model = backbone.build_backbone("vgg16", "random")  # fp32, eval mode, on the CPU
     settings = make_settings(model, device)
     del model
     ceilings = conv_ceilings(device)
     measure_rounds(ceilings, settings, device, args.image_size, args.batch_size, args.batches,
                    conv_calls=2 if args.quick else 3)
+    return ceilings, matmuls, settings
+
+
+def report_kernels(args: argparse.Namespace,
+                   device: torch.device) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Parts 1 and 2 measured and printed. Returns each setting's images/s and fraction of the conv
+    ceiling of its precision, and that ceiling's GFLOP/s per precision. The settings' models and
+    the ceiling layers go with this call, before part 3."""
+    ceilings, matmuls, settings = measure_kernels(args, device)
     conv_ceiling = {c.precision: c.gflops for c in ceilings}
 
     print("1. Ceiling: one kernel (the conv layer timed in the same rounds as VGG16 below)")
@@ -455,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
                 [[c.name, c.precision, f"{c.gflop:.1f}", str(len(c.seconds)), f"{c.median_s * 1e3:.1f}",
                   f"{c.gflops:.0f}"] for c in ceilings + matmuls]))
     print()
+    speed, fraction = report_settings(args, settings, conv_ceiling)
+    return speed, fraction, conv_ceiling
 
+
+def report_settings(args: argparse.Namespace, settings: list[Setting],
+                    conv_ceiling: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Part 2's table; returns each setting's images/s and fraction of the conv ceiling."""
+    conv_flop, fc_flop = flops_per_image(args.image_size)
+    per_image_gflop = (conv_flop + fc_flop) / 1e9
     reference = settings[0].first_output
     rows, speed, fraction = [], {}, {}
     for s in settings:
@@ -475,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                  "/ conv ceiling", "cos vs fp32"], rows))
     print("   '/ conv ceiling': against the conv layer of the same precision; "
           "'cos vs fp32': relu7 of the first batch.\n")
-    del settings, ceilings
+    return speed, fraction
 
-    # 3. Accuracy --------------------------------------------------------------------------
+
+def report_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Part 3 run and printed; returns ``accuracy_check``'s results."""
     acc = accuracy_check(device, subset_per_class=60 if args.quick else None)
     f32, b16 = acc["fp32"], acc["bf16"]
     x32, x16 = f32["features"], b16["features"]  # (N, 4096) relu7 each
@@ -493,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   relu7 features fp32 vs bf16 ({x32.shape[0]} x {x32.shape[1]}): cosine "
           f"{cosine(x32, x16):.6f} (whole matrix), min per image {row_cos.min():.6f}, "
           f"relative L2 difference {rel:.2e}\n")
+    return acc
 
-    # 4. The summed per-layer ceiling, before and after the extractor ----------------------
+
+def report_layer_ceiling(args: argparse.Namespace, device: torch.device) -> tuple[str, float]:
+    """Part 4 measured and printed: the summed per-layer ceiling (before and after the extractor),
+    the eager conv stack and scenesweep's extractor. Returns the extraction's precision and the
+    extractor's fraction of that ceiling."""
     precision = features.choose_precision(make_config("svm", {"image_size": args.image_size,
                                                              "batch_size": args.batch_size}), device).precision
     repeats = 3 if args.quick else 5
@@ -519,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
          f"{stack / layer_ceiling.images_per_s:.2f}"],
         [f"scenesweep extractor (ran as {extractor['precision']}, {extractor['images']} synthetic JPEGs, "
          "decoding included)", f"{extractor_ips:.1f}", f"{extractor_fraction:.2f}"]]))
+    print_extractor_timing(timing)
+    return precision, extractor_fraction
+
+
+def print_extractor_timing(timing: dict) -> None:
+    """Part 4's last lines: the extractor's own batch timing and how much decoding it hid."""
     print(f"   extractor: median {timing.get('batch_median_s', float('nan')) * 1e3:.0f} ms per batch, "
           f"p95 {timing.get('batch_p95_s', float('nan')) * 1e3:.0f} ms, over {timing.get('batches', 0):.0f} "
           f"batches (warm-up left out); its images/s is what runs log as time/extract_images_per_s")
@@ -528,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{timing.get('decode_overlap', float('nan')):.0%} of the decoding hidden behind the forward pass "
           f"(time/extract_decode_overlap)\n")
 
-    # 5. The pooling study's extractions, apart or sharing their first layers ----------------
-    share = pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images)
-    print_pooling_share(share, args.extractor_images, args.image_size, args.batch_size)
 
-    # Summary ------------------------------------------------------------------------------
+def print_summary(args: argparse.Namespace, started: float, speed: dict[str, float], fraction: dict[str, float],
+                  conv_ceiling: dict[str, float], acc: dict[str, dict], precision: str,
+                  extractor_fraction: float) -> None:
+    """The last lines: load, total time, and the ratios of every part in one line."""
     base, cl = speed["fp32"], speed["fp32 channels_last"]
     whole, auto = speed["bf16 whole model + channels_last"], speed["bf16 autocast + channels_last"]
     print(f"Load average at end: {load_average()}; {time.perf_counter() - started:.0f} s in all")
@@ -544,8 +264,37 @@ def main(argv: list[str] | None = None) -> int:
           f"fraction of conv ceiling = {fraction['fp32 channels_last']:.2f} (fp32 channels_last), "
           f"{fraction['bf16 whole model + channels_last']:.2f} (bf16 whole model); "
           f"conv ceiling bf16 / fp32 = {conv_ceiling['bf16'] / conv_ceiling['fp32']:.2f}x; "
-          f"test acc bf16 - fp32 = {b16['test'] - f32['test']:+.4f}; "
+          f"test acc bf16 - fp32 = {acc['bf16']['test'] - acc['fp32']['test']:+.4f}; "
           f"extractor / summed conv-layer ceiling ({precision}) = {extractor_fraction:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = hardware.resolve_device(args.device)
+    started = time.perf_counter()
+    print_header(args, device)
+
+    if args.poolings_only:
+        print_pooling_share(pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images),
+                            args.extractor_images, args.image_size, args.batch_size)
+        print(f"Load average at end: {load_average()}")
+        return 0
+
+    # 1. Matmul reference, 2. conv ceiling + VGG16 settings round-robin (their models freed after)
+    speed, fraction, conv_ceiling = report_kernels(args, device)
+
+    # 3. Accuracy --------------------------------------------------------------------------
+    acc = report_accuracy(args, device)
+
+    # 4. The summed per-layer ceiling, before and after the extractor ----------------------
+    precision, extractor_fraction = report_layer_ceiling(args, device)
+
+    # 5. The pooling study's extractions, apart or sharing their first layers ----------------
+    share = pooling_share_speed(device, args.image_size, args.batch_size, args.extractor_images)
+    print_pooling_share(share, args.extractor_images, args.image_size, args.batch_size)
+
+    # Summary ------------------------------------------------------------------------------
+    print_summary(args, started, speed, fraction, conv_ceiling, acc, precision, extractor_fraction)
     return 0
 
 

@@ -76,6 +76,14 @@ from _common import load_average, machine_line, median, table  # noqa: E402  (pu
 LAYERS = ("relu7", "fc7", "relu6", "fc6", "pool5")  # VGG16's taps, cheapest input first (pool5: 25088 wide)
 SAMPLERS = ("tpe", "gp", "cmaes", "qmc", "random")  # the registry's single-objective samplers for a continuous space
 C_LOW, C_HIGH = 1e-5, 1e2
+LEGEND = ("trials to >= target: the trial number (1-based) at which a seed's study first came within the tolerance "
+          "of the grid's best; median over seeds (min..max). seeds: how many got there. best val/acc: the "
+          "study's best, median over seeds (min..max). sampler ms: a trial's wall time less its fit (ask, "
+          "sampling, suggest, tell: Optuna's share), median over all trials and over the last quarter. fit ms: "
+          "the objective's median fit per trial (a looked-up point counts the time its fit took). pool5: share of "
+          "trials on pool5 (its fit costs most). study s: median over seeds of a study's time had it fitted every "
+          "trial (sampler + fits). = random: median number of first trials identical to the random sampler's "
+          "with the same seed (TPE's and GP's start-up trials are the random sampler's).")  # under the tables
 
 
 def say(text: str = "") -> None:
@@ -314,13 +322,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def say_header(args: argparse.Namespace, cache: Path, temporary: bool) -> None:
+    """The machine, the library versions, the load and what this run measures on which data."""
+    import optuna
+    import sklearn
+    import torch
+
+    say(f"machine: {machine_line()}")
+    say(f"optuna {optuna.__version__}, scikit-learn {sklearn.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); load average at start: {load_average()}")
+    say(f"{', '.join(args.samplers)} x {args.seeds} seeds x {args.n_trials} trials per space; grid "
+        f"{args.grid_points} C x {len(LAYERS)} layers; cache {cache}{' (temporary)' if temporary else ''}")
+    say("Data: scikit-learn digits (8x8, upscaled) at 32 px, VGG16 with RANDOM weights, "
+        f"train_per_class {args.train_per_class}: accuracies are demo figures, not 15-Scene results.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("SCENESWEEP_OFFLINE", "1")  # random weights: nothing to download
     os.environ["TQDM_DISABLE"] = "1"
     import optuna
-    import sklearn
-    import torch
 
     from scenesweep.specs.studies import SAMPLERS as REGISTRY
 
@@ -337,13 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(tempfile.mkdtemp(prefix="scenesweep-samplers-bench-")) if temporary else Path(args.cache_dir)
     started = time.perf_counter()
     try:
-        say(f"machine: {machine_line()}")
-        say(f"optuna {optuna.__version__}, scikit-learn {sklearn.__version__}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads); load average at start: {load_average()}")
-        say(f"{', '.join(args.samplers)} x {args.seeds} seeds x {args.n_trials} trials per space; grid "
-            f"{args.grid_points} C x {len(LAYERS)} layers; cache {cache}{' (temporary)' if temporary else ''}")
-        say("Data: scikit-learn digits (8x8, upscaled) at 32 px, VGG16 with RANDOM weights, "
-            f"train_per_class {args.train_per_class}: accuracies are demo figures, not 15-Scene results.\n")
+        say_header(args, cache, temporary)
 
         base = {"data": "digits", "weights": "random", "arch": "vgg16", "image_size": 32,
                 "train_per_class": args.train_per_class, "cache_dir": str(cache)}
@@ -371,14 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for space in spaces:
             report_space(space, grid, runs[space.name], args.samplers, args.n_trials, args.tolerance)
-        say("trials to >= target: the trial number (1-based) at which a seed's study first came within the tolerance "
-            "of the grid's best; median over seeds (min..max). seeds: how many got there. best val/acc: the "
-            "study's best, median over seeds (min..max). sampler ms: a trial's wall time less its fit (ask, "
-            "sampling, suggest, tell: Optuna's share), median over all trials and over the last quarter. fit ms: "
-            "the objective's median fit per trial (a looked-up point counts the time its fit took). pool5: share of "
-            "trials on pool5 (its fit costs most). study s: median over seeds of a study's time had it fitted every "
-            "trial (sampler + fits). = random: median number of first trials identical to the random sampler's "
-            "with the same seed (TPE's and GP's start-up trials are the random sampler's).")
+        say(LEGEND)
         say(f"load average at end: {load_average()}; {time.perf_counter() - started:.0f} s in all")
     finally:
         if temporary:

@@ -96,3 +96,24 @@ def test_no_modules_import_each_other_in_a_circle():
 def test_every_folder_of_the_package_is_a_layer():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert folders <= set(LAYERS), folders - set(LAYERS)
+
+
+# A module a newcomer reads in one sitting, a function seen whole on one screen: the package, its
+# benchmarks and its tests alike.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    repository = PACKAGE.parents[1]
+    too_long = []
+    for path in sorted(p for folder in ("src", "benchmarks", "tests") for p in (repository / folder).rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(repository)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, "\n".join(too_long)
